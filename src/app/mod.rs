@@ -1,0 +1,3 @@
+//! Wiring: the subcommands of the `amibus` binary. The only module that knows all the others.
+
+pub mod decode;

@@ -1,0 +1,17 @@
+//! amibus: a bridge from Asterisk AMI to message buses.
+//!
+//! ```text
+//! Asterisk ×N ──TCP/TLS──▶ ami (parser, codec)      bytes → borrowed frames, no copy per header
+//!                              ▼
+//!                          model::normalize          frame → typed fields, legacy names mapped
+//!                              ▼
+//!                          model::encode             → amibus.v1.Envelope bytes + partition key
+//!                              ▼
+//!                          spool → sink              (Kafka, NATS, file; acknowledged delivery)
+//! ```
+//!
+//! Dependencies point one way: `ami` knows nothing of protobuf or brokers; `model` knows nothing
+//! of sockets.
+
+pub mod ami;
+pub mod app;
