@@ -113,7 +113,10 @@ enum Mode {
     Headers { follows: bool },
     /// Inside a `Response: Follows` body that began at `body_start`; the marker search resumes at
     /// `search_from`.
-    Body { body_start: usize, search_from: usize },
+    Body {
+        body_start: usize,
+        search_from: usize,
+    },
     /// Discarding an oversized frame up to the next empty line. `line` is what the discarded part
     /// of the current line held so far.
     Discard { line: LineSoFar },
@@ -237,6 +240,16 @@ impl Parser {
                 Mode::Start if line.is_empty() => {
                     self.frame_start = next;
                 }
+                Mode::Start if self.frame_start > 0 => {
+                    // Hand the skipped blank lines back first, so a frame's bytes are its own.
+                    let consumed = self.frame_start;
+                    self.frame_start = 0;
+                    self.pos = 0;
+                    return Parsed::Skip {
+                        consumed,
+                        error: None,
+                    };
+                }
                 Mode::Start if line.starts_with(BANNER_PREFIX) && memchr(b':', line).is_none() => {
                     self.spans.push(Span::no_colon(line_start, content_end));
                     return self.complete(buf, FrameKind::Banner, None);
@@ -318,7 +331,12 @@ impl Parser {
         Parsed::Partial
     }
 
-    fn parse_body<'a>(&'a mut self, buf: &'a [u8], body_start: usize, search_from: usize) -> Parsed<'a> {
+    fn parse_body<'a>(
+        &'a mut self,
+        buf: &'a [u8],
+        body_start: usize,
+        search_from: usize,
+    ) -> Parsed<'a> {
         let window_end = (self.frame_start + self.limits.max_frame_bytes).min(buf.len());
         let hay = &buf[search_from..window_end];
         let marker = self.end_command.find(hay).map(|i| search_from + i);
@@ -353,7 +371,9 @@ impl Parser {
             }
             _ => {
                 // Resume so that a marker or blank line split across reads is still found.
-                let resume = window_end.saturating_sub(END_COMMAND.len() - 1).max(search_from);
+                let resume = window_end
+                    .saturating_sub(END_COMMAND.len() - 1)
+                    .max(search_from);
                 self.mode = Mode::Body {
                     body_start,
                     search_from: resume,
@@ -391,7 +411,12 @@ impl Parser {
         }
     }
 
-    fn start_discard<'a>(&mut self, consumed: usize, line: LineSoFar, error: ParseError) -> Parsed<'a> {
+    fn start_discard<'a>(
+        &mut self,
+        consumed: usize,
+        line: LineSoFar,
+        error: ParseError,
+    ) -> Parsed<'a> {
         self.spans.clear();
         self.frame_start = 0;
         self.pos = 0;
@@ -463,3 +488,7 @@ fn is_follows_header(line: &[u8]) -> bool {
 fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
     line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
+
+#[cfg(test)]
+#[path = "parser_tests.rs"]
+mod tests;
