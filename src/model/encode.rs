@@ -1,0 +1,392 @@
+//! Envelope encoding: frames straight from the read buffer to protobuf bytes.
+//!
+//! Owns: [`encode_frame`], a hand-written encoder of `amibus.v1.Envelope` that writes header
+//! slices directly into the output (no intermediate message, no allocation per header), and
+//! [`to_envelope`], the same envelope built as a prost message. A test holds the two to the
+//! same bytes on every frame of the real recordings, so the fast path cannot drift from the
+//! `.proto`.
+//! Must never: write a non-UTF-8 `string` field (typed fields are converted lossily; the
+//! lossless bytes stay in `headers`).
+
+use std::borrow::Cow;
+
+use prost::Message;
+use prost::encoding::{encode_varint, encoded_len_varint};
+
+use crate::ami::{Frame, Record, Stamp, Stamped};
+
+use super::legacy;
+use super::normalize::{Normalized, normalize};
+use super::pb;
+
+// Field numbers of amibus.v1.Envelope and Header, as in proto/amibus/v1/envelope.proto.
+const SERVER: u32 = 1;
+const EPOCH: u32 = 2;
+const SEQ: u32 = 3;
+const KIND: u32 = 4;
+const NAME: u32 = 5;
+const HEADERS: u32 = 6;
+const RECEIVED_AT_NS: u32 = 7;
+const UNIQUEID: u32 = 8;
+const LINKEDID: u32 = 9;
+const CHANNEL: u32 = 10;
+const ACTION_ID: u32 = 11;
+const PRIVILEGE: u32 = 12;
+const ORIGINAL_NAME: u32 = 13;
+const ASTERISK_TIME_US: u32 = 14;
+const BODY: u32 = 15;
+const HEADER_KEY: u32 = 1;
+const HEADER_VALUE: u32 = 2;
+const HEADER_NORMALIZED_KEY: u32 = 3;
+
+const VARINT: u32 = 0;
+const LEN: u32 = 2;
+
+/// Encode `frame` as an `Envelope`, appending to `out`. `n` must be `normalize(frame)`.
+pub fn encode_frame(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>, out: &mut Vec<u8>) {
+    out.reserve(frame.raw().len() + frame.len() * 6 + 96);
+    let w = Writer { n, frame };
+    w.write(stamp, out);
+}
+
+/// The encoded length of [`encode_frame`]'s output, for length-delimited streams.
+pub fn encoded_frame_len(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>) -> usize {
+    Writer { n, frame }.len(stamp)
+}
+
+struct Writer<'n, 'a> {
+    n: &'n Normalized<'a>,
+    frame: &'n Frame<'a>,
+}
+
+impl Writer<'_, '_> {
+    fn len(&self, stamp: &Stamp) -> usize {
+        let n = self.n;
+        let mut len = string_len(SERVER, stamp.server.as_bytes())
+            + uint_len(EPOCH, stamp.epoch)
+            + uint_len(SEQ, stamp.seq)
+            + uint_len(KIND, n.kind as i32 as u64)
+            + text_len(NAME, n.name)
+            + uint_len(RECEIVED_AT_NS, stamp.received_at_ns as u64)
+            + opt_text_len(UNIQUEID, n.uniqueid)
+            + opt_text_len(LINKEDID, n.linkedid)
+            + opt_text_len(CHANNEL, n.channel)
+            + opt_text_len(ACTION_ID, n.action_id)
+            + opt_text_len(PRIVILEGE, n.privilege)
+            + opt_text_len(ORIGINAL_NAME, n.original_name)
+            + n.asterisk_time_us.map_or(0, |t| {
+                key_len(ASTERISK_TIME_US) + encoded_len_varint(t as u64)
+            })
+            + self.frame.body().map_or(0, |b| string_len(BODY, b));
+        for h in self.frame.headers() {
+            let inner = self.header_len(h.key, h.value);
+            len += key_len(HEADERS) + encoded_len_varint(inner as u64) + inner;
+        }
+        len
+    }
+
+    fn header_len(&self, key: &[u8], value: Option<&[u8]>) -> usize {
+        string_len(HEADER_KEY, key)
+            + value.map_or(0, |v| {
+                key_len(HEADER_VALUE) + encoded_len_varint(v.len() as u64) + v.len()
+            })
+            + self
+                .normalized_key(key)
+                .map_or(0, |k| string_len(HEADER_NORMALIZED_KEY, k.as_bytes()))
+    }
+
+    fn normalized_key(&self, key: &[u8]) -> Option<&'static str> {
+        self.n
+            .legacy
+            .as_ref()
+            .and_then(|m| legacy::modern_key(m, key))
+    }
+
+    fn write(&self, stamp: &Stamp, out: &mut Vec<u8>) {
+        let n = self.n;
+        put_string(out, SERVER, stamp.server.as_bytes());
+        put_uint(out, EPOCH, stamp.epoch);
+        put_uint(out, SEQ, stamp.seq);
+        put_uint(out, KIND, n.kind as i32 as u64);
+        put_text(out, NAME, n.name);
+        for h in self.frame.headers() {
+            put_key(out, HEADERS, LEN);
+            encode_varint(self.header_len(h.key, h.value) as u64, out);
+            put_string(out, HEADER_KEY, h.key);
+            if let Some(v) = h.value {
+                put_key(out, HEADER_VALUE, LEN);
+                encode_varint(v.len() as u64, out);
+                out.extend_from_slice(v);
+            }
+            if let Some(k) = self.normalized_key(h.key) {
+                put_string(out, HEADER_NORMALIZED_KEY, k.as_bytes());
+            }
+        }
+        put_uint(out, RECEIVED_AT_NS, stamp.received_at_ns as u64);
+        for (field, v) in [
+            (UNIQUEID, n.uniqueid),
+            (LINKEDID, n.linkedid),
+            (CHANNEL, n.channel),
+            (ACTION_ID, n.action_id),
+            (PRIVILEGE, n.privilege),
+            (ORIGINAL_NAME, n.original_name),
+        ] {
+            if let Some(v) = v {
+                put_text(out, field, v);
+            }
+        }
+        if let Some(t) = n.asterisk_time_us {
+            put_key(out, ASTERISK_TIME_US, VARINT);
+            encode_varint(t as u64, out);
+        }
+        if let Some(b) = self.frame.body() {
+            put_string(out, BODY, b);
+        }
+    }
+}
+
+#[inline]
+fn key_len(field: u32) -> usize {
+    encoded_len_varint(u64::from(field << 3))
+}
+
+#[inline]
+fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
+    encode_varint(u64::from(field << 3 | wire), out);
+}
+
+/// proto3 `bytes`/`string` with implicit presence: nothing when empty.
+#[inline]
+fn string_len(field: u32, v: &[u8]) -> usize {
+    if v.is_empty() {
+        0
+    } else {
+        key_len(field) + encoded_len_varint(v.len() as u64) + v.len()
+    }
+}
+
+#[inline]
+fn put_string(out: &mut Vec<u8>, field: u32, v: &[u8]) {
+    if !v.is_empty() {
+        put_key(out, field, LEN);
+        encode_varint(v.len() as u64, out);
+        out.extend_from_slice(v);
+    }
+}
+
+/// A `string` field from bytes that may not be UTF-8.
+#[inline]
+fn text_len(field: u32, v: &[u8]) -> usize {
+    string_len(field, utf8(v).as_bytes())
+}
+
+#[inline]
+fn opt_text_len(field: u32, v: Option<&[u8]>) -> usize {
+    v.map_or(0, |v| text_len(field, v))
+}
+
+#[inline]
+fn put_text(out: &mut Vec<u8>, field: u32, v: &[u8]) {
+    put_string(out, field, utf8(v).as_bytes());
+}
+
+#[inline]
+fn uint_len(field: u32, v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        key_len(field) + encoded_len_varint(v)
+    }
+}
+
+#[inline]
+fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
+    if v != 0 {
+        put_key(out, field, VARINT);
+        encode_varint(v, out);
+    }
+}
+
+/// Bytes as text; replacement characters only where they are not UTF-8.
+#[inline]
+pub fn utf8(v: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(v)
+}
+
+fn text(v: Option<&[u8]>) -> String {
+    v.map(|v| utf8(v).into_owned()).unwrap_or_default()
+}
+
+/// The envelope of `frame` as a prost message (allocates; for tests, tools and rare records).
+pub fn to_envelope(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>) -> pb::Envelope {
+    let normalized_key = |key: &[u8]| {
+        n.legacy
+            .as_ref()
+            .and_then(|m| legacy::modern_key(m, key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    pb::Envelope {
+        server: stamp.server.to_string(),
+        epoch: stamp.epoch,
+        seq: stamp.seq,
+        kind: n.kind as i32,
+        name: text(Some(n.name)),
+        headers: frame
+            .headers()
+            .map(|h| pb::Header {
+                key: h.key.to_vec(),
+                value: h.value.map(<[u8]>::to_vec),
+                normalized_key: normalized_key(h.key),
+            })
+            .collect(),
+        received_at_ns: stamp.received_at_ns,
+        uniqueid: text(n.uniqueid),
+        linkedid: text(n.linkedid),
+        channel: text(n.channel),
+        action_id: text(n.action_id),
+        privilege: text(n.privilege),
+        original_name: text(n.original_name),
+        asterisk_time_us: n.asterisk_time_us,
+        body: frame.body().map(<[u8]>::to_vec).unwrap_or_default(),
+        detail: None,
+    }
+}
+
+/// The envelope of any record. Frames take the prost path here too; use [`encode_record`] on
+/// the hot path.
+pub fn record_envelope(stamped: &Stamped) -> pb::Envelope {
+    let stamp = &stamped.stamp;
+    let synthetic = |kind: pb::Kind, detail: pb::envelope::Detail| pb::Envelope {
+        server: stamp.server.to_string(),
+        epoch: stamp.epoch,
+        seq: stamp.seq,
+        kind: kind as i32,
+        received_at_ns: stamp.received_at_ns,
+        detail: Some(detail),
+        ..Default::default()
+    };
+    use pb::envelope::Detail;
+    match &stamped.record {
+        Record::Frame(f) => {
+            let frame = f.frame();
+            to_envelope(stamp, &normalize(&frame), &frame)
+        }
+        Record::ConnectionUp {
+            ami_version,
+            address,
+        } => synthetic(
+            pb::Kind::ConnectionUp,
+            Detail::ConnectionUp(pb::ConnectionUp {
+                ami_version: ami_version.clone(),
+                address: address.clone(),
+            }),
+        ),
+        Record::ConnectionDown { reason } => synthetic(
+            pb::Kind::ConnectionDown,
+            Detail::ConnectionDown(pb::ConnectionDown {
+                reason: reason.clone(),
+            }),
+        ),
+        Record::Gap {
+            epoch,
+            first_seq,
+            last_seq,
+            reason,
+        } => synthetic(
+            pb::Kind::Gap,
+            Detail::Gap(pb::Gap {
+                epoch: *epoch,
+                first_seq: *first_seq,
+                last_seq: *last_seq,
+                reason: reason.clone(),
+            }),
+        ),
+        Record::ParseError(e) => synthetic(
+            pb::Kind::ParseError,
+            Detail::ParseError(pb::ParseError {
+                reason: e.reason.to_owned(),
+                message: e.message.clone(),
+            }),
+        ),
+    }
+}
+
+/// Encode any record as an `Envelope`, appending to `out`; frames take the fast path.
+pub fn encode_record(stamped: &Stamped, out: &mut Vec<u8>) {
+    match &stamped.record {
+        Record::Frame(f) => {
+            let frame = f.frame();
+            encode_frame(&stamped.stamp, &normalize(&frame), &frame, out);
+        }
+        _ => record_envelope(stamped).encode_raw(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ami::{Parsed, Parser};
+    use std::sync::Arc;
+
+    fn stamp() -> Stamp {
+        Stamp {
+            server: Arc::from("pbx-1"),
+            epoch: 1_795_671_272_000,
+            seq: 42,
+            received_at_ns: 1_795_671_272_123_456_789,
+        }
+    }
+
+    #[test]
+    fn fast_encoder_matches_prost_on_quirky_frames() {
+        let inputs: [&[u8]; 6] = [
+            b"Event: Dial\r\nSubEvent: Begin\r\nDestination: SIP/b\r\nUniqueID: 1.1\r\nTimestamp: 1.5\r\n\r\n",
+            b"Event: UserEvent\r\nNoColonLine\r\nEmpty:\r\nName: Jos\xe9\r\n\r\n",
+            b"Response: Follows\r\nPrivilege: Command\r\nout\n--END COMMAND--\r\n\r\n",
+            b"Asterisk Call Manager/11.0.0\r\n",
+            b"Event: X\r\nChannel: \xff\xfe\r\nLinkedid: <unknown>\r\n\r\n",
+            b"Response: Success\r\nActionID: a\r\nMessage: Park successful\n\r\n\r\n",
+        ];
+        for input in inputs {
+            let mut p = Parser::default();
+            let Parsed::Frame { frame, .. } = p.parse(input) else {
+                panic!("expected a frame");
+            };
+            let n = normalize(&frame);
+            let mut fast = Vec::new();
+            encode_frame(&stamp(), &n, &frame, &mut fast);
+            let slow = to_envelope(&stamp(), &n, &frame).encode_to_vec();
+            assert_eq!(fast, slow, "{}", String::from_utf8_lossy(input));
+            assert_eq!(encoded_frame_len(&stamp(), &n, &frame), fast.len());
+            let back = pb::Envelope::decode(&fast[..]).expect("decodes");
+            assert_eq!(back.headers.len(), frame.len());
+        }
+    }
+
+    #[test]
+    fn synthetic_records_round_trip() {
+        let rec = Stamped {
+            stamp: stamp(),
+            record: Record::Gap {
+                epoch: 7,
+                first_seq: 10,
+                last_seq: 19,
+                reason: "handoff queue full".into(),
+            },
+        };
+        let mut out = Vec::new();
+        encode_record(&rec, &mut out);
+        let env = pb::Envelope::decode(&out[..]).expect("decodes");
+        assert_eq!(env.kind(), pb::Kind::Gap);
+        assert_eq!(
+            env.detail,
+            Some(pb::envelope::Detail::Gap(pb::Gap {
+                epoch: 7,
+                first_seq: 10,
+                last_seq: 19,
+                reason: "handoff queue full".into()
+            }))
+        );
+    }
+}

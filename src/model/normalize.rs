@@ -1,0 +1,320 @@
+//! Normalization: the typed fields of a frame, found in one pass over its headers, borrowed.
+//!
+//! Owns: deciding a frame's kind and name, mapping legacy names (via [`super::legacy`]), and
+//! picking out Uniqueid, Linkedid, Channel, ActionID, Privilege and Timestamp.
+//! Must never: allocate or copy (everything is a slice of the frame).
+
+use crate::ami::{Frame, FrameKind};
+
+use super::legacy::{self, Mapping};
+use super::pb::Kind;
+
+/// The typed view of one frame. Every slice borrows the frame's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Normalized<'a> {
+    pub kind: Kind,
+    /// The modern event name, the `Response:`/`Action:` value, or the banner's version.
+    pub name: &'a [u8],
+    /// The name as sent, when a legacy name was mapped.
+    pub original_name: Option<&'a [u8]>,
+    pub uniqueid: Option<&'a [u8]>,
+    /// `Linkedid`, or failing that the first `<prefix>Linkedid` (`ParkeeLinkedid`, ...): every
+    /// channel of a call shares it, so it keeps one call's events in one partition.
+    pub linkedid: Option<&'a [u8]>,
+    pub channel: Option<&'a [u8]>,
+    pub action_id: Option<&'a [u8]>,
+    pub privilege: Option<&'a [u8]>,
+    /// `Timestamp:` in microseconds since the Unix epoch.
+    pub asterisk_time_us: Option<i64>,
+    /// The legacy mapping applied, for field renames.
+    pub legacy: Option<Mapping>,
+}
+
+/// Normalize one frame.
+pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
+    let mut n = Normalized {
+        kind: Kind::Unknown,
+        name: b"",
+        original_name: None,
+        uniqueid: None,
+        linkedid: None,
+        channel: None,
+        action_id: None,
+        privilege: None,
+        asterisk_time_us: None,
+        legacy: None,
+    };
+    if frame.kind() == FrameKind::Banner {
+        n.kind = Kind::Banner;
+        n.name = frame.banner_version().unwrap_or_default();
+        return n;
+    }
+    let mut headers = frame.headers();
+    if let Some(first) = headers.next() {
+        n.name = first.value_or_empty();
+        n.kind = if first.is("Event") {
+            Kind::Event
+        } else if first.is("Response") {
+            Kind::Response
+        } else if first.is("Action") {
+            Kind::Action
+        } else {
+            n.name = b"";
+            Kind::Unknown
+        };
+    }
+    let mut prefixed_linkedid = None;
+    let mut timestamp = None;
+    for h in headers {
+        let Some(value) = h.value else { continue };
+        let slot = match h.key.len() {
+            7 if h.is("Channel") => &mut n.channel,
+            8 if h.is("Uniqueid") => &mut n.uniqueid,
+            8 if h.is("Linkedid") => &mut n.linkedid,
+            8 if h.is("ActionID") => &mut n.action_id,
+            9 if h.is("Privilege") => &mut n.privilege,
+            9 if h.is("Timestamp") => &mut timestamp,
+            len if len > 8 && h.key[len - 8..].eq_ignore_ascii_case(b"Linkedid") => {
+                &mut prefixed_linkedid
+            }
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = Some(value);
+        }
+    }
+    n.linkedid = n.linkedid.or(prefixed_linkedid);
+    n.asterisk_time_us = timestamp.and_then(parse_timestamp_us);
+    if n.kind == Kind::Event
+        && let Some(m) = legacy::lookup(n.name, frame)
+    {
+        if m.name.as_bytes() != n.name {
+            n.original_name = Some(n.name);
+            n.name = m.name.as_bytes();
+        }
+        if let Some(key) = m.channel_key {
+            n.channel = n.channel.or_else(|| frame.get(key));
+        }
+        if let Some(key) = m.uniqueid_key {
+            n.uniqueid = n.uniqueid.or_else(|| frame.get(key));
+        }
+        n.legacy = Some(m);
+    }
+    // Asterisk writes `<unknown>` where a failed Originate has no channel.
+    for field in [&mut n.uniqueid, &mut n.linkedid] {
+        if matches!(*field, Some(b"" | b"<unknown>")) {
+            *field = None;
+        }
+    }
+    n
+}
+
+/// `1795671272.021146` → 1795671272021146. Fractions are read to microseconds.
+pub fn parse_timestamp_us(v: &[u8]) -> Option<i64> {
+    let (secs, frac) = match memchr::memchr(b'.', v) {
+        Some(dot) => (&v[..dot], &v[dot + 1..]),
+        None => (v, &b""[..]),
+    };
+    if secs.is_empty() || secs.len() > 12 || frac.len() > 9 {
+        return None;
+    }
+    let mut us: i64 = 0;
+    for &d in secs {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        us = us * 10 + i64::from(d - b'0');
+    }
+    let mut micros = 0;
+    for i in 0..6 {
+        let d = match frac.get(i) {
+            Some(d) if d.is_ascii_digit() => i64::from(d - b'0'),
+            Some(_) => return None,
+            None => 0,
+        };
+        micros = micros * 10 + d;
+    }
+    if !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(us * 1_000_000 + micros)
+}
+
+/// The partition key: `server/Linkedid`, else `server/Uniqueid`, else `server`. Every event of
+/// one call shares a Linkedid, so a call's events stay in one partition, in order.
+pub fn partition_key(server: &str, n: &Normalized<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(server.as_bytes());
+    if let Some(id) = n.linkedid.or(n.uniqueid) {
+        out.push(b'/');
+        out.extend_from_slice(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ami::{Parsed, Parser};
+
+    fn with_frame<T>(input: &[u8], f: impl FnOnce(Normalized<'_>) -> T) -> T {
+        let mut p = Parser::default();
+        match p.parse(input) {
+            Parsed::Frame { frame, .. } => f(normalize(&frame)),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn typed_fields_of_a_modern_event() {
+        with_frame(
+            b"Event: Newchannel\r\nPrivilege: call,all\r\nTimestamp: 1795671272.021146\r\nChannel: Local/a;1\r\nUniqueid: 1.5\r\nLinkedid: 1.4\r\n\r\n",
+            |n| {
+                assert_eq!(n.kind, Kind::Event);
+                assert_eq!(n.name, b"Newchannel");
+                assert_eq!(n.original_name, None);
+                assert_eq!(n.channel, Some(&b"Local/a;1"[..]));
+                assert_eq!(n.uniqueid, Some(&b"1.5"[..]));
+                assert_eq!(n.linkedid, Some(&b"1.4"[..]));
+                assert_eq!(n.privilege, Some(&b"call,all"[..]));
+                assert_eq!(n.asterisk_time_us, Some(1_795_671_272_021_146));
+                let mut key = Vec::new();
+                partition_key("pbx1", &n, &mut key);
+                assert_eq!(key, b"pbx1/1.4");
+            },
+        );
+    }
+
+    #[test]
+    fn prefixed_linkedid_keeps_parked_calls_with_their_call() {
+        with_frame(
+            b"Event: ParkedCall\r\nParkeeChannel: Local/x\r\nParkeeUniqueid: 9.1\r\nParkeeLinkedid: 9.0\r\n\r\n",
+            |n| {
+                assert_eq!(n.linkedid, Some(&b"9.0"[..]));
+                assert_eq!(n.legacy, None, "the modern shape is not renamed");
+            },
+        );
+    }
+
+    #[test]
+    fn unknown_uniqueid_is_no_uniqueid() {
+        with_frame(
+            b"Event: OriginateResponse\r\nResponse: Failure\r\nUniqueid: <unknown>\r\n\r\n",
+            |n| {
+                assert_eq!(n.uniqueid, None);
+                let mut key = Vec::new();
+                partition_key("pbx1", &n, &mut key);
+                assert_eq!(key, b"pbx1");
+            },
+        );
+    }
+
+    #[test]
+    fn legacy_dial_is_split_by_subevent() {
+        with_frame(
+            b"Event: Dial\r\nPrivilege: call,all\r\nSubEvent: End\r\nChannel: SIP/a\r\nUniqueID: 1.1\r\nDialStatus: ANSWER\r\n\r\n",
+            |n| {
+                assert_eq!(n.name, b"DialEnd");
+                assert_eq!(n.original_name, Some(&b"Dial"[..]));
+                assert_eq!(n.uniqueid, Some(&b"1.1"[..]));
+            },
+        );
+        with_frame(
+            b"Event: Dial\r\nSubEvent: Begin\r\nDestination: SIP/b\r\n\r\n",
+            |n| {
+                assert_eq!(n.name, b"DialBegin");
+                let m = n.legacy.expect("legacy mapping");
+                assert_eq!(legacy::modern_key(&m, b"Destination"), Some("DestChannel"));
+            },
+        );
+    }
+
+    #[test]
+    fn legacy_names_map_to_modern_ones() {
+        for (input, name) in [
+            (
+                &b"Event: Join\r\nCallerID: 100\r\n\r\n"[..],
+                "QueueCallerJoin",
+            ),
+            (b"Event: Leave\r\n\r\n", "QueueCallerLeave"),
+            (b"Event: Newcallerid\r\n\r\n", "NewCallerid"),
+            (
+                b"Event: Link\r\nChannel1: A\r\nUniqueid1: 1\r\n\r\n",
+                "BridgeEnter",
+            ),
+            (b"Event: Unlink\r\n\r\n", "BridgeLeave"),
+            (
+                b"Event: Bridge\r\nBridgestate: Unlink\r\n\r\n",
+                "BridgeLeave",
+            ),
+            (b"Event: Hold\r\nStatus: Off\r\n\r\n", "Unhold"),
+            (
+                b"Event: MusicOnHold\r\nState: Stop\r\n\r\n",
+                "MusicOnHoldStop",
+            ),
+            (b"Event: DTMF\r\nBegin: No\r\nEnd: Yes\r\n\r\n", "DTMFEnd"),
+            (b"Event: AsyncAGI\r\nSubEvent: Exec\r\n\r\n", "AsyncAGIExec"),
+            (b"Event: Agentlogin\r\n\r\n", "AgentLogin"),
+            (b"Event: QueueMemberPaused\r\n\r\n", "QueueMemberPause"),
+            (
+                b"Event: Transfer\r\nTransferType: Attended\r\n\r\n",
+                "AttendedTransfer",
+            ),
+        ] {
+            with_frame(input, |n| {
+                assert_eq!(
+                    std::str::from_utf8(n.name),
+                    Ok(name),
+                    "{}",
+                    String::from_utf8_lossy(input)
+                );
+                assert!(n.original_name.is_some());
+            });
+        }
+        with_frame(b"Event: Link\r\nChannel1: A\r\nUniqueid1: 1\r\n\r\n", |n| {
+            assert_eq!(n.channel, Some(&b"A"[..]));
+            assert_eq!(n.uniqueid, Some(&b"1"[..]));
+        });
+    }
+
+    #[test]
+    fn modern_names_are_left_alone() {
+        for input in [
+            &b"Event: Hold\r\nChannel: A\r\nMusicClass: default\r\n\r\n"[..],
+            b"Event: DialBegin\r\n\r\n",
+            b"Event: Newexten\r\nExten: s\r\n\r\n",
+        ] {
+            with_frame(input, |n| {
+                assert_eq!(n.original_name, None);
+                assert_eq!(n.legacy, None);
+            });
+        }
+    }
+
+    #[test]
+    fn responses_and_banner() {
+        with_frame(b"Response: Success\r\nActionID: a-1\r\n\r\n", |n| {
+            assert_eq!(n.kind, Kind::Response);
+            assert_eq!(n.name, b"Success");
+            assert_eq!(n.action_id, Some(&b"a-1"[..]));
+        });
+        with_frame(b"Asterisk Call Manager/11.0.0\r\n", |n| {
+            assert_eq!(n.kind, Kind::Banner);
+            assert_eq!(n.name, b"11.0.0");
+        });
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(
+            parse_timestamp_us(b"1795671272.021146"),
+            Some(1_795_671_272_021_146)
+        );
+        assert_eq!(parse_timestamp_us(b"12.5"), Some(12_500_000));
+        assert_eq!(parse_timestamp_us(b"12"), Some(12_000_000));
+        assert_eq!(parse_timestamp_us(b"12.1234567"), Some(12_123_456));
+        assert_eq!(parse_timestamp_us(b""), None);
+        assert_eq!(parse_timestamp_us(b"x.1"), None);
+        assert_eq!(parse_timestamp_us(b"1.x"), None);
+        assert_eq!(parse_timestamp_us(b"99999999999999999.1"), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! The envelope contract on the real recordings: the fast encoder equals prost's encoding of the
+//! same envelope on every frame, and `amibus decode` turns every recording into records with
+//! zero parse errors, in JSON and in length-delimited protobuf.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use amibus::ami::{Parsed, Parser, Stamp};
+use amibus::app::decode::{self, Args, Format};
+use amibus::model::{self, pb};
+use prost::Message;
+
+const RECORDINGS: [&str; 6] = [
+    "asterisk22-events.ami",
+    "asterisk22-actions.ami",
+    "asterisk22-actions.sent",
+    "asterisk13-actions-head.ami",
+    "asterisk22-md5login.ami",
+    "asterisk22-authfail-md5badkey.ami",
+];
+
+fn fixture_path(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_path(name)).expect("fixture")
+}
+
+fn args(format: Format) -> Args {
+    Args {
+        input: String::new(),
+        server: "pbx-7".into(),
+        format,
+        max_frame_bytes: amibus::ami::Limits::DEFAULT_MAX_FRAME_BYTES,
+        max_headers: amibus::ami::Limits::DEFAULT_MAX_HEADERS,
+    }
+}
+
+#[test]
+fn fast_encoder_equals_prost_on_every_recorded_frame() {
+    let stamp = Stamp {
+        server: Arc::from("pbx-7"),
+        epoch: 1_795_671_272_000,
+        seq: 1,
+        received_at_ns: 1_795_671_272_000_000_001,
+    };
+    let mut renamed = 0;
+    for name in RECORDINGS {
+        let input = fixture(name);
+        let mut parser = Parser::default();
+        let mut at = 0;
+        let mut fast = Vec::new();
+        loop {
+            match parser.parse(&input[at..]) {
+                Parsed::Frame { frame, consumed } => {
+                    let n = model::normalize(&frame);
+                    fast.clear();
+                    model::encode_frame(&stamp, &n, &frame, &mut fast);
+                    let slow = model::to_envelope(&stamp, &n, &frame);
+                    assert_eq!(fast, slow.encode_to_vec(), "{name} at byte {at}");
+                    assert_eq!(fast.len(), model::encoded_frame_len(&stamp, &n, &frame));
+                    renamed += usize::from(n.original_name.is_some());
+                    at += consumed;
+                }
+                Parsed::Skip { consumed, error } => {
+                    assert_eq!(error, None, "{name} at byte {at}");
+                    at += consumed;
+                }
+                Parsed::Partial => break,
+            }
+        }
+        assert_eq!(at, input.len(), "{name} is consumed to the end");
+    }
+    assert_eq!(
+        renamed, 0,
+        "Asterisk 13 and 22 recordings use modern event names"
+    );
+}
+
+#[test]
+fn decode_json_lines_cover_every_frame() {
+    let input = fixture("asterisk22-events.ami");
+    let mut out = Vec::new();
+    let summary = decode::decode(&input[..], &mut out, &args(Format::Json)).expect("decodes");
+    assert_eq!(summary.parse_errors, 0);
+    assert_eq!(summary.frames, 7704);
+    assert_eq!(summary.bytes, input.len() as u64);
+    let mut kinds = std::collections::BTreeMap::new();
+    let mut last_seq = 0;
+    for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(line).expect("each line is JSON");
+        *kinds
+            .entry(v["kind"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+        let seq = v["seq"].as_u64().expect("seq");
+        assert_eq!(seq, last_seq + 1, "seq counts every record");
+        last_seq = seq;
+        assert_eq!(v["server"], "pbx-7");
+        assert!(v["headers"].as_array().is_some_and(|h| !h.is_empty()));
+        if v["kind"] == "event" {
+            assert_eq!(v["name"], v["headers"][0][1]);
+        }
+    }
+    assert_eq!(kinds.get("banner"), Some(&1));
+    assert_eq!(kinds.get("response"), Some(&1));
+    assert_eq!(kinds.get("event"), Some(&7702));
+}
+
+#[test]
+fn decode_proto_stream_round_trips() {
+    for name in RECORDINGS {
+        let input = fixture(name);
+        let mut out = Vec::new();
+        let summary = decode::decode(&input[..], &mut out, &args(Format::Proto)).expect("decodes");
+        assert_eq!(summary.parse_errors, 0, "{name}");
+        let mut rest = &out[..];
+        let mut headers = 0;
+        let mut records = 0;
+        while !rest.is_empty() {
+            let env = pb::Envelope::decode_length_delimited(&mut rest).expect("envelope");
+            assert_eq!(env.server, "pbx-7");
+            headers += env.headers.len();
+            records += 1;
+        }
+        assert_eq!(records, summary.frames, "{name}");
+        assert!(headers > 0);
+    }
+}
+
+#[test]
+fn oversized_frames_become_parse_error_records() {
+    let input = b"Event: A\r\n\r\nEvent: Big\r\nX: 0123456789012345678901234567890123456789\r\n\r\nEvent: B\r\n\r\nEvent: Cut\r\nPartial";
+    let mut a = args(Format::Json);
+    a.max_frame_bytes = 40;
+    let mut out = Vec::new();
+    let summary = decode::decode(&input[..], &mut out, &a).expect("decodes");
+    assert_eq!(summary.frames, 2);
+    assert_eq!(summary.parse_errors, 2);
+    let lines: Vec<serde_json::Value> = out
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("JSON"))
+        .collect();
+    let kinds: Vec<_> = lines
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(kinds, ["event", "parse_error", "event", "parse_error"]);
+    assert_eq!(lines[1]["parse_error"]["reason"], "frame_too_large");
+    assert_eq!(lines[3]["parse_error"]["reason"], "truncated");
+}
+
+#[test]
+fn the_binary_decodes_a_recording() {
+    let out = Command::new(env!("CARGO_BIN_EXE_amibus"))
+        .args(["decode", "--server", "pbx-1", "--format", "json"])
+        .arg(fixture_path("asterisk22-md5login.ami"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8");
+    assert_eq!(stdout.lines().count(), 5);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("decoded 5 frames, 315 bytes, 0 parse errors"),
+        "{stderr}"
+    );
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_amibus"))
+        .args(["decode", "/nonexistent/recording.ami"])
+        .output()
+        .expect("runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open recording"));
+}
