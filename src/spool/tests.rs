@@ -1,0 +1,250 @@
+use super::*;
+
+fn rec(key: &str, n: u64) -> Record {
+    Record {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        headers: vec![("seq".into(), Bytes::from(n.to_string()))],
+        payload: Bytes::from(vec![b'x'; 100]),
+    }
+}
+
+fn seq(r: &Record) -> u64 {
+    r.header("seq")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+fn cfg(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        segment_bytes: 1000,
+        max_bytes: 100_000,
+        fsync: Fsync::Never,
+        ..SpoolConfig::new(dir)
+    }
+}
+
+fn drain(reader: &mut Reader) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    while let Some((id, r)) = reader.try_next().expect("reads") {
+        out.push((id, seq(&r)));
+    }
+    out
+}
+
+#[test]
+fn appended_records_are_read_in_order_across_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, rec0) = Spool::open(cfg(dir.path())).expect("open");
+    assert_eq!(rec0, Recovery::default());
+    for n in 0..50 {
+        assert!(matches!(
+            spool.append(&rec("k", n)).expect("append"),
+            Appended::Stored { .. }
+        ));
+    }
+    let mut reader = spool.reader();
+    let got = drain(&mut reader);
+    assert_eq!(
+        got.iter().map(|g| g.1).collect::<Vec<_>>(),
+        (0..50).collect::<Vec<_>>()
+    );
+    assert!(spool.stats().segments > 5, "small segments rotate");
+    // Nothing more until something is appended.
+    assert!(reader.try_next().expect("ok").is_none());
+    spool.append(&rec("k", 50)).expect("append");
+    assert_eq!(
+        drain(&mut reader).iter().map(|g| g.1).collect::<Vec<_>>(),
+        vec![50]
+    );
+}
+
+#[test]
+fn acknowledged_segments_are_deleted_and_the_rest_replays_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (spool, _) = Spool::open(cfg(dir.path())).expect("open");
+        for n in 0..40 {
+            spool.append(&rec("k", n)).expect("append");
+        }
+        let mut reader = spool.reader();
+        let got = drain(&mut reader);
+        // Acknowledge the first 30 out of order, and one far ahead.
+        for (id, _) in got[..30].iter().rev() {
+            spool.ack(*id);
+        }
+        spool.ack(got[35].0);
+        let held = spool.stats();
+        assert_eq!(held.records_held, 9);
+        assert!(
+            held.segments < 8,
+            "segments below the floor are gone: {held:?}"
+        );
+        spool.checkpoint(true).expect("checkpoint");
+    }
+    let (spool, recovery) = Spool::open(cfg(dir.path())).expect("reopen");
+    assert_eq!(
+        recovery.pending, 10,
+        "the floor was persisted; 30..40 are pending"
+    );
+    let mut reader = spool.reader();
+    let seqs: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
+    assert_eq!(
+        seqs,
+        (30..40).collect::<Vec<_>>(),
+        "an ack above the floor may be resent"
+    );
+    // Ids keep growing across restarts.
+    let Appended::Stored { id } = spool.append(&rec("k", 99)).expect("append") else {
+        panic!("stored");
+    };
+    assert_eq!(id, 41);
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (spool, _) = Spool::open(SpoolConfig {
+            segment_bytes: 1 << 20,
+            ..cfg(dir.path())
+        })
+        .expect("open");
+        for n in 0..5 {
+            spool.append(&rec("k", n)).expect("append");
+        }
+        spool.checkpoint(false).expect("flush");
+    }
+    let seg = dir.path().join(segment::file_name(1));
+    let len = fs::metadata(&seg).expect("segment").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(len - 10))
+        .expect("tear");
+    let (spool, recovery) = Spool::open(cfg(dir.path())).expect("reopen");
+    assert_eq!(recovery.pending, 4);
+    assert!(recovery.torn_bytes > 0);
+    let mut reader = spool.reader();
+    assert_eq!(drain(&mut reader).len(), 4);
+}
+
+#[test]
+fn rewind_resends_unacknowledged_records_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(cfg(dir.path())).expect("open");
+    for n in 0..10 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    let mut reader = spool.reader();
+    let got = drain(&mut reader);
+    spool.ack(got[0].0);
+    spool.ack(got[2].0);
+    reader.rewind();
+    let again: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
+    assert_eq!(again, vec![1, 3, 4, 5, 6, 7, 8, 9]);
+}
+
+#[test]
+fn the_in_flight_window_is_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(SpoolConfig {
+        max_in_flight: 3,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    for n in 0..10 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    let mut reader = spool.reader();
+    let first = drain(&mut reader);
+    assert_eq!(first.len(), 3);
+    spool.ack(first[0].0);
+    assert_eq!(drain(&mut reader).len(), 1);
+}
+
+#[test]
+fn drop_newest_refuses_and_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        max_bytes: one * 5,
+        when_full: WhenFull::DropNewest,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    let outcomes: Vec<Appended> = (0..8)
+        .map(|n| spool.append(&rec("k", n)).expect("append"))
+        .collect();
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == Appended::DroppedNewest)
+            .count(),
+        3
+    );
+    assert_eq!(spool.stats().dropped_newest, 3);
+    let mut reader = spool.reader();
+    for (id, _) in drain(&mut reader) {
+        spool.ack(id);
+    }
+    assert!(matches!(
+        spool.append(&rec("k", 9)).expect("append"),
+        Appended::Stored { .. }
+    ));
+}
+
+#[test]
+fn drop_oldest_deletes_the_oldest_segment_and_reports_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        segment_bytes: one * 3,
+        max_bytes: one * 9,
+        when_full: WhenFull::DropOldest,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    let mut lost = Vec::new();
+    for n in 0..12 {
+        if let Appended::StoredDroppingOldest { dropped, .. } =
+            spool.append(&rec("k", n)).expect("append")
+        {
+            lost.extend(dropped.iter().map(seq));
+        }
+    }
+    assert_eq!(lost, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(spool.stats().dropped_oldest, 6);
+    let mut reader = spool.reader();
+    let seqs: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
+    assert_eq!(seqs, (6..12).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_record_larger_than_the_cap_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(SpoolConfig {
+        max_bytes: 50,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    assert!(matches!(
+        spool.append(&rec("k", 1)),
+        Err(SpoolError::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_reader_waits_for_appends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(cfg(dir.path())).expect("open");
+    let mut reader = spool.reader();
+    let writer = spool.clone();
+    let task = tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        writer.append(&rec("k", 7)).expect("append");
+    });
+    let (_, r) = reader.next().await.expect("next");
+    assert_eq!(seq(&r), 7);
+    task.await.expect("join");
+}
