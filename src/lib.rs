@@ -16,4 +16,5 @@
 pub mod ami;
 pub mod app;
 pub mod model;
+pub mod sink;
 pub mod spool;

@@ -1,0 +1,252 @@
+//! The sink driver: spool → sink, acknowledging in the spool only what the sink confirmed.
+//!
+//! Owns: the in-flight set of deliveries, what to do with each outcome, and draining at
+//! shutdown. Rules:
+//! - acknowledged → `spool.ack(id)`;
+//! - permanent failure (too large, invalid) → counted, logged, and acknowledged so it never
+//!   blocks the records behind it;
+//! - retriable failure → stop taking new records, let the in-flight ones finish, wait a
+//!   backoff, and rewind the reader to the oldest unacknowledged record. Records behind the
+//!   failure are sent again in order (skipping those acknowledged meanwhile), so per-key order
+//!   holds up to duplicates.
+//!
+//! Must never: acknowledge a record the sink did not confirm or give up on as permanent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+use super::{Sink, SinkError};
+use crate::spool::{Reader, SpoolError};
+
+/// Running totals of one driver, readable from other tasks.
+#[derive(Debug, Default)]
+pub struct DriverStats {
+    pub sent: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub failed_permanent: AtomicU64,
+    pub failed_retriable: AtomicU64,
+    pub rewinds: AtomicU64,
+}
+
+impl DriverStats {
+    pub fn snapshot(&self) -> [u64; 5] {
+        [
+            self.sent.load(Ordering::Relaxed),
+            self.acknowledged.load(Ordering::Relaxed),
+            self.failed_permanent.load(Ordering::Relaxed),
+            self.failed_retriable.load(Ordering::Relaxed),
+            self.rewinds.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DriverConfig {
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long shutdown waits for in-flight deliveries.
+    pub drain_deadline: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Move records until `shutdown` resolves, then drain in-flight deliveries within the deadline.
+/// Records not confirmed by then stay in the spool for the next start.
+///
+/// # Errors
+/// Only when the spool cannot be read.
+pub async fn run<S: Sink>(
+    mut sink: S,
+    mut reader: Reader,
+    cfg: DriverConfig,
+    stats: Arc<DriverStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SpoolError> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut rewind_pending = false;
+    let mut backoff = cfg.backoff_min;
+    tokio::pin!(shutdown);
+    loop {
+        if rewind_pending && in_flight.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut shutdown => break,
+            }
+            backoff = (backoff * 2).min(cfg.backoff_max);
+            reader.rewind();
+            stats.rewinds.fetch_add(1, Ordering::Relaxed);
+            rewind_pending = false;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some((id, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                if settle(&reader, &stats, sink.name(), id, outcome) {
+                    rewind_pending = true;
+                } else if !rewind_pending {
+                    backoff = cfg.backoff_min;
+                }
+            }
+            next = reader.next(), if !rewind_pending => {
+                let (id, record) = next?;
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+                match sink.send(&record).await {
+                    Ok(delivery) => in_flight.push(async move { (id, delivery.await) }),
+                    Err(e) => {
+                        if settle(&reader, &stats, sink.name(), id, Err(e)) {
+                            rewind_pending = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Drain: flush the client and collect what it confirms in time.
+    let drain = async {
+        let _ = sink.flush(cfg.drain_deadline).await;
+        while let Some((id, outcome)) = in_flight.next().await {
+            settle(&reader, &stats, sink.name(), id, outcome);
+        }
+    };
+    let _ = tokio::time::timeout(cfg.drain_deadline, drain).await;
+    Ok(())
+}
+
+/// Record one outcome; returns true when the reader must rewind.
+fn settle(
+    reader: &Reader,
+    stats: &DriverStats,
+    sink: &str,
+    id: u64,
+    outcome: Result<(), SinkError>,
+) -> bool {
+    match outcome {
+        Ok(()) => {
+            reader.spool().ack(id);
+            stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Err(SinkError::Permanent(why)) => {
+            tracing::warn!(sink, record = id, error = %why, "record cannot be delivered; dropped");
+            reader.spool().ack(id);
+            stats.failed_permanent.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Err(SinkError::Retriable(why)) => {
+            if stats.failed_retriable.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                tracing::warn!(sink, record = id, error = %why, "delivery failed; will resend");
+            }
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::{Delivery, Record};
+    use crate::spool::{Fsync, Spool, SpoolConfig};
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// Fails record "3" permanently, and record "5" retriably the first time it is sent.
+    struct FlakySink {
+        delivered: Arc<Mutex<Vec<String>>>,
+        failed_once: bool,
+    }
+
+    impl Sink for FlakySink {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
+            let name = String::from_utf8_lossy(&record.payload).into_owned();
+            let outcome = match name.as_str() {
+                "3" => Err(SinkError::Permanent("too large".into())),
+                "5" if !self.failed_once => {
+                    self.failed_once = true;
+                    Err(SinkError::Retriable("broker down".into()))
+                }
+                _ => {
+                    self.delivered.lock().expect("lock").push(name);
+                    Ok(())
+                }
+            };
+            Ok(Box::pin(async move { outcome }))
+        }
+        async fn flush(&mut self, _: Duration) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn retriable_failures_rewind_and_permanent_ones_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = Spool::open(SpoolConfig {
+            fsync: Fsync::Never,
+            ..SpoolConfig::new(dir.path())
+        })
+        .expect("open");
+        for n in 0..10 {
+            spool
+                .append(&Record {
+                    key: Bytes::new(),
+                    headers: Vec::new(),
+                    payload: Bytes::from(n.to_string()),
+                })
+                .expect("append");
+        }
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let stats = Arc::new(DriverStats::default());
+        let sink = FlakySink {
+            delivered: delivered.clone(),
+            failed_once: false,
+        };
+        let cfg = DriverConfig {
+            backoff_min: Duration::from_millis(1),
+            ..DriverConfig::default()
+        };
+        let watch = spool.clone();
+        let done = async move {
+            while watch.stats().records_held > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        run(sink, spool.reader(), cfg, stats.clone(), done)
+            .await
+            .expect("runs");
+        let got = delivered.lock().expect("lock").clone();
+        // Every record but the permanent failure arrives; order holds for what was resent.
+        let mut unique = got.clone();
+        unique.dedup();
+        let expect: Vec<String> = [0, 1, 2, 4, 5, 6, 7, 8, 9]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let mut sorted = unique.clone();
+        sorted.sort_by_key(|s| s.parse::<u32>().unwrap_or(0));
+        sorted.dedup();
+        assert_eq!(sorted, expect);
+        let pos5 = got.iter().position(|s| s == "5").expect("5 delivered");
+        assert!(
+            got[pos5..]
+                .windows(2)
+                .all(|w| w[0].parse::<u32>().unwrap_or(0) < w[1].parse::<u32>().unwrap_or(0))
+        );
+        assert_eq!(stats.failed_permanent.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.rewinds.load(Ordering::Relaxed), 1);
+        assert_eq!(spool.stats().records_held, 0);
+    }
+}
