@@ -39,13 +39,16 @@ pub struct PipelineStats {
     pub gap_records: u64,
 }
 
+/// An inclusive range of sequence numbers.
+type SeqRange = (u64, u64);
+
 /// See the module docs.
 pub struct Pipeline {
     spool: Spool,
     format: PayloadFormat,
     stats: PipelineStats,
     /// Lost (server, epoch) → seq ranges not yet reported.
-    lost: BTreeMap<(Arc<str>, u64), Vec<(u64, u64)>>,
+    lost: BTreeMap<(Arc<str>, u64), Vec<SeqRange>>,
     payload: Vec<u8>,
     key: Vec<u8>,
 }
