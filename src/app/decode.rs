@@ -117,8 +117,10 @@ pub fn decode(
         received_at_ns: 0,
     };
     let mut summary = Summary::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    // `buf[start..end]` holds unconsumed bytes; the buffer is zeroed once, not per read.
+    let mut buf: Vec<u8> = vec![0; 1 << 20];
     let mut start = 0;
+    let mut end = 0;
     let mut scratch = Vec::with_capacity(4096);
     let mut eof = false;
     let mut emit = |stamped_bytes: &[u8], summary: &Summary| -> Result<(), DecodeError> {
@@ -129,7 +131,7 @@ pub fn decode(
         // Parse everything buffered.
         loop {
             scratch.clear();
-            let step = parser.parse(&buf[start..]);
+            let step = parser.parse(&buf[start..end]);
             match step {
                 Parsed::Frame { frame, consumed } => {
                     summary.frames += 1;
@@ -172,7 +174,7 @@ pub fn decode(
             emit(&scratch, &summary)?;
         }
         if eof {
-            let rest = &buf[start..];
+            let rest = &buf[start..end];
             summary.bytes += rest.len() as u64;
             if rest.iter().any(|&b| b != b'\r' && b != b'\n') {
                 summary.parse_errors += 1;
@@ -188,26 +190,23 @@ pub fn decode(
             return Ok(summary);
         }
         // Make room, keeping the unconsumed tail (the parser resumes on it).
-        if start > 0 && (start >= buf.len() / 2 || buf.capacity() - buf.len() < 64 << 10) {
-            buf.drain(..start);
-            start = 0;
+        if end == buf.len() {
+            if start > 0 {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            } else {
+                buf.resize(buf.len() * 2, 0);
+            }
         }
-        if buf.capacity() - buf.len() < 64 << 10 {
-            buf.reserve(buf.capacity().max(1 << 20));
-        }
-        let len = buf.len();
-        buf.resize(buf.capacity(), 0);
         let read = loop {
-            match input.read(&mut buf[len..]) {
+            match input.read(&mut buf[end..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    buf.truncate(len);
-                    return Err(DecodeError::Input(e));
-                }
+                Err(e) => return Err(DecodeError::Input(e)),
             }
         };
-        buf.truncate(len + read);
+        end += read;
         eof = read == 0;
     }
 }

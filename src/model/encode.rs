@@ -110,15 +110,36 @@ impl Writer<'_, '_> {
         put_uint(out, KIND, n.kind as i32 as u64);
         put_text(out, NAME, n.name);
         for h in self.frame.headers() {
+            let nk = self.normalized_key(h.key);
+            let (klen, vlen) = (h.key.len(), h.value.map_or(0, <[u8]>::len));
+            if klen > 0 && klen < 0x80 && vlen < 0x80 && nk.is_none() {
+                // The common case: every length fits one byte, so the framing bytes of the
+                // header go out in two small writes around the key.
+                let inner = 2 + klen + h.value.map_or(0, |_| 2 + vlen);
+                if inner < 0x80 {
+                    out.extend_from_slice(&[
+                        (HEADERS << 3 | LEN) as u8,
+                        inner as u8,
+                        (HEADER_KEY << 3 | LEN) as u8,
+                        klen as u8,
+                    ]);
+                    out.extend_from_slice(h.key);
+                    if let Some(v) = h.value {
+                        out.extend_from_slice(&[(HEADER_VALUE << 3 | LEN) as u8, vlen as u8]);
+                        out.extend_from_slice(v);
+                    }
+                    continue;
+                }
+            }
             put_key(out, HEADERS, LEN);
-            encode_varint(self.header_len(h.key, h.value) as u64, out);
+            put_varint(out, self.header_len(h.key, h.value) as u64);
             put_string(out, HEADER_KEY, h.key);
             if let Some(v) = h.value {
                 put_key(out, HEADER_VALUE, LEN);
-                encode_varint(v.len() as u64, out);
+                put_varint(out, v.len() as u64);
                 out.extend_from_slice(v);
             }
-            if let Some(k) = self.normalized_key(h.key) {
+            if let Some(k) = nk {
                 put_string(out, HEADER_NORMALIZED_KEY, k.as_bytes());
             }
         }
@@ -137,7 +158,7 @@ impl Writer<'_, '_> {
         }
         if let Some(t) = n.asterisk_time_us {
             put_key(out, ASTERISK_TIME_US, VARINT);
-            encode_varint(t as u64, out);
+            put_varint(out, t as u64);
         }
         if let Some(b) = self.frame.body() {
             put_string(out, BODY, b);
@@ -152,7 +173,16 @@ fn key_len(field: u32) -> usize {
 
 #[inline]
 fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
-    encode_varint(u64::from(field << 3 | wire), out);
+    put_varint(out, u64::from(field << 3 | wire));
+}
+
+#[inline]
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        out.push(v as u8);
+    } else {
+        encode_varint(v, out);
+    }
 }
 
 /// proto3 `bytes`/`string` with implicit presence: nothing when empty.
@@ -169,7 +199,7 @@ fn string_len(field: u32, v: &[u8]) -> usize {
 fn put_string(out: &mut Vec<u8>, field: u32, v: &[u8]) {
     if !v.is_empty() {
         put_key(out, field, LEN);
-        encode_varint(v.len() as u64, out);
+        put_varint(out, v.len() as u64);
         out.extend_from_slice(v);
     }
 }
@@ -203,14 +233,17 @@ fn uint_len(field: u32, v: u64) -> usize {
 fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         put_key(out, field, VARINT);
-        encode_varint(v, out);
+        put_varint(out, v);
     }
 }
 
 /// Bytes as text; replacement characters only where they are not UTF-8.
 #[inline]
 pub fn utf8(v: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(v)
+    match std::str::from_utf8(v) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(v),
+    }
 }
 
 fn text(v: Option<&[u8]>) -> String {
