@@ -90,11 +90,6 @@ impl Replay {
         self.events.len()
     }
 
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
     /// The timestamp of event `i` (the last one for `i` past the end).
     pub fn ts_us(&self, i: usize) -> u64 {
         self.events
@@ -123,6 +118,7 @@ mod tests {
         let rec = b"Asterisk Call Manager/11.0.0\r\nResponse: Success\r\nMessage: Authentication accepted\r\n\r\nEvent: A\r\nPrivilege: call,all\r\nTimestamp: 10.5\r\n\r\nEvent: B\r\nPrivilege: dialplan,all\r\nTimestamp: 11.000001\r\n\r\n".to_vec();
         let r = Replay::from_bytes(rec);
         assert_eq!(r.len(), 2);
+        assert!(!r.events.is_empty());
         assert_eq!(r.ts_us(0), 10_500_000);
         assert_eq!(r.ts_us(1), 11_000_001);
         let mut out = BatchBuilder::default();

@@ -297,11 +297,7 @@ pub(crate) async fn start(cfg: SimConfig) -> Result<super::SimHandle, SimError> 
             shutdown: shutdown_rx.clone(),
             listener: Mutex::new(None),
         });
-        let step_us = if cfg.rate > 0 {
-            (1_000_000 / cfg.rate).max(1)
-        } else {
-            10
-        };
+        let step_us = 1_000_000u64.checked_div(cfg.rate).map_or(10, |s| s.max(1));
         let generator = Generator::new(
             lib.clone(),
             GenConfig {
@@ -504,7 +500,6 @@ async fn run_generator(
                 produced += k as u64;
                 if k < n as usize || replay_pos >= rep.len() {
                     done = true;
-                    srv.gen_done.send_replace(true);
                 }
             }
             None => {
@@ -512,11 +507,14 @@ async fn run_generator(
                 produced += n;
             }
         }
-        if cfg.count.is_some_and(|c| produced >= c) && !done {
+        if cfg.count.is_some_and(|c| produced >= c) {
             done = true;
-            srv.gen_done.send_replace(true);
         }
         publish(&srv, &mut out, &mut shutdown).await;
+        if done {
+            // Only now: every event is queued to every session.
+            srv.gen_done.send_replace(true);
+        }
     }
     srv.gen_done.send_replace(true);
 }
