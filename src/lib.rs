@@ -16,5 +16,6 @@
 pub mod ami;
 pub mod app;
 pub mod model;
+pub mod sim;
 pub mod sink;
 pub mod spool;
