@@ -161,12 +161,14 @@ impl Default for Parser {
 }
 
 impl Parser {
-    /// A parser with these limits. `max_frame_bytes` is clamped to what `u32` offsets address.
+    /// A parser with these limits. `max_frame_bytes` is clamped to what `u32` offsets address,
+    /// and to at least 2 so that a `\r\n` between frames, which is no part of a frame, always
+    /// fits the window it is looked for in.
     pub fn new(limits: Limits) -> Self {
         let limits = Limits {
             max_frame_bytes: limits
                 .max_frame_bytes
-                .clamp(1, Limits::MAX_FRAME_BYTES_CEILING),
+                .clamp(2, Limits::MAX_FRAME_BYTES_CEILING),
             max_headers: limits.max_headers.max(1),
         };
         Parser {

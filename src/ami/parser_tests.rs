@@ -503,3 +503,17 @@ fn frame_views_resolve_keys_case_insensitively() {
     assert_eq!(frame.get("Uniqueid"), Some(&b"1.2"[..]));
     assert_eq!(frame.len(), 2);
 }
+
+#[test]
+fn a_frame_limit_below_two_still_skips_blank_lines() {
+    // Found by the property tests: with `max_frame_bytes: 1` the `\r\n` between frames did not
+    // fit its window and was reported as an oversized frame. Blank lines are no part of a frame.
+    let limits = Limits {
+        max_frame_bytes: 1,
+        max_headers: 4,
+    };
+    assert_eq!(Parser::new(limits).limits().max_frame_bytes, 2);
+    let (items, left) = parse_with(b"\r\n\n\r\n", limits);
+    assert_eq!(items, vec![]);
+    assert_eq!(left, 0);
+}
