@@ -218,6 +218,20 @@ impl Parser {
                 return self.incomplete(buf, false);
             };
             let nl = self.pos + nl;
+            if self.mode == (Mode::Headers { follows: true }) {
+                // After `Response: Follows`, the line's first `\n` decides whether the body begins
+                // here (a bare-LF empty line, or anything but `Privilege:`/`ActionID:`). The
+                // lookahead a header value needs must not hold back, nor oversize, a body whose
+                // marker line has already ended.
+                let raw = &buf[self.pos..nl];
+                if raw.is_empty() || (raw != b"\r" && !is_follows_header(raw)) {
+                    self.mode = Mode::Body {
+                        body_start: self.pos,
+                        search_from: self.pos,
+                    };
+                    continue;
+                }
+            }
             // A bare LF followed by CRLF belongs to the value; decide only once those bytes exist.
             let (content_end, next) = if nl > self.pos && buf[nl - 1] == b'\r' {
                 (nl - 1, nl + 1)
@@ -256,21 +270,8 @@ impl Parser {
                     self.spans.push(Span::no_colon(line_start, content_end));
                     return self.complete(buf, FrameKind::Banner, None);
                 }
-                Mode::Headers { follows: true } if line.is_empty() && nl - line_start == 0 => {
-                    // A bare-LF empty line after a Follows header block is the body's first line.
-                    self.mode = Mode::Body {
-                        body_start: line_start,
-                        search_from: line_start,
-                    };
-                }
                 Mode::Headers { .. } if line.is_empty() => {
                     return self.complete(buf, FrameKind::Message, None);
-                }
-                Mode::Headers { follows: true } if !is_follows_header(line) => {
-                    self.mode = Mode::Body {
-                        body_start: line_start,
-                        search_from: line_start,
-                    };
                 }
                 Mode::Start | Mode::Headers { .. } => {
                     let first = self.mode == Mode::Start;

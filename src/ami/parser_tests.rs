@@ -517,3 +517,32 @@ fn a_frame_limit_below_two_still_skips_blank_lines() {
     assert_eq!(items, vec![]);
     assert_eq!(left, 0);
 }
+
+#[test]
+fn follows_marker_line_ending_in_bare_lf_is_not_held_back() {
+    // Found by the property tests: the first body line was read as a header line first, so a
+    // marker line ending in a bare `\n` waited for the next bytes (a header value might go on
+    // with `\r\n`), and with the frame limit right after that `\n` the frame was called too large.
+    let input = b"Response: Follows\r\nPrivilege: Command\r\nok--END COMMAND--\n";
+    let mut p = Parser::default();
+    match p.parse(input) {
+        Parsed::Frame { frame, consumed } => {
+            assert_eq!(consumed, input.len());
+            assert_eq!(frame.body(), Some(&b"ok"[..]));
+        }
+        other => panic!("expected the Follows frame, got {other:?}"),
+    }
+    let limits = Limits {
+        max_frame_bytes: input.len(),
+        max_headers: 8,
+    };
+    let mut stream = input.to_vec();
+    stream.extend_from_slice(b"\r\nEvent: Next\r\n\r\n");
+    assert_eq!(
+        parse_with(&stream, limits).0,
+        vec![
+            follows(&[("Response", "Follows"), ("Privilege", "Command")], b"ok"),
+            msg(&[("Event", "Next")]),
+        ]
+    );
+}
