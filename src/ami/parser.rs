@@ -124,11 +124,71 @@ enum Mode {
     Done,
 }
 
+/// Where a discard stands in the current line. Lines split exactly as they do inside a frame: a
+/// bare `\n` after content that is followed by `\r\n` does not end the line, so the `\r\n` is no
+/// empty line either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LineSoFar {
+    /// At the start of a line.
     Nothing,
+    /// The line so far is `\r`; a `\n` next makes it an empty line.
     Cr,
+    /// The line has content and does not end in `\r`.
     Content,
+    /// The line has content and ends in `\r`; a `\n` next ends it.
+    ContentCr,
+    /// A line with content just ended in a bare `\n`; `\r\n` next would still belong to it.
+    BareLf,
+    /// `BareLf`, then `\r`.
+    BareLfCr,
+}
+
+impl LineSoFar {
+    /// Read on from this state over `bytes`: the index just past the first empty line, or the
+    /// state after all of `bytes`. Content is skipped with `memchr`; only line starts are
+    /// stepped through byte by byte.
+    fn scan(mut self, bytes: &[u8]) -> Result<usize, LineSoFar> {
+        use LineSoFar::*;
+        let mut at = 0;
+        while let Some(&c) = bytes.get(at) {
+            self = match (self, c) {
+                (Nothing | Cr | BareLf, b'\n') => return Ok(at + 1),
+                (BareLfCr, b'\n') => Nothing,
+                (Nothing, b'\r') => Cr,
+                (BareLf, b'\r') => BareLfCr,
+                (Cr | BareLfCr, b'\r') => ContentCr,
+                (Nothing | Cr | BareLf | BareLfCr, _) => Content,
+                (Content | ContentCr, _) => {
+                    let Some(i) = memchr(b'\n', &bytes[at..]) else {
+                        return Err(if bytes.last() == Some(&b'\r') {
+                            ContentCr
+                        } else {
+                            Content
+                        });
+                    };
+                    let nl = at + i;
+                    let crlf = if i == 0 {
+                        self == ContentCr
+                    } else {
+                        bytes.get(nl - 1) == Some(&b'\r')
+                    };
+                    at = nl;
+                    if crlf { Nothing } else { BareLf }
+                }
+            };
+            at += 1;
+        }
+        Err(self)
+    }
+
+    /// The state after `part`, which holds no `\n`.
+    fn after(self, part: &[u8]) -> LineSoFar {
+        match self.scan(part) {
+            Err(state) => state,
+            // Unreachable without a `\n` in `part`; a fresh line is the safe answer.
+            Ok(_) => LineSoFar::Nothing,
+        }
+    }
 }
 
 /// A resumable AMI parser. Keep one per stream; it holds only offsets and a reusable span list.
@@ -327,7 +387,7 @@ impl Parser {
             let window_end = self.frame_start + self.limits.max_frame_bytes;
             return self.start_discard(
                 window_end,
-                line_so_far(&buf[self.pos..window_end]),
+                LineSoFar::Nothing.after(&buf[self.pos..window_end]),
                 too_large(self.limits),
             );
         }
@@ -389,11 +449,24 @@ impl Parser {
     fn body_incomplete<'a>(&mut self, buf: &[u8]) -> Parsed<'a> {
         if buf.len() - self.frame_start > self.limits.max_frame_bytes {
             let window_end = self.frame_start + self.limits.max_frame_bytes;
-            let line_start = memchr::memrchr(b'\n', &buf[self.frame_start..window_end])
-                .map_or(self.frame_start, |i| self.frame_start + i + 1);
+            // The state where the window cuts the body: after its last `\n`, which ended either a
+            // line with content (a bare `\n` that `\r\n` may still continue) or nothing.
+            let (line_start, state) =
+                match memchr::memrchr(b'\n', &buf[self.frame_start..window_end]) {
+                    None => (self.frame_start, LineSoFar::Nothing),
+                    Some(i) => {
+                        let nl = self.frame_start + i;
+                        let before = nl.checked_sub(1).and_then(|p| buf.get(p));
+                        let state = match before {
+                            Some(b'\r' | b'\n') | None => LineSoFar::Nothing,
+                            Some(_) => LineSoFar::BareLf,
+                        };
+                        (nl + 1, state)
+                    }
+                };
             return self.start_discard(
                 window_end,
-                line_so_far(&buf[line_start..window_end]),
+                state.after(&buf[line_start..window_end]),
                 too_large(self.limits),
             );
         }
@@ -430,38 +503,25 @@ impl Parser {
         }
     }
 
-    fn discard<'a>(&mut self, buf: &[u8], mut line: LineSoFar) -> Parsed<'a> {
-        let mut at = 0;
-        while let Some(i) = memchr(b'\n', &buf[at..]) {
-            let nl = at + i;
-            let content = &buf[at..nl];
-            let blank = match line {
-                LineSoFar::Nothing => content.is_empty() || content == b"\r",
-                LineSoFar::Cr => content.is_empty(),
-                LineSoFar::Content => false,
-            };
-            if blank {
-                self.mode = Mode::Start;
-                return Parsed::Skip {
-                    consumed: nl + 1,
-                    error: None,
-                };
-            }
-            line = LineSoFar::Nothing;
-            at = nl + 1;
-        }
+    fn discard<'a>(&mut self, buf: &[u8], line: LineSoFar) -> Parsed<'a> {
         if buf.is_empty() {
             return Parsed::Partial;
         }
-        // `buf[at..]` is not empty: no newline was left after `at`, and `buf` is not empty.
-        let line = match line {
-            LineSoFar::Nothing => line_so_far(&buf[at..]),
-            LineSoFar::Cr | LineSoFar::Content => LineSoFar::Content,
-        };
-        self.mode = Mode::Discard { line };
-        Parsed::Skip {
-            consumed: buf.len(),
-            error: None,
+        match line.scan(buf) {
+            Ok(end) => {
+                self.mode = Mode::Start;
+                Parsed::Skip {
+                    consumed: end,
+                    error: None,
+                }
+            }
+            Err(line) => {
+                self.mode = Mode::Discard { line };
+                Parsed::Skip {
+                    consumed: buf.len(),
+                    error: None,
+                }
+            }
         }
     }
 }
@@ -469,15 +529,6 @@ impl Parser {
 fn too_large(limits: Limits) -> ParseError {
     ParseError::FrameTooLarge {
         limit: limits.max_frame_bytes,
-    }
-}
-
-/// What a line holds when only `part` of it (with no `\n`) has been seen.
-fn line_so_far(part: &[u8]) -> LineSoFar {
-    match part {
-        [] => LineSoFar::Nothing,
-        b"\r" => LineSoFar::Cr,
-        _ => LineSoFar::Content,
     }
 }
 

@@ -546,3 +546,37 @@ fn follows_marker_line_ending_in_bare_lf_is_not_held_back() {
         ]
     );
 }
+
+#[test]
+fn discard_splits_lines_as_a_frame_does() {
+    // Found by the property tests: discarding an oversized frame took the `\r\n` after Park's
+    // stray `\n` for an empty line, stopped there, and parsed the frame's tail (`X: y`) as a
+    // frame of its own. That `\r\n` ends the `Message:` line; it is not an empty line.
+    let limits = Limits {
+        max_frame_bytes: 32,
+        max_headers: 100,
+    };
+    let input = b"Response: Success\r\nActionID: p1\r\nMessage: Park successful\n\r\nX: y\r\n\r\nEvent: After\r\n\r\n";
+    let (items, left) = parse_with(input, limits);
+    assert_eq!(
+        items,
+        vec![
+            Item::Error(ParseError::FrameTooLarge { limit: 32 }),
+            msg(&[("Event", "After")]),
+        ]
+    );
+    assert_eq!(left, 0);
+    // The same when the window cuts the frame right after the stray `\n`.
+    let input = b"Response: Follows\r\nabc\n\r\nX: y\r\n\r\nEvent: After\r\n\r\n";
+    let limits = Limits {
+        max_frame_bytes: 24,
+        max_headers: 100,
+    };
+    assert_eq!(
+        parse_with(input, limits).0,
+        vec![
+            Item::Error(ParseError::FrameTooLarge { limit: 24 }),
+            msg(&[("Event", "After")]),
+        ]
+    );
+}
