@@ -18,18 +18,36 @@
 //!   more appended. "Incomplete" is never an error.
 //!
 //! # Wire rules (see `shared/ami/WIRE.md`)
-//! - A line ends in `\r\n` or a bare `\n`. A bare `\n` directly followed by `\r\n` belongs to the
-//!   value (Asterisk's `Message: Park successful\n\r\n`), so such values keep their byte exactly.
+//! - A line ends in `\r\n` or a bare `\n`. A bare `\n` after content directly followed by `\r\n`
+//!   belongs to the line (Asterisk's `Message: Park successful\n\r\n`), so such values keep
+//!   their byte exactly; an empty line is never continued this way. These rules split lines
+//!   everywhere, also while an oversized frame is being discarded.
 //! - A header is `Key: value`. The key is everything before the first `:`; one space after the
 //!   colon is the separator and is not part of the value, so `Key:x` and `Key: x` both give `x`
 //!   and `Key:  x` gives ` x`. A line without a colon is kept as a header without a value.
-//! - An empty line ends a frame; empty lines between frames are skipped.
-//! - `Asterisk Call Manager/<version>` at the start of a frame is the banner: one line, no empty
-//!   line after it.
-//! - A frame whose first header is `Response: Follows` (Asterisk 13 and older `Command`) takes
-//!   `Privilege:` and `ActionID:` headers, then a raw body up to `--END COMMAND--`, which may be
-//!   glued to the last output line. The frame ends with the marker's line. A CRLF empty line
-//!   before any marker also ends it, so a body without a marker cannot swallow the stream.
+//! - An empty line ends a frame; empty lines between frames are skipped and are no part of any
+//!   frame: they come back as `Skip { error: None }` before the frame.
+//! - A first line that starts with `Asterisk Call Manager/` and has no `:` is the banner: one
+//!   line, no empty line after it.
+//! - A frame whose first header is `Response: Follows` (ASCII case ignored; Asterisk 13 and
+//!   older `Command`) takes `Privilege:` and `ActionID:` headers, then a raw body. The first
+//!   `\n` of each line after the headers decides: an empty CRLF line ends the frame (no body), a
+//!   bare-LF empty line or any line but those two headers begins the body. The body runs up to
+//!   `--END COMMAND--`, which may be glued to the last output line, and the frame ends at the
+//!   first `\n` after the marker. A CRLF empty line (`\r\n\r\n`) before any marker also ends the
+//!   frame, the body keeping the first `\r\n`, so a body without a marker cannot swallow the stream.
+//!
+//! # Limits
+//! - A frame spans at most [`Limits::max_frame_bytes`] bytes (clamped to at least 2), its
+//!   terminator included; bytes past that window are only looked at to decide whether a line
+//!   ending just inside it goes on. A frame is given up as soon as a byte past its window is
+//!   known and the frame cannot end inside it; a frame is also given up at its header line
+//!   number `max_headers + 1`.
+//! - A frame given up yields one `Skip` with its error; then bytes are discarded through the
+//!   first empty line that ends after the point where it was given up, and parsing goes on.
+//!
+//! Every call makes progress (a frame, a skip of at least one byte, or an error) or says
+//! `Partial`; after `Partial` the caller holds at most `max_frame_bytes + 2` bytes.
 
 use memchr::memchr;
 use memchr::memmem::Finder;
