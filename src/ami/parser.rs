@@ -18,18 +18,36 @@
 //!   more appended. "Incomplete" is never an error.
 //!
 //! # Wire rules (see `shared/ami/WIRE.md`)
-//! - A line ends in `\r\n` or a bare `\n`. A bare `\n` directly followed by `\r\n` belongs to the
-//!   value (Asterisk's `Message: Park successful\n\r\n`), so such values keep their byte exactly.
+//! - A line ends in `\r\n` or a bare `\n`. A bare `\n` after content directly followed by `\r\n`
+//!   belongs to the line (Asterisk's `Message: Park successful\n\r\n`), so such values keep
+//!   their byte exactly; an empty line is never continued this way. These rules split lines
+//!   everywhere, also while an oversized frame is being discarded.
 //! - A header is `Key: value`. The key is everything before the first `:`; one space after the
 //!   colon is the separator and is not part of the value, so `Key:x` and `Key: x` both give `x`
 //!   and `Key:  x` gives ` x`. A line without a colon is kept as a header without a value.
-//! - An empty line ends a frame; empty lines between frames are skipped.
-//! - `Asterisk Call Manager/<version>` at the start of a frame is the banner: one line, no empty
-//!   line after it.
-//! - A frame whose first header is `Response: Follows` (Asterisk 13 and older `Command`) takes
-//!   `Privilege:` and `ActionID:` headers, then a raw body up to `--END COMMAND--`, which may be
-//!   glued to the last output line. The frame ends with the marker's line. A CRLF empty line
-//!   before any marker also ends it, so a body without a marker cannot swallow the stream.
+//! - An empty line ends a frame; empty lines between frames are skipped and are no part of any
+//!   frame: they come back as `Skip { error: None }` before the frame.
+//! - A first line that starts with `Asterisk Call Manager/` and has no `:` is the banner: one
+//!   line, no empty line after it.
+//! - A frame whose first header is `Response: Follows` (ASCII case ignored; Asterisk 13 and
+//!   older `Command`) takes `Privilege:` and `ActionID:` headers, then a raw body. The first
+//!   `\n` of each line after the headers decides: an empty CRLF line ends the frame (no body), a
+//!   bare-LF empty line or any line but those two headers begins the body. The body runs up to
+//!   `--END COMMAND--`, which may be glued to the last output line, and the frame ends at the
+//!   first `\n` after the marker. A CRLF empty line (`\r\n\r\n`) before any marker also ends the
+//!   frame, the body keeping the first `\r\n`, so a body without a marker cannot swallow the stream.
+//!
+//! # Limits
+//! - A frame spans at most [`Limits::max_frame_bytes`] bytes (clamped to at least 2), its
+//!   terminator included; bytes past that window are only looked at to decide whether a line
+//!   ending just inside it goes on. A frame is given up as soon as a byte past its window is
+//!   known and the frame cannot end inside it; a frame is also given up at its header line
+//!   number `max_headers + 1`.
+//! - A frame given up yields one `Skip` with its error; then bytes are discarded through the
+//!   first empty line that ends after the point where it was given up, and parsing goes on.
+//!
+//! Every call makes progress (a frame, a skip of at least one byte, or an error) or says
+//! `Partial`; after `Partial` the caller holds at most `max_frame_bytes + 2` bytes.
 
 use memchr::memchr;
 use memchr::memmem::Finder;
@@ -124,11 +142,71 @@ enum Mode {
     Done,
 }
 
+/// Where a discard stands in the current line. Lines split exactly as they do inside a frame: a
+/// bare `\n` after content that is followed by `\r\n` does not end the line, so the `\r\n` is no
+/// empty line either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LineSoFar {
+    /// At the start of a line.
     Nothing,
+    /// The line so far is `\r`; a `\n` next makes it an empty line.
     Cr,
+    /// The line has content and does not end in `\r`.
     Content,
+    /// The line has content and ends in `\r`; a `\n` next ends it.
+    ContentCr,
+    /// A line with content just ended in a bare `\n`; `\r\n` next would still belong to it.
+    BareLf,
+    /// `BareLf`, then `\r`.
+    BareLfCr,
+}
+
+impl LineSoFar {
+    /// Read on from this state over `bytes`: the index just past the first empty line, or the
+    /// state after all of `bytes`. Content is skipped with `memchr`; only line starts are
+    /// stepped through byte by byte.
+    fn scan(mut self, bytes: &[u8]) -> Result<usize, LineSoFar> {
+        use LineSoFar::*;
+        let mut at = 0;
+        while let Some(&c) = bytes.get(at) {
+            self = match (self, c) {
+                (Nothing | Cr | BareLf, b'\n') => return Ok(at + 1),
+                (BareLfCr, b'\n') => Nothing,
+                (Nothing, b'\r') => Cr,
+                (BareLf, b'\r') => BareLfCr,
+                (Cr | BareLfCr, b'\r') => ContentCr,
+                (Nothing | Cr | BareLf | BareLfCr, _) => Content,
+                (Content | ContentCr, _) => {
+                    let Some(i) = memchr(b'\n', &bytes[at..]) else {
+                        return Err(if bytes.last() == Some(&b'\r') {
+                            ContentCr
+                        } else {
+                            Content
+                        });
+                    };
+                    let nl = at + i;
+                    let crlf = if i == 0 {
+                        self == ContentCr
+                    } else {
+                        bytes.get(nl - 1) == Some(&b'\r')
+                    };
+                    at = nl;
+                    if crlf { Nothing } else { BareLf }
+                }
+            };
+            at += 1;
+        }
+        Err(self)
+    }
+
+    /// The state after `part`, which holds no `\n`.
+    fn after(self, part: &[u8]) -> LineSoFar {
+        match self.scan(part) {
+            Err(state) => state,
+            // Unreachable without a `\n` in `part`; a fresh line is the safe answer.
+            Ok(_) => LineSoFar::Nothing,
+        }
+    }
 }
 
 /// A resumable AMI parser. Keep one per stream; it holds only offsets and a reusable span list.
@@ -161,12 +239,14 @@ impl Default for Parser {
 }
 
 impl Parser {
-    /// A parser with these limits. `max_frame_bytes` is clamped to what `u32` offsets address.
+    /// A parser with these limits. `max_frame_bytes` is clamped to what `u32` offsets address,
+    /// and to at least 2 so that a `\r\n` between frames, which is no part of a frame, always
+    /// fits the window it is looked for in.
     pub fn new(limits: Limits) -> Self {
         let limits = Limits {
             max_frame_bytes: limits
                 .max_frame_bytes
-                .clamp(1, Limits::MAX_FRAME_BYTES_CEILING),
+                .clamp(2, Limits::MAX_FRAME_BYTES_CEILING),
             max_headers: limits.max_headers.max(1),
         };
         Parser {
@@ -216,6 +296,20 @@ impl Parser {
                 return self.incomplete(buf, false);
             };
             let nl = self.pos + nl;
+            if self.mode == (Mode::Headers { follows: true }) {
+                // After `Response: Follows`, the line's first `\n` decides whether the body begins
+                // here (a bare-LF empty line, or anything but `Privilege:`/`ActionID:`). The
+                // lookahead a header value needs must not hold back, nor oversize, a body whose
+                // marker line has already ended.
+                let raw = &buf[self.pos..nl];
+                if raw.is_empty() || (raw != b"\r" && !is_follows_header(raw)) {
+                    self.mode = Mode::Body {
+                        body_start: self.pos,
+                        search_from: self.pos,
+                    };
+                    continue;
+                }
+            }
             // A bare LF followed by CRLF belongs to the value; decide only once those bytes exist.
             let (content_end, next) = if nl > self.pos && buf[nl - 1] == b'\r' {
                 (nl - 1, nl + 1)
@@ -254,21 +348,8 @@ impl Parser {
                     self.spans.push(Span::no_colon(line_start, content_end));
                     return self.complete(buf, FrameKind::Banner, None);
                 }
-                Mode::Headers { follows: true } if line.is_empty() && nl - line_start == 0 => {
-                    // A bare-LF empty line after a Follows header block is the body's first line.
-                    self.mode = Mode::Body {
-                        body_start: line_start,
-                        search_from: line_start,
-                    };
-                }
                 Mode::Headers { .. } if line.is_empty() => {
                     return self.complete(buf, FrameKind::Message, None);
-                }
-                Mode::Headers { follows: true } if !is_follows_header(line) => {
-                    self.mode = Mode::Body {
-                        body_start: line_start,
-                        search_from: line_start,
-                    };
                 }
                 Mode::Start | Mode::Headers { .. } => {
                     let first = self.mode == Mode::Start;
@@ -324,7 +405,7 @@ impl Parser {
             let window_end = self.frame_start + self.limits.max_frame_bytes;
             return self.start_discard(
                 window_end,
-                line_so_far(&buf[self.pos..window_end]),
+                LineSoFar::Nothing.after(&buf[self.pos..window_end]),
                 too_large(self.limits),
             );
         }
@@ -386,11 +467,24 @@ impl Parser {
     fn body_incomplete<'a>(&mut self, buf: &[u8]) -> Parsed<'a> {
         if buf.len() - self.frame_start > self.limits.max_frame_bytes {
             let window_end = self.frame_start + self.limits.max_frame_bytes;
-            let line_start = memchr::memrchr(b'\n', &buf[self.frame_start..window_end])
-                .map_or(self.frame_start, |i| self.frame_start + i + 1);
+            // The state where the window cuts the body: after its last `\n`, which ended either a
+            // line with content (a bare `\n` that `\r\n` may still continue) or nothing.
+            let (line_start, state) =
+                match memchr::memrchr(b'\n', &buf[self.frame_start..window_end]) {
+                    None => (self.frame_start, LineSoFar::Nothing),
+                    Some(i) => {
+                        let nl = self.frame_start + i;
+                        let before = nl.checked_sub(1).and_then(|p| buf.get(p));
+                        let state = match before {
+                            Some(b'\r' | b'\n') | None => LineSoFar::Nothing,
+                            Some(_) => LineSoFar::BareLf,
+                        };
+                        (nl + 1, state)
+                    }
+                };
             return self.start_discard(
                 window_end,
-                line_so_far(&buf[line_start..window_end]),
+                state.after(&buf[line_start..window_end]),
                 too_large(self.limits),
             );
         }
@@ -427,38 +521,25 @@ impl Parser {
         }
     }
 
-    fn discard<'a>(&mut self, buf: &[u8], mut line: LineSoFar) -> Parsed<'a> {
-        let mut at = 0;
-        while let Some(i) = memchr(b'\n', &buf[at..]) {
-            let nl = at + i;
-            let content = &buf[at..nl];
-            let blank = match line {
-                LineSoFar::Nothing => content.is_empty() || content == b"\r",
-                LineSoFar::Cr => content.is_empty(),
-                LineSoFar::Content => false,
-            };
-            if blank {
-                self.mode = Mode::Start;
-                return Parsed::Skip {
-                    consumed: nl + 1,
-                    error: None,
-                };
-            }
-            line = LineSoFar::Nothing;
-            at = nl + 1;
-        }
+    fn discard<'a>(&mut self, buf: &[u8], line: LineSoFar) -> Parsed<'a> {
         if buf.is_empty() {
             return Parsed::Partial;
         }
-        // `buf[at..]` is not empty: no newline was left after `at`, and `buf` is not empty.
-        let line = match line {
-            LineSoFar::Nothing => line_so_far(&buf[at..]),
-            LineSoFar::Cr | LineSoFar::Content => LineSoFar::Content,
-        };
-        self.mode = Mode::Discard { line };
-        Parsed::Skip {
-            consumed: buf.len(),
-            error: None,
+        match line.scan(buf) {
+            Ok(end) => {
+                self.mode = Mode::Start;
+                Parsed::Skip {
+                    consumed: end,
+                    error: None,
+                }
+            }
+            Err(line) => {
+                self.mode = Mode::Discard { line };
+                Parsed::Skip {
+                    consumed: buf.len(),
+                    error: None,
+                }
+            }
         }
     }
 }
@@ -466,15 +547,6 @@ impl Parser {
 fn too_large(limits: Limits) -> ParseError {
     ParseError::FrameTooLarge {
         limit: limits.max_frame_bytes,
-    }
-}
-
-/// What a line holds when only `part` of it (with no `\n`) has been seen.
-fn line_so_far(part: &[u8]) -> LineSoFar {
-    match part {
-        [] => LineSoFar::Nothing,
-        b"\r" => LineSoFar::Cr,
-        _ => LineSoFar::Content,
     }
 }
 

@@ -503,3 +503,80 @@ fn frame_views_resolve_keys_case_insensitively() {
     assert_eq!(frame.get("Uniqueid"), Some(&b"1.2"[..]));
     assert_eq!(frame.len(), 2);
 }
+
+#[test]
+fn a_frame_limit_below_two_still_skips_blank_lines() {
+    // Found by the property tests: with `max_frame_bytes: 1` the `\r\n` between frames did not
+    // fit its window and was reported as an oversized frame. Blank lines are no part of a frame.
+    let limits = Limits {
+        max_frame_bytes: 1,
+        max_headers: 4,
+    };
+    assert_eq!(Parser::new(limits).limits().max_frame_bytes, 2);
+    let (items, left) = parse_with(b"\r\n\n\r\n", limits);
+    assert_eq!(items, vec![]);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn follows_marker_line_ending_in_bare_lf_is_not_held_back() {
+    // Found by the property tests: the first body line was read as a header line first, so a
+    // marker line ending in a bare `\n` waited for the next bytes (a header value might go on
+    // with `\r\n`), and with the frame limit right after that `\n` the frame was called too large.
+    let input = b"Response: Follows\r\nPrivilege: Command\r\nok--END COMMAND--\n";
+    let mut p = Parser::default();
+    match p.parse(input) {
+        Parsed::Frame { frame, consumed } => {
+            assert_eq!(consumed, input.len());
+            assert_eq!(frame.body(), Some(&b"ok"[..]));
+        }
+        other => panic!("expected the Follows frame, got {other:?}"),
+    }
+    let limits = Limits {
+        max_frame_bytes: input.len(),
+        max_headers: 8,
+    };
+    let mut stream = input.to_vec();
+    stream.extend_from_slice(b"\r\nEvent: Next\r\n\r\n");
+    assert_eq!(
+        parse_with(&stream, limits).0,
+        vec![
+            follows(&[("Response", "Follows"), ("Privilege", "Command")], b"ok"),
+            msg(&[("Event", "Next")]),
+        ]
+    );
+}
+
+#[test]
+fn discard_splits_lines_as_a_frame_does() {
+    // Found by the property tests: discarding an oversized frame took the `\r\n` after Park's
+    // stray `\n` for an empty line, stopped there, and parsed the frame's tail (`X: y`) as a
+    // frame of its own. That `\r\n` ends the `Message:` line; it is not an empty line.
+    let limits = Limits {
+        max_frame_bytes: 32,
+        max_headers: 100,
+    };
+    let input = b"Response: Success\r\nActionID: p1\r\nMessage: Park successful\n\r\nX: y\r\n\r\nEvent: After\r\n\r\n";
+    let (items, left) = parse_with(input, limits);
+    assert_eq!(
+        items,
+        vec![
+            Item::Error(ParseError::FrameTooLarge { limit: 32 }),
+            msg(&[("Event", "After")]),
+        ]
+    );
+    assert_eq!(left, 0);
+    // The same when the window cuts the frame right after the stray `\n`.
+    let input = b"Response: Follows\r\nabc\n\r\nX: y\r\n\r\nEvent: After\r\n\r\n";
+    let limits = Limits {
+        max_frame_bytes: 24,
+        max_headers: 100,
+    };
+    assert_eq!(
+        parse_with(input, limits).0,
+        vec![
+            Item::Error(ParseError::FrameTooLarge { limit: 24 }),
+            msg(&[("Event", "After")]),
+        ]
+    );
+}
