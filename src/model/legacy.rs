@@ -81,8 +81,16 @@ const fn bridge(name: &'static str) -> Mapping {
     }
 }
 
+/// What the single pass over a frame's headers already knows, so hot events need no second
+/// scan.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hints {
+    /// The frame has an `Extension` header (legacy Newexten).
+    pub has_extension: bool,
+}
+
 /// The mapping for event `name` as found in `frame`, if it is a legacy event.
-pub fn lookup(name: &[u8], frame: &Frame<'_>) -> Option<Mapping> {
+pub fn lookup(name: &[u8], frame: &Frame<'_>, hints: Hints) -> Option<Mapping> {
     let is =
         |v: Option<&[u8]>, want: &str| v.is_some_and(|v| v.eq_ignore_ascii_case(want.as_bytes()));
     let m = match name {
@@ -165,7 +173,7 @@ pub fn lookup(name: &[u8], frame: &Frame<'_>) -> Option<Mapping> {
         b"Alarm" | b"AlarmClear" | b"DNDState" if frame.get("DAHDIChannel").is_none() => {
             to(static_name(name)?, DAHDI)
         }
-        b"Newexten" if frame.get("Extension").is_some() => to("Newexten", NEWEXTEN),
+        b"Newexten" if hints.has_extension => to("Newexten", NEWEXTEN),
         _ => return None,
     };
     Some(m)

@@ -65,6 +65,7 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
     }
     let mut prefixed_linkedid = None;
     let mut timestamp = None;
+    let mut hints = legacy::Hints::default();
     for h in headers {
         let Some(value) = h.value else { continue };
         let slot = match h.key.len() {
@@ -74,6 +75,10 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
             8 if h.is("ActionID") => &mut n.action_id,
             9 if h.is("Privilege") => &mut n.privilege,
             9 if h.is("Timestamp") => &mut timestamp,
+            9 if h.is("Extension") => {
+                hints.has_extension = true;
+                continue;
+            }
             len if len > 8 && h.key[len - 8..].eq_ignore_ascii_case(b"Linkedid") => {
                 &mut prefixed_linkedid
             }
@@ -86,7 +91,7 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
     n.linkedid = n.linkedid.or(prefixed_linkedid);
     n.asterisk_time_us = timestamp.and_then(parse_timestamp_us);
     if n.kind == Kind::Event
-        && let Some(m) = legacy::lookup(n.name, frame)
+        && let Some(m) = legacy::lookup(n.name, frame, hints)
     {
         if m.name.as_bytes() != n.name {
             n.original_name = Some(n.name);
