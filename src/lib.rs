@@ -15,3 +15,4 @@
 
 pub mod ami;
 pub mod app;
+pub mod config;
