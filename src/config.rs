@@ -444,19 +444,28 @@ fn validate_server(
             // A trailing newline from `echo secret > file` is not part of the secret.
             Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
             Err(e) => {
-                c.bad("secret_file", format!("cannot read {}: {e}", file.display()));
+                c.bad(
+                    "secret_file",
+                    format!("cannot read {}: {e}", file.display()),
+                );
                 None
             }
         },
         (None, None, Some(var)) => match env.var(&var) {
             Some(s) => Some(s),
             None => {
-                c.bad("secret_env", format!("environment variable {var} is not set"));
+                c.bad(
+                    "secret_env",
+                    format!("environment variable {var} is not set"),
+                );
                 None
             }
         },
         (None, None, None) => {
-            c.bad("secret", "one of secret, secret_file or secret_env is required");
+            c.bad(
+                "secret",
+                "one of secret, secret_file or secret_env is required",
+            );
             None
         }
         _ => {
@@ -546,10 +555,16 @@ fn validate_server(
         }
     }
     let d = ServerConfig::new("", "", 0, "", Secret::new(""));
-    let keepalive_interval =
-        c.duration("keepalive_interval", raw.keepalive_interval, d.keepalive_interval);
-    let keepalive_timeout =
-        c.duration("keepalive_timeout", raw.keepalive_timeout, d.keepalive_timeout);
+    let keepalive_interval = c.duration(
+        "keepalive_interval",
+        raw.keepalive_interval,
+        d.keepalive_interval,
+    );
+    let keepalive_timeout = c.duration(
+        "keepalive_timeout",
+        raw.keepalive_timeout,
+        d.keepalive_timeout,
+    );
     let backoff_min = c.duration("backoff_min", raw.backoff_min, d.backoff_min);
     let backoff_max = c.duration("backoff_max", raw.backoff_max, d.backoff_max);
     if backoff_min > backoff_max {

@@ -189,7 +189,10 @@ mod tests {
         );
         assert_eq!(
             enc(&Action::new("Setvar").header("Va\rlue", "x")),
-            Err(EncodeError::LineBreak { index: 1, what: "key" })
+            Err(EncodeError::LineBreak {
+                index: 1,
+                what: "key"
+            })
         );
         let mut out = BytesMut::new();
         assert!(Action::new("Ping").encode(Some("a\nb"), &mut out).is_err());

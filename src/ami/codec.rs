@@ -19,7 +19,9 @@ pub enum Decoded {
     /// Bytes were skipped; the stream continues after them.
     Error(ParseError),
     /// The stream ended inside a frame; these many bytes were left.
-    Truncated { bytes: usize },
+    Truncated {
+        bytes: usize,
+    },
 }
 
 /// Running totals of one decoder.

@@ -21,8 +21,9 @@
 //! across process restarts too and `(server, epoch, seq)` names one record for good. `seq` starts
 //! at 1 with `ConnectionUp` and counts every record of the epoch: frames, synthetic records, and
 //! records that were dropped (those reappear as the range of a later `Gap`). The epoch of a
-//! failed login is burnt; only an authentication failure produces a record in it (one
-//! `ConnectionDown { reason: "auth failure: …" }` per streak of failures).
+//! failed login is burnt; only a refusal that needs a human (an authentication failure, a
+//! filter the server rejects) produces a record in it: one
+//! `ConnectionDown { reason: "auth failure: …" }` (or `"filter rejected: …"`) per streak.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -241,7 +242,10 @@ impl Rng {
 /// `min(max, min · 2^attempt)` ("full jitter" above a floor, so a thousand connections dropped
 /// together do not come back together).
 pub fn backoff_delay(min: Duration, max: Duration, attempt: u32, rng_value: u64) -> Duration {
-    let cap = min.saturating_mul(1u32 << attempt.min(20)).min(max).max(min);
+    let cap = min
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(max)
+        .max(min);
     let span = cap.saturating_sub(min).as_nanos().min(u128::from(u64::MAX)) as u64;
     if span == 0 {
         return min;
@@ -385,7 +389,10 @@ enum End {
     /// TLS settings unusable (CA file unreadable, bad server name).
     Config(String),
     Login(LoginError, u64),
-    Disconnected { reason: String, uptime: Duration },
+    Disconnected {
+        reason: String,
+        uptime: Duration,
+    },
 }
 
 struct Task {
@@ -489,12 +496,27 @@ impl Task {
                     config_streak = true;
                     self.long_backoff()
                 }
-                End::Login(e, epoch) if e.is_auth_failure() => {
-                    inc(&self.stats.auth_failures);
-                    if !auth_streak {
-                        error!(server = %self.cfg.id, username = %self.cfg.username, error = %e, "AMI authentication failed; retrying on the long backoff");
+                End::Login(e, epoch) if !e.is_retriable() => {
+                    // Auth failure or a refused filter: retrying soon would not help. Reported
+                    // once per streak (log line and ConnectionDown), counted every time.
+                    let auth = e.is_auth_failure();
+                    if auth {
+                        inc(&self.stats.auth_failures);
+                    }
+                    let streak = if auth {
+                        &mut auth_streak
+                    } else {
+                        &mut config_streak
+                    };
+                    if !*streak {
+                        *streak = true;
+                        if auth {
+                            error!(server = %self.cfg.id, username = %self.cfg.username, error = %e, "AMI authentication failed; retrying on the long backoff");
+                        } else {
+                            error!(server = %self.cfg.id, error = %e, "AMI login refused; fix the configuration");
+                        }
                         self.out.start_epoch(epoch);
-                        let reason = format!("auth failure: {e}");
+                        let reason = format!("{}: {e}", e.reason());
                         if self
                             .out
                             .emit(Record::ConnectionDown { reason }, now_ns())
@@ -503,14 +525,6 @@ impl Task {
                             break;
                         }
                     }
-                    auth_streak = true;
-                    self.long_backoff()
-                }
-                End::Login(e, _) if !e.is_retriable() => {
-                    if !config_streak {
-                        error!(server = %self.cfg.id, error = %e, "AMI login refused; fix the configuration");
-                    }
-                    config_streak = true;
                     self.long_backoff()
                 }
                 End::Login(e, _) => {
@@ -605,10 +619,8 @@ impl Task {
         match tls {
             None => self.session(tcp, address).await,
             Some((connector, name)) => {
-                let handshake = tokio::time::timeout(
-                    self.cfg.login_timeout,
-                    connector.connect(name, tcp),
-                );
+                let handshake =
+                    tokio::time::timeout(self.cfg.login_timeout, connector.connect(name, tcp));
                 let stream = tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => return End::Shutdown,
@@ -818,7 +830,10 @@ impl Task {
         W: AsyncWrite + Unpin,
     {
         let id = s.ids.next();
-        if Action::new("Logoff").encode(Some(&id), &mut s.wbuf).is_err() {
+        if Action::new("Logoff")
+            .encode(Some(&id), &mut s.wbuf)
+            .is_err()
+        {
             return true;
         }
         let deadline = Instant::now() + self.opts.logoff_timeout;
@@ -880,7 +895,12 @@ impl Task {
         );
     }
 
-    fn dispatch(&mut self, s: &mut Session, item: Decoded, at: i64) -> Result<(), DownstreamClosed> {
+    fn dispatch(
+        &mut self,
+        s: &mut Session,
+        item: Decoded,
+        at: i64,
+    ) -> Result<(), DownstreamClosed> {
         match item {
             Decoded::Frame(f) => {
                 inc(&self.stats.frames);
@@ -907,7 +927,10 @@ impl Task {
     /// Give a frame to the action waiting for it. Returns the frame if it goes downstream.
     fn route(&mut self, s: &mut Session, f: OwnedFrame) -> Option<OwnedFrame> {
         let view = f.frame();
-        let Some(id) = view.get("ActionID").and_then(|v| std::str::from_utf8(v).ok()) else {
+        let Some(id) = view
+            .get("ActionID")
+            .and_then(|v| std::str::from_utf8(v).ok())
+        else {
             return Some(f);
         };
         let is_response = view.header(0).is_some_and(|h| h.is("Response"));
@@ -1073,7 +1096,12 @@ mod insecure {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn verify_tls13_signature(
@@ -1082,7 +1110,12 @@ mod insecure {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -1132,9 +1165,7 @@ mod tests {
     }
 
     fn rec() -> Record {
-        Record::ConnectionDown {
-            reason: "x".into(),
-        }
+        Record::ConnectionDown { reason: "x".into() }
     }
 
     #[test]

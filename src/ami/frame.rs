@@ -21,7 +21,12 @@ pub struct Span {
 }
 
 impl Span {
-    pub(crate) fn header(key_start: usize, key_end: usize, value_start: usize, value_end: usize) -> Self {
+    pub(crate) fn header(
+        key_start: usize,
+        key_end: usize,
+        value_start: usize,
+        value_end: usize,
+    ) -> Self {
         Span {
             key_start: key_start as u32,
             key_end: key_end as u32,
@@ -43,7 +48,9 @@ impl Span {
     pub(crate) fn is_follows(&self, buf: &[u8]) -> bool {
         let header = self.resolve(buf);
         header.key.eq_ignore_ascii_case(b"Response")
-            && header.value.is_some_and(|v| v.eq_ignore_ascii_case(b"Follows"))
+            && header
+                .value
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"Follows"))
     }
 
     #[inline]

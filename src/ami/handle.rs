@@ -144,7 +144,11 @@ impl Handle {
     /// # Errors
     /// [`ActionError`]; [`ActionError::is_retriable`] tells whether the action certainly was
     /// not sent.
-    pub async fn send(&self, action: Action, timeout: Duration) -> Result<ActionReply, ActionError> {
+    pub async fn send(
+        &self,
+        action: Action,
+        timeout: Duration,
+    ) -> Result<ActionReply, ActionError> {
         self.request(Request::new(action, timeout)).await
     }
 

@@ -154,7 +154,9 @@ where
                 .get("Challenge")
                 .map(|c| String::from_utf8_lossy(c).into_owned())
                 .filter(|c| !c.is_empty())
-                .ok_or_else(|| LoginError::Protocol("Challenge response without a challenge".into()))?;
+                .ok_or_else(|| {
+                    LoginError::Protocol("Challenge response without a challenge".into())
+                })?;
             Action::new("Login")
                 .header("AuthType", "MD5")
                 .header("Username", cfg.username.as_str())
@@ -280,7 +282,10 @@ mod tests {
             md5_key("message ", &Secret::new("digest")),
             "f96b697d7cb7938d525a2f31aaf161d0"
         );
-        assert_eq!(md5_key("", &Secret::new("")), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(
+            md5_key("", &Secret::new("")),
+            "d41d8cd98f00b204e9800998ecf8427e"
+        );
     }
 
     #[test]

@@ -113,7 +113,10 @@ enum Mode {
     Headers { follows: bool },
     /// Inside a `Response: Follows` body that began at `body_start`; the marker search resumes at
     /// `search_from`.
-    Body { body_start: usize, search_from: usize },
+    Body {
+        body_start: usize,
+        search_from: usize,
+    },
     /// Discarding an oversized frame up to the next empty line. `line` is what the discarded part
     /// of the current line held so far.
     Discard { line: LineSoFar },
@@ -318,7 +321,12 @@ impl Parser {
         Parsed::Partial
     }
 
-    fn parse_body<'a>(&'a mut self, buf: &'a [u8], body_start: usize, search_from: usize) -> Parsed<'a> {
+    fn parse_body<'a>(
+        &'a mut self,
+        buf: &'a [u8],
+        body_start: usize,
+        search_from: usize,
+    ) -> Parsed<'a> {
         let window_end = (self.frame_start + self.limits.max_frame_bytes).min(buf.len());
         let hay = &buf[search_from..window_end];
         let marker = self.end_command.find(hay).map(|i| search_from + i);
@@ -353,7 +361,9 @@ impl Parser {
             }
             _ => {
                 // Resume so that a marker or blank line split across reads is still found.
-                let resume = window_end.saturating_sub(END_COMMAND.len() - 1).max(search_from);
+                let resume = window_end
+                    .saturating_sub(END_COMMAND.len() - 1)
+                    .max(search_from);
                 self.mode = Mode::Body {
                     body_start,
                     search_from: resume,
@@ -391,7 +401,12 @@ impl Parser {
         }
     }
 
-    fn start_discard<'a>(&mut self, consumed: usize, line: LineSoFar, error: ParseError) -> Parsed<'a> {
+    fn start_discard<'a>(
+        &mut self,
+        consumed: usize,
+        line: LineSoFar,
+        error: ParseError,
+    ) -> Parsed<'a> {
         self.spans.clear();
         self.frame_start = 0;
         self.pos = 0;
