@@ -752,34 +752,13 @@ impl Task {
             }
             let gap_tx = (!self.out.gaps.is_empty()).then(|| self.out.tx.clone());
             let can_take = s.pending.len() < self.opts.max_in_flight && !self.cmds_closed;
+            // Biased, with the read last: under a flood the socket is always readable, and a
+            // read listed first would starve writes and the keepalive timer. The other branches
+            // are ready only when they have work, so the read still runs on nearly every turn.
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
                     return self.logoff(&mut rd, &mut wr, buf, codec, s).await.then(|| "shutdown".to_owned());
-                }
-                r = rd.read_buf(buf) => {
-                    let n = match r {
-                        Ok(0) => {
-                            let at = now_ns();
-                            while let Ok(Some(item)) = codec.decode_eof(buf) {
-                                if self.dispatch(s, item, at).is_err() {
-                                    return None;
-                                }
-                            }
-                            return Some("eof".to_owned());
-                        }
-                        Ok(n) => n,
-                        Err(e) => return Some(format!("io error: {e}")),
-                    };
-                    let at = now_ns();
-                    s.last_byte = Instant::now();
-                    self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    self.stats.last_byte_ns.store(at, Ordering::Relaxed);
-                    while let Ok(Some(item)) = codec.decode(buf) {
-                        if self.dispatch(s, item, at).is_err() {
-                            return None;
-                        }
-                    }
                 }
                 r = write_some(&mut wr, &mut s.wbuf), if !s.wbuf.is_empty() => {
                     if let Err(e) = r {
@@ -810,6 +789,30 @@ impl Task {
                     }
                     // Forget actions whose caller has given up or whose deadline has passed.
                     s.pending.retain(|_, p| !p.reply.is_closed() && p.deadline > now);
+                }
+                r = rd.read_buf(buf) => {
+                    let n = match r {
+                        Ok(0) => {
+                            let at = now_ns();
+                            while let Ok(Some(item)) = codec.decode_eof(buf) {
+                                if self.dispatch(s, item, at).is_err() {
+                                    return None;
+                                }
+                            }
+                            return Some("eof".to_owned());
+                        }
+                        Ok(n) => n,
+                        Err(e) => return Some(format!("io error: {e}")),
+                    };
+                    let at = now_ns();
+                    s.last_byte = Instant::now();
+                    self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    self.stats.last_byte_ns.store(at, Ordering::Relaxed);
+                    while let Ok(Some(item)) = codec.decode(buf) {
+                        if self.dispatch(s, item, at).is_err() {
+                            return None;
+                        }
+                    }
                 }
             }
         }
