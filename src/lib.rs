@@ -16,3 +16,4 @@
 pub mod ami;
 pub mod app;
 pub mod config;
+pub mod sim;

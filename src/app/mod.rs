@@ -1,3 +1,4 @@
 //! Wiring: the subcommands of the `amibus` binary. The only module that knows all the others.
 
 pub mod decode;
+pub mod sim;
