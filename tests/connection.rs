@@ -969,7 +969,7 @@ async fn an_unanswered_action_times_out_and_the_session_stays_up() {
 
 // ---- many connections ----
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_log_in_and_stop() {
     const N: usize = 1000;
     let mut fake = Fake::start(Behaviour::default()).await;

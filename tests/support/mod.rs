@@ -14,7 +14,7 @@ use amibus::ami::login::md5_key;
 use amibus::ami::{Record, Stamped};
 use amibus::config::Secret;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -131,7 +131,15 @@ impl Fake {
         b: Behaviour,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Fake {
-        let listener = TcpListener::bind(addr).await.expect("bind");
+        // A deep backlog: with the default (1024), a burst of 1,000 connects can overflow the
+        // SYN queue, and a client whose handshake ends in a syncookie the full accept queue
+        // drops believes it is connected and waits for a banner that never comes (the server
+        // speaks first in AMI), until its login timeout.
+        let addr: SocketAddr = addr.parse().expect("address");
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(addr).expect("bind");
+        let listener = socket.listen(4096).expect("listen");
         let addr = listener.local_addr().expect("addr");
         let (tx, conns) = mpsc::unbounded_channel();
         let b = Arc::new(b);
