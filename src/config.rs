@@ -3,6 +3,9 @@
 //! Owns: the raw serde structs (`deny_unknown_fields`, so a typo is an error, not a silently
 //! ignored key), their validation into [`ServerConfig`], and [`Secret`].
 //!
+//! Other sections of the file (sinks, spool, …) belong to their modules and are added to the
+//! raw root struct by them; until then an unknown top-level table is refused like any typo.
+//!
 //! Must never: log or print a secret ([`Secret`]'s `Debug` prints `[redacted]`), or stop at the
 //! first problem: validation collects every problem, each with the path of the offending key
 //! (`server[1].tls.ca_file`), and reports them together.

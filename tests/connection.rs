@@ -926,6 +926,40 @@ async fn action_round_trip_with_event_list_and_interleaved_events() {
 }
 
 #[tokio::test]
+async fn a_list_longer_than_the_bound_is_truncated_and_still_completes() {
+    let mut fake = Fake::start(Behaviour {
+        list_items: 5,
+        ..Behaviour::default()
+    })
+    .await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let conn = Connection::spawn(
+        Arc::new(cfg(fake.addr)),
+        tx,
+        shutdown.clone(),
+        Options {
+            max_list_items: 2,
+            ..Options::default()
+        },
+    );
+    let _fc = fake.next_conn().await;
+    assert!(is_up(&next(&mut rx).await));
+    let reply = conn
+        .handle
+        .send(Action::new("CoreShowChannels"), T)
+        .await
+        .unwrap();
+    assert!(reply.truncated);
+    assert_eq!(reply.events.len(), 3, "two items and the completion event");
+    assert_eq!(reply.events[2].frame().get("ListItems"), Some(&b"5"[..]));
+    // The dropped items did not leak downstream either.
+    conn.handle.send(Action::new("Ping"), T).await.unwrap();
+    assert!(rx.try_recv().is_err());
+    stop(conn, shutdown).await;
+}
+
+#[tokio::test]
 async fn an_action_in_flight_when_the_connection_drops_is_outcome_unknown() {
     let mut fake = Fake::start(Behaviour::default()).await;
     let (conn, mut rx, shutdown) = start(cfg(fake.addr), 64);
