@@ -15,6 +15,7 @@
 
 pub mod ami;
 pub mod app;
+pub mod config;
 pub mod model;
 pub mod sim;
 pub mod sink;

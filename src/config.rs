@@ -1,0 +1,805 @@
+//! Configuration: the `[[server]]` tables (one per Asterisk server), read from TOML.
+//!
+//! Owns: the raw serde structs (`deny_unknown_fields`, so a typo is an error, not a silently
+//! ignored key), their validation into [`ServerConfig`], and [`Secret`].
+//!
+//! Other sections of the file (sinks, spool, …) belong to their modules and are added to the
+//! raw root struct by them; until then an unknown top-level table is refused like any typo.
+//!
+//! Must never: log or print a secret ([`Secret`]'s `Debug` prints `[redacted]`), or stop at the
+//! first problem: validation collects every problem, each with the path of the offending key
+//! (`server[1].tls.ca_file`), and reports them together.
+//!
+//! ```toml
+//! [[server]]
+//! id = "pbx1"                 # [A-Za-z0-9_-], unique; used in ActionIDs and bus subjects
+//! host = "10.0.0.5"
+//! port = 5038                 # default 5038 (5039 with TLS)
+//! username = "amibus"
+//! secret_env = "PBX1_SECRET"  # or `secret = "..."` or `secret_file = "/run/secrets/pbx1"`
+//! auth = "md5"                # default; or "plain"
+//! events = "on"               # Login `Events:` mask; default "on"
+//! filters = [
+//!     "Event: Newchannel",                                  # legacy regex
+//!     { criteria = "action(exclude),name(RTCPSent)" },      # advanced (Asterisk 22)
+//!     { criteria = "name(Hangup),header(Cause),method(exact)", pattern = "16" },
+//! ]
+//! keepalive_interval = "20s"
+//! keepalive_timeout = "10s"
+//! backoff_min = "500ms"
+//! backoff_max = "30s"
+//! auth_failure_backoff = "5m"
+//! [server.tls]
+//! enabled = true
+//! ca_file = "/etc/amibus/pbx-ca.pem"
+//! server_name = "pbx1.example.net"
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A password. Never logged: `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the login exchange only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How the client proves who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// `Action: Challenge` then `Key: md5(challenge + secret)`: the secret never crosses the wire.
+    #[default]
+    Md5,
+    /// `Secret: <secret>` in the Login action. Use only over TLS or loopback.
+    Plain,
+}
+
+/// TLS settings of one server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) the server's certificate must chain to. Required
+    /// unless `insecure_skip_verify` is set (no built-in root store: AMI servers use private CAs).
+    pub ca_file: Option<PathBuf>,
+    /// The name to verify the certificate against (and send as SNI); defaults to `host`.
+    pub server_name: String,
+    /// Accept any certificate. Encrypts but does not authenticate the server.
+    pub insecure_skip_verify: bool,
+}
+
+/// One AMI event filter pushed down with `Action: Filter` / `Operation: Add` after login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// `Filter: <POSIX extended regex>`, searched in the whole event text; `!` excludes.
+    Legacy(String),
+    /// `MatchCriteria: <criteria>` (Asterisk 22) with an optional `Filter: <pattern>`.
+    Advanced {
+        criteria: String,
+        pattern: Option<String>,
+    },
+}
+
+impl fmt::Display for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Filter::Legacy(p) => write!(f, "Filter: {p}"),
+            Filter::Advanced {
+                criteria,
+                pattern: None,
+            } => write!(f, "MatchCriteria: {criteria}"),
+            Filter::Advanced {
+                criteria,
+                pattern: Some(p),
+            } => write!(f, "MatchCriteria: {criteria} Filter: {p}"),
+        }
+    }
+}
+
+/// A validated server entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub secret: Secret,
+    pub auth: Auth,
+    /// `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// The Login `Events:` mask (`on`, `off`, a class list such as `call,system`, or a number).
+    pub events: String,
+    pub filters: Vec<Filter>,
+    /// A `Ping` is sent this often.
+    pub keepalive_interval: Duration,
+    /// A `Ping` unanswered this long, or no byte at all for `interval + timeout`, means the
+    /// connection is dead.
+    pub keepalive_timeout: Duration,
+    /// Reconnect delays grow from `backoff_min` to `backoff_max` (exponential, full jitter).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// The delay after an authentication failure: retrying quickly would not help and can lock
+    /// the account or flood Asterisk's security log.
+    pub auth_failure_backoff: Duration,
+    /// The banner, login and filter push-down must complete within this.
+    pub login_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// `host:port`.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// A configuration with the defaults, for tests and examples.
+    pub fn new(id: &str, host: &str, port: u16, username: &str, secret: Secret) -> Self {
+        ServerConfig {
+            id: id.to_owned(),
+            host: host.to_owned(),
+            port,
+            username: username.to_owned(),
+            secret,
+            auth: Auth::Md5,
+            tls: None,
+            events: "on".to_owned(),
+            filters: Vec::new(),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            auth_failure_backoff: Duration::from_secs(300),
+            login_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The validated configuration (the parts this module knows).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub servers: Vec<ServerConfig>,
+}
+
+/// One problem found in the configuration, with the path of the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// A configuration error does not go away by retrying; the file must be fixed.
+    pub fn is_retriable(&self) -> bool {
+        false
+    }
+
+    /// The problems found, if the file parsed.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            _ => &[],
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: Vec<RawServer>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    id: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    username: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    secret_env: Option<String>,
+    auth: Option<String>,
+    tls: Option<RawTls>,
+    events: Option<String>,
+    #[serde(default)]
+    filters: Vec<RawFilter>,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
+    backoff_min: Option<String>,
+    backoff_max: Option<String>,
+    auth_failure_backoff: Option<String>,
+    login_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    enabled: bool,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawFilter {
+    Legacy(String),
+    Advanced(RawAdvancedFilter),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdvancedFilter {
+    criteria: String,
+    pattern: Option<String>,
+}
+
+/// Where a secret comes from; the environment is read through this so tests need not set
+/// process-wide variables.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Config {
+    /// Read and validate a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read, [`ConfigError::Toml`] if it is not
+    /// valid TOML for this schema, [`ConfigError::Invalid`] with every problem found otherwise.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &ProcessEnv)
+    }
+
+    /// Parse and validate TOML text.
+    ///
+    /// ```
+    /// use amibus::config::{Config, ProcessEnv};
+    /// let cfg = Config::parse(r#"
+    ///     [[server]]
+    ///     id = "pbx1"
+    ///     host = "127.0.0.1"
+    ///     username = "amibus"
+    ///     secret = "s3cret"
+    /// "#, &ProcessEnv).unwrap();
+    /// assert_eq!(cfg.servers[0].port, 5038);
+    /// assert_eq!(format!("{:?}", cfg.servers[0].secret), "[redacted]");
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Config::load`], without [`ConfigError::Read`].
+    pub fn parse(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let mut problems = Vec::new();
+        let mut servers = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, raw) in raw.server.into_iter().enumerate() {
+            let path = format!("server[{i}]");
+            if let Some(s) = validate_server(&path, raw, env, &mut problems) {
+                if !ids.insert(s.id.clone()) {
+                    problems.push(Problem {
+                        path: format!("{path}.id"),
+                        message: format!("duplicate server id {:?}", s.id),
+                    });
+                }
+                servers.push(s);
+            }
+        }
+        if problems.is_empty() {
+            Ok(Config { servers })
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+struct Checker<'a> {
+    path: &'a str,
+    problems: &'a mut Vec<Problem>,
+    ok: bool,
+}
+
+impl Checker<'_> {
+    fn bad(&mut self, key: &str, message: impl Into<String>) {
+        self.ok = false;
+        self.problems.push(Problem {
+            path: format!("{}.{key}", self.path),
+            message: message.into(),
+        });
+    }
+
+    fn required(&mut self, key: &str, v: Option<String>) -> String {
+        match v {
+            Some(v) if !v.is_empty() => {
+                self.no_line_breaks(key, &v);
+                v
+            }
+            _ => {
+                self.bad(key, "required");
+                String::new()
+            }
+        }
+    }
+
+    fn no_line_breaks(&mut self, key: &str, v: &str) {
+        if v.contains(['\r', '\n']) {
+            self.bad(key, "must not contain CR or LF");
+        }
+    }
+
+    fn duration(&mut self, key: &str, v: Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match parse_duration(&s) {
+                Some(d) if !d.is_zero() => d,
+                Some(_) => {
+                    self.bad(key, "must be greater than zero");
+                    default
+                }
+                None => {
+                    self.bad(
+                        key,
+                        format!("{s:?} is not a duration (a number followed by ms, s, m or h)"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+}
+
+fn validate_server(
+    path: &str,
+    raw: RawServer,
+    env: &dyn Env,
+    problems: &mut Vec<Problem>,
+) -> Option<ServerConfig> {
+    let mut c = Checker {
+        path,
+        problems,
+        ok: true,
+    };
+    let id = c.required("id", raw.id);
+    if !id.is_empty()
+        && !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        c.bad(
+            "id",
+            "may hold only ASCII letters, digits, '_' and '-' (it is part of ActionIDs and bus subjects)",
+        );
+    }
+    let host = c.required("host", raw.host);
+    let username = c.required("username", raw.username);
+    let secret = match (raw.secret, raw.secret_file, raw.secret_env) {
+        (Some(s), None, None) => Some(s),
+        (None, Some(file), None) => match std::fs::read_to_string(&file) {
+            // A trailing newline from `echo secret > file` is not part of the secret.
+            Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
+            Err(e) => {
+                c.bad(
+                    "secret_file",
+                    format!("cannot read {}: {e}", file.display()),
+                );
+                None
+            }
+        },
+        (None, None, Some(var)) => match env.var(&var) {
+            Some(s) => Some(s),
+            None => {
+                c.bad(
+                    "secret_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        (None, None, None) => {
+            c.bad(
+                "secret",
+                "one of secret, secret_file or secret_env is required",
+            );
+            None
+        }
+        _ => {
+            c.bad(
+                "secret",
+                "give only one of secret, secret_file or secret_env",
+            );
+            None
+        }
+    };
+    if let Some(s) = &secret {
+        if s.is_empty() {
+            c.bad("secret", "is empty");
+        }
+        // Never echo the secret itself in the message.
+        if s.contains(['\r', '\n']) {
+            c.bad("secret", "must not contain CR or LF");
+        }
+    }
+    let auth = match raw.auth.as_deref() {
+        None | Some("md5") => Auth::Md5,
+        Some("plain") => Auth::Plain,
+        Some(other) => {
+            c.bad("auth", format!("{other:?} is not md5 or plain"));
+            Auth::Md5
+        }
+    };
+    let tls = match raw.tls {
+        Some(t) if t.enabled => {
+            if t.ca_file.is_none() && !t.insecure_skip_verify {
+                c.bad(
+                    "tls.ca_file",
+                    "required when TLS is enabled (or set insecure_skip_verify = true explicitly)",
+                );
+            }
+            if let Some(f) = &t.ca_file {
+                if let Err(e) = std::fs::metadata(f) {
+                    c.bad("tls.ca_file", format!("cannot read {}: {e}", f.display()));
+                }
+            }
+            Some(TlsConfig {
+                ca_file: t.ca_file,
+                server_name: t.server_name.unwrap_or_else(|| host.clone()),
+                insecure_skip_verify: t.insecure_skip_verify,
+            })
+        }
+        _ => None,
+    };
+    let port = match raw.port {
+        Some(0) => {
+            c.bad("port", "must not be 0");
+            0
+        }
+        Some(p) => p,
+        None if tls.is_some() => 5039,
+        None => 5038,
+    };
+    let events = raw.events.unwrap_or_else(|| "on".to_owned());
+    if events.is_empty() {
+        c.bad("events", "is empty (use \"off\" for no events)");
+    }
+    c.no_line_breaks("events", &events);
+    let mut filters = Vec::new();
+    for (j, f) in raw.filters.into_iter().enumerate() {
+        let key = format!("filters[{j}]");
+        match f {
+            RawFilter::Legacy(p) => {
+                if p.is_empty() || p == "!" {
+                    c.bad(&key, "an empty legacy filter matches nothing useful");
+                }
+                c.no_line_breaks(&key, &p);
+                filters.push(Filter::Legacy(p));
+            }
+            RawFilter::Advanced(a) => {
+                c.no_line_breaks(&format!("{key}.criteria"), &a.criteria);
+                if let Some(p) = &a.pattern {
+                    c.no_line_breaks(&format!("{key}.pattern"), p);
+                }
+                if let Err(e) = check_criteria(&a.criteria, a.pattern.as_deref()) {
+                    c.bad(&format!("{key}.criteria"), e);
+                }
+                filters.push(Filter::Advanced {
+                    criteria: a.criteria,
+                    pattern: a.pattern.filter(|p| !p.is_empty()),
+                });
+            }
+        }
+    }
+    let d = ServerConfig::new("", "", 0, "", Secret::new(""));
+    let keepalive_interval = c.duration(
+        "keepalive_interval",
+        raw.keepalive_interval,
+        d.keepalive_interval,
+    );
+    let keepalive_timeout = c.duration(
+        "keepalive_timeout",
+        raw.keepalive_timeout,
+        d.keepalive_timeout,
+    );
+    let backoff_min = c.duration("backoff_min", raw.backoff_min, d.backoff_min);
+    let backoff_max = c.duration("backoff_max", raw.backoff_max, d.backoff_max);
+    if backoff_min > backoff_max {
+        c.bad("backoff_min", "is larger than backoff_max");
+    }
+    let auth_failure_backoff = c.duration(
+        "auth_failure_backoff",
+        raw.auth_failure_backoff,
+        d.auth_failure_backoff,
+    );
+    let login_timeout = c.duration("login_timeout", raw.login_timeout, d.login_timeout);
+    if !c.ok {
+        return None;
+    }
+    Some(ServerConfig {
+        id,
+        host,
+        port,
+        username,
+        secret: Secret(secret.unwrap_or_default()),
+        auth,
+        tls,
+        events,
+        filters,
+        keepalive_interval,
+        keepalive_timeout,
+        backoff_min,
+        backoff_max,
+        auth_failure_backoff,
+        login_timeout,
+    })
+}
+
+/// Check an Asterisk 22 `MatchCriteria` the way `manager_add_filter()` will: `action()`,
+/// `name()`, `header()` and `method()`, comma-separated, each at most once; a non-empty pattern
+/// needs a method other than `none`, and `method(none)` (the default) needs no pattern.
+fn check_criteria(criteria: &str, pattern: Option<&str>) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    let mut method = "none";
+    for part in criteria.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((word, rest)) = part.split_once('(') else {
+            return Err(format!("{part:?} is not word(value)"));
+        };
+        let Some(value) = rest.strip_suffix(')') else {
+            return Err(format!("{part:?} is missing its ')'"));
+        };
+        if !seen.insert(word) {
+            return Err(format!("{word}() is given twice"));
+        }
+        match word {
+            "action" if value == "include" || value == "exclude" => {}
+            "action" => return Err(format!("action({value}) is not include or exclude")),
+            "name" | "header" if !value.is_empty() => {}
+            "name" | "header" => return Err(format!("{word}() is empty")),
+            "method" => match value {
+                "regex" | "exact" | "starts_with" | "ends_with" | "contains" | "none" => {
+                    method = value
+                }
+                _ => {
+                    return Err(format!(
+                        "method({value}) is not regex, exact, starts_with, ends_with, contains or none"
+                    ));
+                }
+            },
+            _ => return Err(format!("unknown criterion {word}()")),
+        }
+    }
+    if seen.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    let has_pattern = pattern.is_some_and(|p| !p.is_empty());
+    match (method, has_pattern) {
+        ("none", true) => Err("a pattern needs an explicit method(...) other than none".to_owned()),
+        ("none", false) => Ok(()),
+        (_, false) => Err(format!("method({method}) needs a pattern")),
+        (_, true) => Ok(()),
+    }
+}
+
+/// `250ms`, `20s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeEnv;
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            (name == "PBX_SECRET").then(|| "from-env".to_owned())
+        }
+    }
+
+    #[test]
+    fn full_server_parses() {
+        let cfg = Config::parse(
+            r#"
+            [[server]]
+            id = "pbx-1"
+            host = "pbx.example"
+            username = "amibus"
+            secret_env = "PBX_SECRET"
+            auth = "plain"
+            events = "call,system"
+            filters = ["Event: Newchannel", { criteria = "action(exclude),name(RTCPSent)" },
+                       { criteria = "name(Hangup),header(Cause),method(exact)", pattern = "16" }]
+            keepalive_interval = "5s"
+            keepalive_timeout = "2500ms"
+            backoff_min = "1s"
+            backoff_max = "1m"
+            auth_failure_backoff = "1h"
+            [server.tls]
+            enabled = true
+            insecure_skip_verify = true
+            "#,
+            &FakeEnv,
+        )
+        .unwrap();
+        let s = &cfg.servers[0];
+        assert_eq!(s.secret.expose(), "from-env");
+        assert_eq!(s.port, 5039);
+        assert_eq!(s.auth, Auth::Plain);
+        assert_eq!(s.filters.len(), 3);
+        assert_eq!(
+            s.filters[2],
+            Filter::Advanced {
+                criteria: "name(Hangup),header(Cause),method(exact)".into(),
+                pattern: Some("16".into())
+            }
+        );
+        assert_eq!(s.keepalive_timeout, Duration::from_millis(2500));
+        assert_eq!(s.backoff_max, Duration::from_secs(60));
+        assert_eq!(s.tls.as_ref().unwrap().server_name, "pbx.example");
+        assert!(!format!("{s:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let err = Config::parse(
+            r#"
+            [[server]]
+            id = "a.b"
+            host = "h"
+            username = "u"
+            secret = "x"
+            secret_env = "Y"
+            auth = "sha1"
+            keepalive_interval = "soon"
+            backoff_min = "2m"
+            backoff_max = "1m"
+            filters = [{ criteria = "name(Hangup),header(Cause)", pattern = "16" }]
+            [server.tls]
+            enabled = true
+            [[server]]
+            id = "b"
+            host = "h"
+            username = "u"
+            secret_env = "MISSING"
+            "#,
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server[0].id",
+                "server[0].secret",
+                "server[0].auth",
+                "server[0].tls.ca_file",
+                "server[0].filters[0].criteria",
+                "server[0].keepalive_interval",
+                "server[0].backoff_min",
+                "server[1].secret_env",
+            ]
+        );
+        assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse(
+            "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"x\"\nsecert = \"y\"\n",
+            &FakeEnv,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Toml(_)), "{err}");
+        assert!(err.to_string().contains("secert"));
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let one = "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"x\"\n";
+        let err = Config::parse(&format!("{one}{one}"), &FakeEnv).unwrap_err();
+        assert_eq!(err.problems()[0].path, "server[1].id");
+    }
+
+    #[test]
+    fn criteria_rules() {
+        assert!(check_criteria("action(include),name(Newchannel)", None).is_ok());
+        assert!(check_criteria("name(Hangup),method(regex)", Some("x")).is_ok());
+        assert!(check_criteria("name(Hangup)", Some("x")).is_err());
+        assert!(check_criteria("name(Hangup),method(exact)", None).is_err());
+        assert!(check_criteria("name(A),name(B)", None).is_err());
+        assert!(check_criteria("colour(red)", None).is_err());
+        assert!(check_criteria("", None).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3m"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_duration("3"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("3 days"), None);
+    }
+
+    #[test]
+    fn secret_is_redacted() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+    }
+}
