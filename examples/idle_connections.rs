@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use amibus::ami::{Connection, Options, Record};
 use amibus::config::{Auth, Secret, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -142,7 +142,12 @@ fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
 
 /// A minimal AMI server: banner, any Login accepted, Ping answered, Logoff closes.
 async fn serve() -> anyhow::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    // A deep backlog: a burst of 1,000 connects overflows the default one now and then, and a
+    // client whose handshake ended in a dropped syncookie waits for the banner until its
+    // login timeout (AMI servers speak first).
+    let socket = TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let listener = socket.listen(4096)?;
     println!("{}", listener.local_addr()?.port());
     loop {
         let (mut sock, _) = listener.accept().await?;

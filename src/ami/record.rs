@@ -32,7 +32,10 @@ pub enum Record {
         /// `host:port` of the server.
         address: String,
     },
-    /// The session ended; nothing is read until the next `ConnectionUp`.
+    /// The session ended; nothing is read until the next `ConnectionUp`. `reason` starts with
+    /// a stable label: `eof`, `keepalive timeout`, `io error: …`, `shutdown`, or, for a login
+    /// refused in a way that needs a human, `auth failure: …` / `filter rejected: …` (sent once
+    /// per streak of refusals, in the refused attempt's own epoch, so without a `ConnectionUp`).
     ConnectionDown { reason: String },
     /// Records `first_seq..=last_seq` of `epoch` were read but dropped before they could be
     /// handed on (the hand-off queue was full).
