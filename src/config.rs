@@ -184,6 +184,11 @@ impl ServerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub servers: Vec<ServerConfig>,
+    pub spool: SpoolConfig,
+    pub sink: SinkConfig,
+    pub pipeline: PipelineConfig,
+    /// An in-process simulator to read from (the embedded demo), if configured.
+    pub sim: Option<DemoSim>,
 }
 
 /// One problem found in the configuration, with the path of the key.
@@ -241,6 +246,13 @@ fn list(problems: &[Problem]) -> String {
 struct RawConfig {
     #[serde(default)]
     server: Vec<RawServer>,
+    #[serde(default)]
+    spool: RawSpool,
+    #[serde(default)]
+    sink: RawSink,
+    #[serde(default)]
+    pipeline: RawPipeline,
+    sim: Option<RawSim>,
 }
 
 #[derive(Default, Deserialize)]
@@ -342,6 +354,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut servers = Vec::new();
         let mut ids = HashSet::new();
+        let configured_servers = raw.server.len();
         for (i, raw) in raw.server.into_iter().enumerate() {
             let path = format!("server[{i}]");
             if let Some(s) = validate_server(&path, raw, env, &mut problems) {
@@ -354,8 +367,24 @@ impl Config {
                 servers.push(s);
             }
         }
+        let spool = validate_spool(raw.spool, &mut problems);
+        let sink = validate_sink(raw.sink, &mut problems);
+        let pipeline = validate_pipeline(raw.pipeline, &mut problems);
+        let sim = raw.sim.map(|r| validate_sim(r, &mut problems));
+        if configured_servers == 0 && sim.is_none() {
+            problems.push(Problem {
+                path: "server".into(),
+                message: "no [[server]] configured (and no [sim]): nothing to read".into(),
+            });
+        }
         if problems.is_empty() {
-            Ok(Config { servers })
+            Ok(Config {
+                servers,
+                spool,
+                sink,
+                pipeline,
+                sim,
+            })
         } else {
             Err(ConfigError::Invalid(problems))
         }
@@ -659,6 +688,254 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// [spool], [sink], [pipeline], [sim]
+
+pub use crate::app::pipeline::PayloadFormat;
+pub use crate::sink::file::{FileSinkConfig, Framing};
+pub use crate::spool::{Fsync, SpoolConfig, WhenFull};
+
+/// Where records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkConfig {
+    File(FileSinkConfig),
+}
+
+/// How records are encoded and handed from the connections to the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineConfig {
+    pub format: PayloadFormat,
+    /// Records waiting between the connections and the spool, at most. When it is full the
+    /// connections drop records and report the range as a `gap` (they never stop reading).
+    pub handoff_queue: usize,
+    /// At shutdown, how long to keep delivering what the spool holds before leaving the rest
+    /// for the next start.
+    pub drain_timeout: Duration,
+}
+
+/// The embedded demo: an in-process simulator whose servers are read like configured ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DemoSim {
+    pub servers: usize,
+    /// Events per second per server (0 = as fast as possible).
+    pub rate: u64,
+    /// Events per server; with `exit_when_done` amibus stops once they are all delivered.
+    pub count: Option<u64>,
+    pub seed: u64,
+    pub exit_when_done: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: Option<PathBuf>,
+    segment_bytes: Option<RawSize>,
+    max_bytes: Option<RawSize>,
+    fsync: Option<String>,
+    when_full: Option<String>,
+    max_in_flight: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    kind: Option<String>,
+    file: Option<RawFileSink>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSink {
+    path: Option<String>,
+    rotate_bytes: Option<RawSize>,
+    keep: Option<u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    format: Option<String>,
+    handoff_queue: Option<usize>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSim {
+    servers: Option<usize>,
+    rate: Option<u64>,
+    count: Option<u64>,
+    seed: Option<u64>,
+    exit_when_done: Option<bool>,
+}
+
+/// `4096`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+fn size(path: &str, v: Option<RawSize>, default: u64, problems: &mut Vec<Problem>) -> u64 {
+    match v {
+        None => default,
+        Some(RawSize::Bytes(n)) if n > 0 => n,
+        Some(RawSize::Text(t)) => match parse_size(&t) {
+            Some(n) if n > 0 => n,
+            _ => {
+                problems.push(Problem {
+                    path: path.into(),
+                    message: format!("{t:?} is not a size (e.g. 4096, 64MiB, 1GiB)"),
+                });
+                default
+            }
+        },
+        Some(RawSize::Bytes(_)) => {
+            problems.push(Problem {
+                path: path.into(),
+                message: "must be greater than zero".into(),
+            });
+            default
+        }
+    }
+}
+
+fn problem(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
+    problems.push(Problem {
+        path: path.into(),
+        message: message.into(),
+    });
+}
+
+fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
+    let mut cfg = SpoolConfig::new(raw.dir.unwrap_or_else(|| PathBuf::from("amibus-spool")));
+    cfg.segment_bytes = size("spool.segment_bytes", raw.segment_bytes, cfg.segment_bytes, problems);
+    cfg.max_bytes = size("spool.max_bytes", raw.max_bytes, cfg.max_bytes, problems);
+    if cfg.segment_bytes > cfg.max_bytes {
+        problem(problems, "spool.segment_bytes", "must not be larger than spool.max_bytes");
+    }
+    if let Some(f) = raw.fsync {
+        cfg.fsync = match f.as_str() {
+            "never" => Fsync::Never,
+            "always" => Fsync::Always,
+            other => match parse_duration(other) {
+                Some(d) if !d.is_zero() => Fsync::Interval(d),
+                _ => {
+                    problem(problems, "spool.fsync", format!("{f:?}: use \"never\", \"always\" or an interval such as \"1s\""));
+                    cfg.fsync
+                }
+            },
+        };
+    }
+    if let Some(w) = raw.when_full {
+        cfg.when_full = match w.as_str() {
+            "drop_oldest" => WhenFull::DropOldest,
+            "drop_newest" => WhenFull::DropNewest,
+            _ => {
+                problem(problems, "spool.when_full", format!("{w:?}: use \"drop_oldest\" or \"drop_newest\""));
+                cfg.when_full
+            }
+        };
+    }
+    match raw.max_in_flight {
+        Some(0) => problem(problems, "spool.max_in_flight", "must be greater than zero"),
+        Some(n) => cfg.max_in_flight = n,
+        None => {}
+    }
+    cfg
+}
+
+fn validate_sink(raw: RawSink, problems: &mut Vec<Problem>) -> SinkConfig {
+    let kind = raw.kind.unwrap_or_else(|| "file".into());
+    match kind.as_str() {
+        "file" => {
+            let f = raw.file.unwrap_or_default();
+            SinkConfig::File(FileSinkConfig {
+                path: f.path.unwrap_or_else(|| "-".into()),
+                framing: Framing::Lines,
+                rotate_bytes: f
+                    .rotate_bytes
+                    .map_or(0, |r| size("sink.file.rotate_bytes", Some(r), 0, problems)),
+                keep: f.keep.unwrap_or(5),
+            })
+        }
+        other => {
+            problem(problems, "sink.kind", format!("{other:?}: use \"file\", \"kafka\" or \"nats\""));
+            SinkConfig::File(FileSinkConfig {
+                path: "-".into(),
+                framing: Framing::Lines,
+                rotate_bytes: 0,
+                keep: 0,
+            })
+        }
+    }
+}
+
+fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineConfig {
+    let format = match raw.format.as_deref() {
+        None | Some("proto") => PayloadFormat::Proto,
+        Some("json") => PayloadFormat::Json,
+        Some(other) => {
+            problem(problems, "pipeline.format", format!("{other:?}: use \"proto\" or \"json\""));
+            PayloadFormat::Proto
+        }
+    };
+    let handoff_queue = match raw.handoff_queue {
+        Some(0) => {
+            problem(problems, "pipeline.handoff_queue", "must be greater than zero");
+            1
+        }
+        Some(n) => n,
+        None => 65_536,
+    };
+    let drain_timeout = match raw.drain_timeout {
+        None => Duration::from_secs(10),
+        Some(s) => parse_duration(&s).unwrap_or_else(|| {
+            problem(problems, "pipeline.drain_timeout", format!("{s:?} is not a duration"));
+            Duration::from_secs(10)
+        }),
+    };
+    PipelineConfig {
+        format,
+        handoff_queue,
+        drain_timeout,
+    }
+}
+
+fn validate_sim(raw: RawSim, problems: &mut Vec<Problem>) -> DemoSim {
+    let servers = raw.servers.unwrap_or(2);
+    if servers == 0 || servers > 10_000 {
+        problem(problems, "sim.servers", "must be between 1 and 10000");
+    }
+    DemoSim {
+        servers: servers.clamp(1, 10_000),
+        rate: raw.rate.unwrap_or(1000),
+        count: raw.count,
+        seed: raw.seed.unwrap_or(1),
+        exit_when_done: raw.exit_when_done.unwrap_or(false),
     }
 }
 
