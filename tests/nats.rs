@@ -68,7 +68,7 @@ async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<SourceMes
     let js = jetstream::new(client.clone());
     let mut handle = js.get_stream(stream).await.expect("stream exists");
     let count = handle.info().await.expect("stream info").state.messages;
-    let mut source = NatsSource::jetstream(client.clone(), stream, None, StartAt::First)
+    let mut source = NatsSource::jetstream(client, stream, None, StartAt::First)
         .await
         .expect("ordered consumer");
     let mut out = Vec::new();

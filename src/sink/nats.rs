@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -603,6 +604,11 @@ async fn jetstream_error(
         K::WrongLastMessageId | K::WrongLastSequence => {
             SinkError::Permanent(format!("nats jetstream: {e}"))
         }
+        K::StreamNotFound if js.client().connection_state() != State::Connected => {
+            SinkError::Retriable(format!(
+                "nats jetstream: no responders for `{subject}` (disconnected)"
+            ))
+        }
         K::StreamNotFound => match js.stream_by_subject(subject).await {
             Ok(name) => SinkError::Retriable(format!(
                 "nats jetstream: no responders for `{subject}` although stream {name} captures it"
@@ -709,7 +715,7 @@ pub enum StartAt {
     /// The oldest message the stream holds.
     #[default]
     First,
-    /// The newest message per filter, then everything after it.
+    /// The newest message of each subject, then everything after it.
     Last,
     /// Only messages stored after the reader starts.
     New,
@@ -790,7 +796,7 @@ impl NatsSource {
     /// # Errors
     /// The stream does not exist or the consumer cannot be created.
     pub async fn jetstream(
-        client: Client,
+        client: &Client,
         stream: &str,
         filter: Option<&str>,
         start: StartAt,
@@ -799,7 +805,7 @@ impl NatsSource {
             name: stream.into(),
             reason,
         };
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let handle = js
             .get_stream(stream)
             .await
