@@ -691,7 +691,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // [spool], [sink], [pipeline], [sim]
 
@@ -832,10 +831,19 @@ fn problem(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) 
 
 fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
     let mut cfg = SpoolConfig::new(raw.dir.unwrap_or_else(|| PathBuf::from("amibus-spool")));
-    cfg.segment_bytes = size("spool.segment_bytes", raw.segment_bytes, cfg.segment_bytes, problems);
+    cfg.segment_bytes = size(
+        "spool.segment_bytes",
+        raw.segment_bytes,
+        cfg.segment_bytes,
+        problems,
+    );
     cfg.max_bytes = size("spool.max_bytes", raw.max_bytes, cfg.max_bytes, problems);
     if cfg.segment_bytes > cfg.max_bytes {
-        problem(problems, "spool.segment_bytes", "must not be larger than spool.max_bytes");
+        problem(
+            problems,
+            "spool.segment_bytes",
+            "must not be larger than spool.max_bytes",
+        );
     }
     if let Some(f) = raw.fsync {
         cfg.fsync = match f.as_str() {
@@ -844,7 +852,11 @@ fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
             other => match parse_duration(other) {
                 Some(d) if !d.is_zero() => Fsync::Interval(d),
                 _ => {
-                    problem(problems, "spool.fsync", format!("{f:?}: use \"never\", \"always\" or an interval such as \"1s\""));
+                    problem(
+                        problems,
+                        "spool.fsync",
+                        format!("{f:?}: use \"never\", \"always\" or an interval such as \"1s\""),
+                    );
                     cfg.fsync
                 }
             },
@@ -855,7 +867,11 @@ fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
             "drop_oldest" => WhenFull::DropOldest,
             "drop_newest" => WhenFull::DropNewest,
             _ => {
-                problem(problems, "spool.when_full", format!("{w:?}: use \"drop_oldest\" or \"drop_newest\""));
+                problem(
+                    problems,
+                    "spool.when_full",
+                    format!("{w:?}: use \"drop_oldest\" or \"drop_newest\""),
+                );
                 cfg.when_full
             }
         };
@@ -883,7 +899,11 @@ fn validate_sink(raw: RawSink, problems: &mut Vec<Problem>) -> SinkConfig {
             })
         }
         other => {
-            problem(problems, "sink.kind", format!("{other:?}: use \"file\", \"kafka\" or \"nats\""));
+            problem(
+                problems,
+                "sink.kind",
+                format!("{other:?}: use \"file\", \"kafka\" or \"nats\""),
+            );
             SinkConfig::File(FileSinkConfig {
                 path: "-".into(),
                 framing: Framing::Lines,
@@ -899,13 +919,21 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
         None | Some("proto") => PayloadFormat::Proto,
         Some("json") => PayloadFormat::Json,
         Some(other) => {
-            problem(problems, "pipeline.format", format!("{other:?}: use \"proto\" or \"json\""));
+            problem(
+                problems,
+                "pipeline.format",
+                format!("{other:?}: use \"proto\" or \"json\""),
+            );
             PayloadFormat::Proto
         }
     };
     let handoff_queue = match raw.handoff_queue {
         Some(0) => {
-            problem(problems, "pipeline.handoff_queue", "must be greater than zero");
+            problem(
+                problems,
+                "pipeline.handoff_queue",
+                "must be greater than zero",
+            );
             1
         }
         Some(n) => n,
@@ -914,7 +942,11 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
     let drain_timeout = match raw.drain_timeout {
         None => Duration::from_secs(10),
         Some(s) => parse_duration(&s).unwrap_or_else(|| {
-            problem(problems, "pipeline.drain_timeout", format!("{s:?} is not a duration"));
+            problem(
+                problems,
+                "pipeline.drain_timeout",
+                format!("{s:?} is not a duration"),
+            );
             Duration::from_secs(10)
         }),
     };

@@ -1,0 +1,966 @@
+//! The NATS sink (core NATS or JetStream) and a small NATS reader for `amibus tail` and tests.
+//!
+//! Owns: one `async_nats` connection per sink, the subject each record goes to
+//! (`<prefix>.<server>.<Event>` from a template, see [`expand_template`]), the NATS headers of a
+//! message, and what "acknowledged" means in each mode:
+//!
+//! - [`NatsMode::JetStream`] (at-least-once): every record is published with a `Nats-Msg-Id`
+//!   and its PubAck is awaited. Many PubAck futures are in flight at once (pipelined, bounded by
+//!   [`NatsSinkConfig::max_in_flight`]); a record is confirmed only when its stream stored it.
+//!   A record sent again after a failure carries the same `Nats-Msg-Id`, so the stream's
+//!   duplicate window drops the resend.
+//! - [`NatsMode::Core`] (**at-most-once**): a record is confirmed once the client has flushed
+//!   it to the socket. Core NATS has no acknowledgement: a message flushed into a connection
+//!   that breaks a moment later, or published while no subscriber listens, is gone, and the
+//!   spool will not send it again. Use JetStream where loss matters.
+//!
+//! Error mapping (what the driver does next):
+//! - larger than the server's `max_payload` (from the server's INFO, checked by the client
+//!   before anything is written), larger than the stream's `max_msg_size`, a sealed stream, an
+//!   invalid subject or header, and "no stream captures this subject" → [`SinkError::Permanent`];
+//! - disconnected, timed out, no responders while a stream for the subject exists (JetStream
+//!   still starting), too many acks pending, any other server error → [`SinkError::Retriable`].
+//!
+//! Must never: confirm a JetStream record before its PubAck, or log a secret (tokens,
+//! passwords, nkey seeds are [`Secret`]s whose `Debug` is redacted; server URLs are logged with
+//! their user info removed).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::{Delivery, Record, Sink, SinkError, expand_template};
+
+/// A secret string (token, password, nkey seed). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; pass it on, never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How the client proves who it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    Token(Secret),
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
+    /// A `.creds` file (user JWT + nkey seed), read at connect.
+    CredentialsFile(PathBuf),
+    /// An nkey seed (`SU...`).
+    NkeySeed(Secret),
+}
+
+/// TLS settings. Without any, TLS is still used when the server requires it, verified against
+/// the system's roots.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// A PEM file of CA certificates to trust (in addition to the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients. Both or neither.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Refuse to talk to a server that does not offer TLS.
+    pub require: bool,
+}
+
+/// Where and how to connect; shared by [`NatsSink`] and [`NatsSource`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsConnection {
+    /// Server URLs (`nats://host:4222`, `tls://host:4222`); the client picks one and fails over.
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    pub tls: NatsTls,
+    /// Shown in the server's connection list (`nats server report connections`).
+    pub name: Option<String>,
+    pub connect_timeout: Duration,
+    /// Bounds JetStream API requests (stream lookups and creation).
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConnection {
+    fn default() -> Self {
+        NatsConnection {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            auth: NatsAuth::None,
+            tls: NatsTls::default(),
+            name: Some("amibus".into()),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Core NATS or JetStream; see the module docs for what each guarantees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NatsMode {
+    /// Published and flushed: at-most-once.
+    Core,
+    /// PubAck per record: at-least-once, duplicates dropped within the stream's window.
+    #[default]
+    JetStream,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamStorage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// A stream the sink creates at connect if it does not exist. An existing stream of that name
+/// is used as it is (its configuration is not changed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    /// Subjects the stream captures; empty means `<prefix>.>` where `<prefix>` is the literal
+    /// part of the subject template before its first `{…}` level (`ami.{server}.{event}` →
+    /// `ami.>`).
+    pub subjects: Vec<String>,
+    pub storage: StreamStorage,
+    /// Oldest messages are discarded past this; `None` = unlimited.
+    pub max_bytes: Option<u64>,
+    /// Messages older than this are discarded; `None` = kept forever.
+    pub max_age: Option<Duration>,
+    /// How long the stream remembers a `Nats-Msg-Id` to drop a resend.
+    pub duplicate_window: Duration,
+}
+
+impl StreamSpec {
+    pub fn new(name: impl Into<String>) -> Self {
+        StreamSpec {
+            name: name.into(),
+            subjects: Vec::new(),
+            storage: StreamStorage::File,
+            max_bytes: None,
+            max_age: None,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Configuration of a [`NatsSink`].
+///
+/// ```
+/// use amibus::sink::nats::{NatsMode, NatsSinkConfig, StreamSpec};
+/// let cfg = NatsSinkConfig {
+///     mode: NatsMode::JetStream,
+///     stream: Some(StreamSpec::new("AMI")),
+///     ..NatsSinkConfig::default()
+/// };
+/// assert_eq!(cfg.subject, "ami.{server}.{event}");
+/// assert_eq!(cfg.stream_subjects().unwrap(), vec!["ami.>".to_string()]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsSinkConfig {
+    pub connection: NatsConnection,
+    /// Subject template; `{name}` expands to the record header `name`, sanitized so it cannot
+    /// add a subject level.
+    pub subject: String,
+    pub mode: NatsMode,
+    /// JetStream only: create this stream at connect if it is missing.
+    pub stream: Option<StreamSpec>,
+    /// JetStream: how long to wait for a PubAck. Core: how long to wait for the flush.
+    pub ack_timeout: Duration,
+    /// How long `send` may wait for room in the client's queue (it is full while disconnected).
+    pub publish_timeout: Duration,
+    /// JetStream: the most PubAcks awaited at once; `send` waits for room beyond it.
+    pub max_in_flight: usize,
+    /// Core: the flusher waits this long after a publish before flushing, so that one flush
+    /// covers a burst. Zero flushes as soon as the previous flush is done.
+    pub flush_interval: Duration,
+}
+
+impl Default for NatsSinkConfig {
+    fn default() -> Self {
+        NatsSinkConfig {
+            connection: NatsConnection::default(),
+            subject: "ami.{server}.{event}".into(),
+            mode: NatsMode::JetStream,
+            stream: None,
+            ack_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(10),
+            max_in_flight: 5_000,
+            flush_interval: Duration::from_millis(5),
+        }
+    }
+}
+
+impl NatsSinkConfig {
+    /// The subjects a created stream captures: the spec's, or `<prefix>.>` from the template.
+    ///
+    /// # Errors
+    /// The template starts with a `{…}` level, so no prefix can be derived; list the subjects.
+    pub fn stream_subjects(&self) -> Result<Vec<String>, NatsError> {
+        if let Some(spec) = &self.stream
+            && !spec.subjects.is_empty()
+        {
+            return Ok(spec.subjects.clone());
+        }
+        if !self.subject.contains('{') {
+            return Ok(vec![self.subject.clone()]);
+        }
+        let literal: Vec<&str> = self
+            .subject
+            .split('.')
+            .take_while(|level| !level.contains('{'))
+            .collect();
+        if literal.is_empty() {
+            return Err(NatsError::Config(format!(
+                "subject template `{}` has no literal prefix; set the stream's subjects",
+                self.subject
+            )));
+        }
+        Ok(vec![format!("{}.>", literal.join("."))])
+    }
+}
+
+/// Why connecting, creating a stream or reading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("nats: invalid configuration: {0}")]
+    Config(String),
+    #[error("nats: cannot read credentials file {path}: {source}")]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nats: cannot connect to {servers}: {source}")]
+    Connect {
+        /// The server URLs with any user info removed.
+        servers: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("nats: stream {name}: {reason}")]
+    Stream { name: String, reason: String },
+    #[error("nats: cannot subscribe to {subject}: {reason}")]
+    Subscribe { subject: String, reason: String },
+    #[error("nats: reading failed: {0}")]
+    Read(String),
+}
+
+/// `nats://user:pass@host:4222` → `nats://***@host:4222`, for logs and errors.
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+fn redact_servers(servers: &[String]) -> String {
+    servers
+        .iter()
+        .map(|s| redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Connect with the given settings; the client reconnects by itself after that (forever, with
+/// a backoff of up to 4 s), resubscribing and replaying what was queued meanwhile.
+///
+/// # Errors
+/// No server reachable within the timeout, authentication refused, TLS failure, an
+/// unreadable credentials file, or a client certificate without its key.
+pub async fn connect(cfg: &NatsConnection) -> Result<Client, NatsError> {
+    if cfg.servers.is_empty() {
+        return Err(NatsError::Config("no servers given".into()));
+    }
+    let mut opts = match &cfg.auth {
+        NatsAuth::None => ConnectOptions::new(),
+        NatsAuth::Token(t) => ConnectOptions::with_token(t.expose().to_owned()),
+        NatsAuth::UserPassword { user, password } => {
+            ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
+        }
+        NatsAuth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|source| NatsError::Credentials {
+                path: path.clone(),
+                source,
+            })?,
+        NatsAuth::NkeySeed(seed) => ConnectOptions::with_nkey(seed.expose().to_owned()),
+    };
+    if let Some(ca) = &cfg.tls.ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    match (&cfg.tls.client_cert, &cfg.tls.client_key) {
+        (Some(cert), Some(key)) => opts = opts.add_client_certificate(cert.clone(), key.clone()),
+        (None, None) => {}
+        _ => {
+            return Err(NatsError::Config(
+                "tls client_cert and client_key go together".into(),
+            ));
+        }
+    }
+    if cfg.tls.require {
+        opts = opts.require_tls(true);
+    }
+    if let Some(name) = &cfg.name {
+        opts = opts.name(name);
+    }
+    let servers = redact_servers(&cfg.servers);
+    let label = servers.clone();
+    opts = opts
+        .connection_timeout(cfg.connect_timeout)
+        .request_timeout(Some(cfg.request_timeout))
+        .event_callback(move |event| {
+            let servers = label.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(%servers, "nats connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%servers, "nats disconnected; reconnecting");
+                    }
+                    other => tracing::warn!(%servers, event = %other, "nats event"),
+                }
+            }
+        });
+    let addrs: Vec<async_nats::ServerAddr> = cfg
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| NatsError::Config(format!("server address `{}`: {e}", redact_url(s))))
+        })
+        .collect::<Result<_, _>>()?;
+    opts.connect(addrs)
+        .await
+        .map_err(|source| NatsError::Connect { servers, source })
+}
+
+/// See the module docs.
+pub struct NatsSink {
+    client: Client,
+    subject: String,
+    publish_timeout: Duration,
+    ack_timeout: Duration,
+    mode: Mode,
+}
+
+enum Mode {
+    Core(CoreFlush),
+    JetStream(jetstream::Context),
+}
+
+/// Core mode's bookkeeping: records are numbered as published; a background task flushes the
+/// client and publishes the highest number each successful flush covered.
+struct CoreFlush {
+    published: u64,
+    wanted: watch::Sender<u64>,
+    flushed: Arc<watch::Sender<u64>>,
+    flushed_rx: watch::Receiver<u64>,
+}
+
+impl NatsSink {
+    /// Connect, and in JetStream mode create the configured stream if it is missing.
+    ///
+    /// # Errors
+    /// See [`connect`]; the stream cannot be created or looked up; a stream was configured in
+    /// core mode.
+    pub async fn connect(cfg: NatsSinkConfig) -> Result<NatsSink, NatsError> {
+        if cfg.mode == NatsMode::Core && cfg.stream.is_some() {
+            return Err(NatsError::Config(
+                "a stream is only created in jetstream mode".into(),
+            ));
+        }
+        let client = connect(&cfg.connection).await?;
+        let mode = match cfg.mode {
+            NatsMode::Core => Mode::Core(CoreFlush::start(client.clone(), cfg.flush_interval)),
+            NatsMode::JetStream => {
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(cfg.ack_timeout)
+                    .max_ack_inflight(cfg.max_in_flight.max(1))
+                    .build(client.clone());
+                if let Some(spec) = &cfg.stream {
+                    create_stream(&js, spec, cfg.stream_subjects()?).await?;
+                }
+                Mode::JetStream(js)
+            }
+        };
+        Ok(NatsSink {
+            client,
+            subject: cfg.subject,
+            publish_timeout: cfg.publish_timeout,
+            ack_timeout: cfg.ack_timeout,
+            mode,
+        })
+    }
+
+    /// The underlying client (for a [`NatsSource`] on the same connection, or stats).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The subject a record is published to.
+    pub fn subject_for(&self, record: &Record) -> String {
+        expand_template(&self.subject, record)
+    }
+}
+
+async fn create_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    subjects: Vec<String>,
+) -> Result<(), NatsError> {
+    let config = stream::Config {
+        name: spec.name.clone(),
+        subjects,
+        storage: match spec.storage {
+            StreamStorage::File => stream::StorageType::File,
+            StreamStorage::Memory => stream::StorageType::Memory,
+        },
+        max_bytes: spec
+            .max_bytes
+            .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        max_age: spec.max_age.unwrap_or(Duration::ZERO),
+        duplicate_window: spec.duplicate_window,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|e| NatsError::Stream {
+            name: spec.name.clone(),
+            reason: e.to_string(),
+        })
+}
+
+impl CoreFlush {
+    fn start(client: Client, interval: Duration) -> CoreFlush {
+        let (wanted, wanted_rx) = watch::channel(0u64);
+        let (flushed, flushed_rx) = watch::channel(0u64);
+        let flushed = Arc::new(flushed);
+        tokio::spawn(flusher(client, interval, wanted_rx, flushed.clone()));
+        CoreFlush {
+            published: 0,
+            wanted,
+            flushed,
+            flushed_rx,
+        }
+    }
+}
+
+fn advance(flushed: &watch::Sender<u64>, to: u64) {
+    flushed.send_if_modified(|f| {
+        if to > *f {
+            *f = to;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Flush whenever something was published since the last flush; ends with the sink.
+async fn flusher(
+    client: Client,
+    interval: Duration,
+    mut wanted: watch::Receiver<u64>,
+    flushed: Arc<watch::Sender<u64>>,
+) {
+    let mut retry = false;
+    loop {
+        if !retry && wanted.changed().await.is_err() {
+            return;
+        }
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        // Everything numbered up to `target` was queued in the client before the flush command.
+        let target = *wanted.borrow_and_update();
+        match client.flush().await {
+            Ok(()) => {
+                advance(&flushed, target);
+                retry = false;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "nats flush failed; retrying");
+                retry = true;
+                tokio::time::sleep(interval.max(Duration::from_millis(50))).await;
+            }
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (unlike `DefaultHasher`), which matters
+/// because a resend after a restart must carry the same message id.
+fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The `Nats-Msg-Id` of a record; identical for every send of the same spooled record.
+///
+/// `server/epoch/seq` when the record carries those headers (they identify an event exactly).
+/// The records amibus spools today carry `server`, `event`, `kind`, `class` and `schema` only
+/// (epoch and seq are inside the envelope, which a sink does not decode), so otherwise it is
+/// the partition key and a 64-bit hash of the payload; the payload holds server, epoch, seq and
+/// the receive time, so two different events never share it.
+pub fn message_id(record: &Record) -> String {
+    if let (Some(server), Some(epoch), Some(seq)) = (
+        record.header("server"),
+        record.header("epoch"),
+        record.header("seq"),
+    ) {
+        return format!(
+            "{}/{}/{}",
+            String::from_utf8_lossy(server),
+            String::from_utf8_lossy(epoch),
+            String::from_utf8_lossy(seq)
+        );
+    }
+    let hash = fnv1a64(&record.payload);
+    if record.key.is_empty() {
+        format!("{hash:016x}")
+    } else {
+        format!("{}/{hash:016x}", String::from_utf8_lossy(&record.key))
+    }
+}
+
+/// Header values may not hold CR or LF; bytes that are not UTF-8 are replaced.
+fn header_value(v: &[u8]) -> Result<HeaderValue, SinkError> {
+    let s = String::from_utf8_lossy(v).replace(['\r', '\n'], " ");
+    s.parse()
+        .map_err(|_| SinkError::Permanent(format!("header value {s:?} is not valid for NATS")))
+}
+
+/// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
+fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in &record.headers {
+        let name = HeaderName::try_from(name.as_str()).map_err(|_| {
+            SinkError::Permanent(format!("header name {name:?} is not valid for NATS"))
+        })?;
+        map.append(name, header_value(value)?);
+    }
+    if with_id {
+        map.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            header_value(message_id(record).as_bytes())?,
+        );
+    }
+    Ok(map)
+}
+
+fn core_publish_error(e: async_nats::PublishError) -> SinkError {
+    use async_nats::PublishErrorKind as K;
+    match e.kind() {
+        K::MaxPayloadExceeded | K::InvalidSubject => SinkError::Permanent(format!("nats: {e}")),
+        K::Send => SinkError::Retriable(format!("nats: {e} (client closed)")),
+    }
+}
+
+/// Classify a JetStream publish or PubAck failure. "No responders" comes back as
+/// `StreamNotFound`; it means either that no stream captures the subject (permanent) or that
+/// the stream's server is not answering yet (after a restart), so ask the server which.
+async fn jetstream_error(
+    js: &jetstream::Context,
+    subject: &str,
+    e: jetstream::context::PublishError,
+) -> SinkError {
+    use jetstream::context::GetStreamByNameErrorKind as G;
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::MaxPayloadExceeded => SinkError::Permanent(format!("nats: {e}")),
+        K::TimedOut | K::BrokenPipe | K::MaxAckPending => {
+            SinkError::Retriable(format!("nats jetstream: {e}"))
+        }
+        K::WrongLastMessageId | K::WrongLastSequence => {
+            SinkError::Permanent(format!("nats jetstream: {e}"))
+        }
+        K::StreamNotFound if js.client().connection_state() != State::Connected => {
+            SinkError::Retriable(format!(
+                "nats jetstream: no responders for `{subject}` (disconnected)"
+            ))
+        }
+        K::StreamNotFound => match js.stream_by_subject(subject).await {
+            Ok(name) => SinkError::Retriable(format!(
+                "nats jetstream: no responders for `{subject}` although stream {name} captures it"
+            )),
+            Err(lookup) if lookup.kind() == G::NotFound => SinkError::Permanent(format!(
+                "nats jetstream: no stream captures subject `{subject}`; create one or \
+                 configure the sink to create it"
+            )),
+            Err(lookup) => SinkError::Retriable(format!(
+                "nats jetstream: no responders for `{subject}` and the stream lookup failed: {lookup}"
+            )),
+        },
+        K::Other => {
+            let code = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                .map(jetstream::Error::error_code);
+            match code {
+                Some(
+                    jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                    | jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                    | jetstream::ErrorCode::STREAM_SEALED,
+                ) => SinkError::Permanent(format!("nats jetstream: {e}")),
+                _ => SinkError::Retriable(format!("nats jetstream: {e}")),
+            }
+        }
+    }
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
+        let subject = expand_template(&self.subject, record);
+        let queue_timeout = self.publish_timeout;
+        let timed_out =
+            || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
+        match &mut self.mode {
+            Mode::Core(core) => {
+                let headers = headers(record, false)?;
+                tokio::time::timeout(
+                    queue_timeout,
+                    self.client
+                        .publish_with_headers(subject, headers, record.payload.clone()),
+                )
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(core_publish_error)?;
+                core.published += 1;
+                let mine = core.published;
+                core.wanted.send_replace(mine);
+                let mut flushed = core.flushed_rx.clone();
+                let ack_timeout = self.ack_timeout;
+                Ok(Box::pin(async move {
+                    match tokio::time::timeout(ack_timeout, flushed.wait_for(|&f| f >= mine)).await
+                    {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(_)) => Err(SinkError::Retriable("nats: flusher stopped".into())),
+                        Err(_) => Err(SinkError::Retriable(format!(
+                            "nats: not flushed within {ack_timeout:?}"
+                        ))),
+                    }
+                }))
+            }
+            Mode::JetStream(js) => {
+                let headers = headers(record, true)?;
+                let published = tokio::time::timeout(
+                    queue_timeout,
+                    js.publish_with_headers(subject.clone(), headers, record.payload.clone()),
+                )
+                .await
+                .map_err(|_| timed_out())?;
+                let ack = match published {
+                    Ok(ack) => ack,
+                    Err(e) => return Err(jetstream_error(js, &subject, e).await),
+                };
+                let js = js.clone();
+                Ok(Box::pin(async move {
+                    match ack.await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(jetstream_error(&js, &subject, e).await),
+                    }
+                }))
+            }
+        }
+    }
+
+    async fn flush(&mut self, deadline: Duration) -> Result<(), SinkError> {
+        tokio::time::timeout(deadline, self.client.flush())
+            .await
+            .map_err(|_| SinkError::Retriable(format!("nats: flush took over {deadline:?}")))?
+            .map_err(|e| SinkError::Retriable(format!("nats: flush failed: {e}")))?;
+        if let Mode::Core(core) = &self.mode {
+            advance(&core.flushed, core.published);
+        }
+        Ok(())
+    }
+}
+
+/// Where a JetStream reader starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest message the stream holds.
+    #[default]
+    First,
+    /// The newest message of each subject, then everything after it.
+    Last,
+    /// Only messages stored after the reader starts.
+    New,
+    /// This stream sequence and after.
+    Sequence(u64),
+}
+
+/// One message read by a [`NatsSource`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceMessage {
+    pub subject: String,
+    /// Every header value, names as sent (order across names is not preserved by NATS).
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// The JetStream stream sequence; `None` for core NATS.
+    pub stream_sequence: Option<u64>,
+}
+
+impl SourceMessage {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads messages from a core subscription or an ordered JetStream consumer.
+pub struct NatsSource {
+    inner: SourceInner,
+}
+
+enum SourceInner {
+    Core(async_nats::Subscriber),
+    JetStream(Box<consumer::pull::Ordered>),
+}
+
+fn source_headers(map: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(map) = map {
+        for (name, values) in map.iter() {
+            for v in values {
+                out.push((name.to_string(), v.as_str().to_owned()));
+            }
+        }
+    }
+    out
+}
+
+impl NatsSource {
+    /// Subscribe to a core NATS subject (wildcards allowed). Sees only what is published
+    /// after the subscription reached the server.
+    ///
+    /// # Errors
+    /// The subject is invalid or the client is closed.
+    pub async fn subscribe(client: &Client, subject: &str) -> Result<NatsSource, NatsError> {
+        let sub = client
+            .subscribe(subject.to_owned())
+            .await
+            .map_err(|e| NatsError::Subscribe {
+                subject: subject.into(),
+                reason: e.to_string(),
+            })?;
+        // Make sure the SUB reached the server before the caller publishes.
+        client.flush().await.map_err(|e| NatsError::Subscribe {
+            subject: subject.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(NatsSource {
+            inner: SourceInner::Core(sub),
+        })
+    }
+
+    /// Read a JetStream stream through an ordered, ephemeral consumer (no acks, recreated by
+    /// the client on a gap), optionally filtered by subject.
+    ///
+    /// # Errors
+    /// The stream does not exist or the consumer cannot be created.
+    pub async fn jetstream(
+        client: &Client,
+        stream: &str,
+        filter: Option<&str>,
+        start: StartAt,
+    ) -> Result<NatsSource, NatsError> {
+        let err = |reason: String| NatsError::Stream {
+            name: stream.into(),
+            reason,
+        };
+        let js = jetstream::new(client.clone());
+        let handle = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let deliver_policy = match start {
+            StartAt::First => consumer::DeliverPolicy::All,
+            StartAt::Last => consumer::DeliverPolicy::LastPerSubject,
+            StartAt::New => consumer::DeliverPolicy::New,
+            StartAt::Sequence(start_sequence) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+        };
+        let consumer = handle
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.unwrap_or_default().to_owned(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+        Ok(NatsSource {
+            inner: SourceInner::JetStream(Box::new(messages)),
+        })
+    }
+
+    /// The next message; `None` when the subscription ended.
+    ///
+    /// # Errors
+    /// The ordered consumer failed beyond what the client repairs by itself.
+    pub async fn next(&mut self) -> Option<Result<SourceMessage, NatsError>> {
+        match &mut self.inner {
+            SourceInner::Core(sub) => sub.next().await.map(|m| {
+                Ok(SourceMessage {
+                    subject: m.subject.to_string(),
+                    headers: source_headers(m.headers.as_ref()),
+                    payload: m.payload,
+                    stream_sequence: None,
+                })
+            }),
+            SourceInner::JetStream(messages) => Some(match messages.next().await? {
+                Ok(m) => {
+                    let stream_sequence = m.info().ok().map(|i| i.stream_sequence);
+                    let m = m.message;
+                    Ok(SourceMessage {
+                        subject: m.subject.to_string(),
+                        headers: source_headers(m.headers.as_ref()),
+                        payload: m.payload,
+                        stream_sequence,
+                    })
+                }
+                Err(e) => Err(NatsError::Read(e.to_string())),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(headers: &[(&str, &str)], key: &str, payload: &str) -> Record {
+        Record {
+            key: Bytes::from(key.to_owned()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Bytes::from((*v).to_owned())))
+                .collect(),
+            payload: Bytes::from(payload.to_owned()),
+        }
+    }
+
+    #[test]
+    fn message_ids_are_stable_and_distinct() {
+        let a = record(&[("server", "pbx1")], "pbx1/1.2", "payload-a");
+        let b = record(&[("server", "pbx1")], "pbx1/1.2", "payload-b");
+        assert_eq!(message_id(&a), message_id(&a.clone()));
+        assert_ne!(message_id(&a), message_id(&b));
+        assert!(message_id(&a).starts_with("pbx1/1.2/"));
+        // Stable across builds: a fixed input has a fixed id.
+        assert_eq!(message_id(&record(&[], "", "")), "cbf29ce484222325");
+        let exact = record(
+            &[("server", "pbx1"), ("epoch", "3"), ("seq", "17")],
+            "k",
+            "p",
+        );
+        assert_eq!(message_id(&exact), "pbx1/3/17");
+    }
+
+    #[test]
+    fn headers_carry_the_record_and_the_id() {
+        let r = record(
+            &[
+                ("server", "pbx1"),
+                ("event", "Hangup"),
+                ("schema", "amibus.v1"),
+            ],
+            "k",
+            "p",
+        );
+        let h = headers(&r, true).expect("valid");
+        assert_eq!(h.get("event").map(HeaderValue::as_str), Some("Hangup"));
+        assert_eq!(
+            h.get(async_nats::header::NATS_MESSAGE_ID)
+                .map(HeaderValue::as_str),
+            Some(message_id(&r).as_str())
+        );
+        assert!(
+            headers(&r, false)
+                .expect("valid")
+                .get("Nats-Msg-Id")
+                .is_none()
+        );
+        let crlf = record(&[("server", "a\r\nb")], "", "");
+        assert_eq!(
+            headers(&crlf, false)
+                .expect("sanitized")
+                .get("server")
+                .map(HeaderValue::as_str),
+            Some("a  b")
+        );
+        let bad = record(&[("bad name", "x")], "", "");
+        assert!(matches!(headers(&bad, false), Err(SinkError::Permanent(_))));
+    }
+
+    #[test]
+    fn stream_subjects_come_from_the_template_prefix() {
+        let mut cfg = NatsSinkConfig::default();
+        assert_eq!(cfg.stream_subjects().expect("prefix"), vec!["ami.>"]);
+        cfg.subject = "a.b.{server}.x.{event}".into();
+        assert_eq!(cfg.stream_subjects().expect("prefix"), vec!["a.b.>"]);
+        cfg.subject = "fixed.subject".into();
+        assert_eq!(cfg.stream_subjects().expect("fixed"), vec!["fixed.subject"]);
+        cfg.subject = "{server}.x".into();
+        assert!(cfg.stream_subjects().is_err());
+        cfg.stream = Some(StreamSpec {
+            subjects: vec!["x.>".into()],
+            ..StreamSpec::new("S")
+        });
+        assert_eq!(cfg.stream_subjects().expect("given"), vec!["x.>"]);
+    }
+
+    #[test]
+    fn secrets_and_urls_are_redacted() {
+        let auth = NatsAuth::UserPassword {
+            user: "u".into(),
+            password: Secret::new("hunter2"),
+        };
+        assert!(!format!("{auth:?}").contains("hunter2"));
+        assert!(!format!("{:?}", NatsAuth::NkeySeed(Secret::new("SUAXYZ"))).contains("SUAXYZ"));
+        assert_eq!(
+            redact_url("nats://user:pw@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(redact_url("tls://host:4222"), "tls://host:4222");
+        assert_eq!(redact_url("tok@host"), "***@host");
+    }
+}
