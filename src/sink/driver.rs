@@ -7,8 +7,14 @@
 //!   blocks the records behind it;
 //! - retriable failure → stop taking new records, let the in-flight ones finish, wait a
 //!   backoff, and rewind the reader to the oldest unacknowledged record. Records behind the
-//!   failure are sent again in order (skipping those acknowledged meanwhile), so per-key order
-//!   holds up to duplicates.
+//!   failure are sent again in order, skipping those acknowledged meanwhile.
+//!
+//! Order: Kafka's idempotent producer keeps each partition in order through its own retries,
+//! so per-key order holds up to duplicates. NATS JetStream can store one block out of order
+//! around a reconnect: records still queued in the client go out on the new connection before
+//! the ones lost with the old socket are resent. Nothing is lost or stored twice (Nats-Msg-Id),
+//! and every record carries `epoch` and `seq` (headers and envelope) for consumers that need
+//! strict order.
 //!
 //! Must never: acknowledge a record the sink did not confirm or give up on as permanent.
 
