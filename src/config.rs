@@ -42,32 +42,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A password. Never logged: `Debug` and `Display` print `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the login exchange only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use crate::secret::Secret;
 
 /// How the client proves who it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -616,7 +591,7 @@ fn validate_server(
         host,
         port,
         username,
-        secret: Secret(secret.unwrap_or_default()),
+        secret: Secret::new(secret.unwrap_or_default()),
         auth,
         tls,
         events,

@@ -17,6 +17,7 @@ pub mod ami;
 pub mod app;
 pub mod config;
 pub mod model;
+pub mod secret;
 pub mod sim;
 pub mod sink;
 pub mod spool;

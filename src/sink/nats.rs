@@ -25,7 +25,6 @@
 //! passwords, nkey seeds are [`Secret`]s whose `Debug` is redacted; server URLs are logged with
 //! their user info removed).
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,25 +38,7 @@ use tokio::sync::watch;
 
 use super::{Delivery, Record, Sink, SinkError, expand_template};
 
-/// A secret string (token, password, nkey seed). `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The secret itself; pass it on, never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use crate::secret::Secret;
 
 /// How the client proves who it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
