@@ -343,7 +343,7 @@ impl Config {
             }
         }
         let spool = validate_spool(raw.spool, &mut problems);
-        let sink = validate_sink(raw.sink, &mut problems);
+        let sink = validate_sink(raw.sink, env, &mut problems);
         let pipeline = validate_pipeline(raw.pipeline, &mut problems);
         let sim = raw.sim.map(|r| validate_sim(r, &mut problems));
         if configured_servers == 0 && sim.is_none() {
@@ -671,12 +671,16 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 pub use crate::app::pipeline::PayloadFormat;
 pub use crate::sink::file::{FileSinkConfig, Framing};
+pub use crate::sink::nats::{
+    NatsAuth, NatsMode, NatsSinkConfig, NatsTls, StreamSpec, StreamStorage,
+};
 pub use crate::spool::{Fsync, SpoolConfig, WhenFull};
 
 /// Where records go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SinkConfig {
     File(FileSinkConfig),
+    Nats(Box<NatsSinkConfig>),
 }
 
 /// How records are encoded and handed from the connections to the spool.
@@ -726,6 +730,46 @@ enum RawSize {
 struct RawSink {
     kind: Option<String>,
     file: Option<RawFileSink>,
+    nats: Option<RawNatsSink>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNatsSink {
+    servers: Option<Vec<String>>,
+    subject: Option<String>,
+    mode: Option<String>,
+    name: Option<String>,
+    token_env: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
+    credentials_file: Option<PathBuf>,
+    nkey_seed_env: Option<String>,
+    tls: Option<RawNatsTls>,
+    stream: Option<RawNatsStream>,
+    ack_timeout: Option<String>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNatsTls {
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    require: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNatsStream {
+    name: Option<String>,
+    subjects: Option<Vec<String>>,
+    storage: Option<String>,
+    max_bytes: Option<RawSize>,
+    max_age: Option<String>,
+    duplicate_window: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -859,7 +903,7 @@ fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
     cfg
 }
 
-fn validate_sink(raw: RawSink, problems: &mut Vec<Problem>) -> SinkConfig {
+fn validate_sink(raw: RawSink, env: &dyn Env, problems: &mut Vec<Problem>) -> SinkConfig {
     let kind = raw.kind.unwrap_or_else(|| "file".into());
     match kind.as_str() {
         "file" => {
@@ -873,6 +917,11 @@ fn validate_sink(raw: RawSink, problems: &mut Vec<Problem>) -> SinkConfig {
                 keep: f.keep.unwrap_or(5),
             })
         }
+        "nats" => SinkConfig::Nats(Box::new(validate_nats(
+            raw.nats.unwrap_or_default(),
+            env,
+            problems,
+        ))),
         other => {
             problem(
                 problems,
@@ -887,6 +936,185 @@ fn validate_sink(raw: RawSink, problems: &mut Vec<Problem>) -> SinkConfig {
             })
         }
     }
+}
+
+fn env_secret(
+    path: &str,
+    var: Option<String>,
+    env: &dyn Env,
+    problems: &mut Vec<Problem>,
+) -> Option<Secret> {
+    let var = var?;
+    match env.var(&var) {
+        Some(v) => Some(Secret::new(v)),
+        None => {
+            problem(
+                problems,
+                path,
+                format!("environment variable {var} is not set"),
+            );
+            None
+        }
+    }
+}
+
+fn opt_duration(
+    path: &str,
+    v: Option<String>,
+    default: Duration,
+    problems: &mut Vec<Problem>,
+) -> Duration {
+    match v {
+        None => default,
+        Some(s) => match parse_duration(&s) {
+            Some(d) if !d.is_zero() => d,
+            _ => {
+                problem(
+                    problems,
+                    path,
+                    format!("{s:?} is not a duration (e.g. 500ms, 5s, 2m)"),
+                );
+                default
+            }
+        },
+    }
+}
+
+fn validate_nats(raw: RawNatsSink, env: &dyn Env, problems: &mut Vec<Problem>) -> NatsSinkConfig {
+    let mut cfg = NatsSinkConfig::default();
+    if let Some(servers) = raw.servers {
+        if servers.is_empty() {
+            problem(
+                problems,
+                "sink.nats.servers",
+                "must list at least one server URL",
+            );
+        } else {
+            cfg.connection.servers = servers;
+        }
+    }
+    if let Some(subject) = raw.subject {
+        cfg.subject = subject;
+    }
+    cfg.mode = match raw.mode.as_deref() {
+        None | Some("jetstream") => NatsMode::JetStream,
+        Some("core") => NatsMode::Core,
+        Some(other) => {
+            problem(
+                problems,
+                "sink.nats.mode",
+                format!(
+                    "{other:?}: use \"jetstream\" (PubAck, at-least-once) or \"core\" (at-most-once)"
+                ),
+            );
+            NatsMode::JetStream
+        }
+    };
+    if raw.name.is_some() {
+        cfg.connection.name = raw.name;
+    }
+    let token = env_secret("sink.nats.token_env", raw.token_env, env, problems);
+    let password = env_secret("sink.nats.password_env", raw.password_env, env, problems);
+    let seed = env_secret("sink.nats.nkey_seed_env", raw.nkey_seed_env, env, problems);
+    let chosen = [
+        token.is_some(),
+        raw.user.is_some(),
+        raw.credentials_file.is_some(),
+        seed.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if chosen > 1 {
+        problem(
+            problems,
+            "sink.nats",
+            "choose one of token_env, user + password_env, credentials_file, nkey_seed_env",
+        );
+    }
+    cfg.connection.auth = match (token, raw.user, password, raw.credentials_file, seed) {
+        (Some(t), ..) => NatsAuth::Token(t),
+        (_, Some(user), Some(password), ..) => NatsAuth::UserPassword { user, password },
+        (_, Some(_), None, ..) => {
+            problem(problems, "sink.nats.password_env", "required with user");
+            NatsAuth::None
+        }
+        (_, _, _, Some(file), _) => NatsAuth::CredentialsFile(file),
+        (_, _, _, _, Some(seed)) => NatsAuth::NkeySeed(seed),
+        _ => NatsAuth::None,
+    };
+    if let Some(tls) = raw.tls {
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            problem(
+                problems,
+                "sink.nats.tls",
+                "client_cert and client_key go together",
+            );
+        }
+        cfg.connection.tls = NatsTls {
+            ca_file: tls.ca_file,
+            client_cert: tls.client_cert,
+            client_key: tls.client_key,
+            require: tls.require,
+        };
+    }
+    if let Some(st) = raw.stream {
+        let mut spec = StreamSpec::new(st.name.unwrap_or_else(|| "AMI".into()));
+        spec.subjects = st.subjects.unwrap_or_default();
+        spec.storage = match st.storage.as_deref() {
+            None | Some("file") => StreamStorage::File,
+            Some("memory") => StreamStorage::Memory,
+            Some(other) => {
+                problem(
+                    problems,
+                    "sink.nats.stream.storage",
+                    format!("{other:?}: use \"file\" or \"memory\""),
+                );
+                StreamStorage::File
+            }
+        };
+        spec.max_bytes = st
+            .max_bytes
+            .map(|m| size("sink.nats.stream.max_bytes", Some(m), 0, problems));
+        spec.max_age = st.max_age.map(|a| {
+            opt_duration(
+                "sink.nats.stream.max_age",
+                Some(a),
+                Duration::ZERO,
+                problems,
+            )
+        });
+        spec.duplicate_window = opt_duration(
+            "sink.nats.stream.duplicate_window",
+            st.duplicate_window,
+            spec.duplicate_window,
+            problems,
+        );
+        if cfg.mode == NatsMode::Core {
+            problem(
+                problems,
+                "sink.nats.stream",
+                "a stream needs mode = \"jetstream\"",
+            );
+        }
+        cfg.stream = Some(spec);
+    }
+    cfg.ack_timeout = opt_duration(
+        "sink.nats.ack_timeout",
+        raw.ack_timeout,
+        cfg.ack_timeout,
+        problems,
+    );
+    match raw.max_in_flight {
+        Some(0) => problem(
+            problems,
+            "sink.nats.max_in_flight",
+            "must be greater than zero",
+        ),
+        Some(n) => cfg.max_in_flight = n,
+        None => {}
+    }
+    cfg
 }
 
 fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineConfig {

@@ -5,21 +5,32 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "amibus", version, about = "Asterisk AMI to Kafka/NATS bridge")]
 struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = amibus::app::LogFormat::Human)]
+    log_format: amibus::app::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Read every configured Asterisk and publish its events (the main job). Without --config,
+    /// runs the embedded demo: a simulator with two servers, as JSON lines on standard output.
+    Run(amibus::app::run::Args),
+    /// Validate a configuration file without connecting to anything.
+    CheckConfig(amibus::app::CheckConfigArgs),
     /// Decode a raw AMI recording into JSON lines or protobuf envelopes.
     Decode(amibus::app::decode::Args),
-    /// Run simulated Asterisk servers speaking AMI (events, actions, faults).
+    /// Run the AMI simulator: a fake Asterisk farm for load tests.
     Sim(Box<amibus::app::sim::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    amibus::app::init_logging(cli.log_format);
     match cli.command {
+        Command::Run(args) => amibus::app::run::run(args),
+        Command::CheckConfig(args) => amibus::app::check_config(args),
         Command::Decode(args) => amibus::app::decode::run(args),
         Command::Sim(args) => amibus::app::sim::run(*args),
     }

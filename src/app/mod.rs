@@ -2,4 +2,56 @@
 
 pub mod decode;
 pub mod pipeline;
+pub mod run;
 pub mod sim;
+
+use std::path::PathBuf;
+
+/// How logs are written to standard error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per state change.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Send `tracing` output to standard error. `RUST_LOG` sets the level (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Human => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Arguments of `amibus check-config`.
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file to validate.
+    pub file: PathBuf,
+}
+
+/// Validate a configuration file and say what is wrong, every problem at once.
+///
+/// # Errors
+/// The file is missing, not TOML, or invalid.
+pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let cfg = crate::config::Config::load(&args.file)?;
+    println!(
+        "{}: valid ({} servers, sink {}, spool in {})",
+        args.file.display(),
+        cfg.servers.len(),
+        match cfg.sink {
+            crate::config::SinkConfig::File(_) => "file",
+            crate::config::SinkConfig::Nats(_) => "nats",
+        },
+        cfg.spool.dir.display()
+    );
+    Ok(())
+}

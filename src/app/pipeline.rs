@@ -69,6 +69,14 @@ impl Pipeline {
         self.stats
     }
 
+    /// Hand what was appended to the OS, so a SIGKILL loses none of it.
+    ///
+    /// # Errors
+    /// The spool cannot be written.
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        self.spool.flush()
+    }
+
     /// Encode one record and append it to the spool; report anything lost so far.
     ///
     /// # Errors

@@ -490,6 +490,16 @@ impl Spool {
         self.shared.changed.notify_waiters();
     }
 
+    /// Hand buffered appends to the OS (no fsync): from here they survive a crash of amibus,
+    /// SIGKILL included. The pipeline calls this after every batch it appends.
+    ///
+    /// # Errors
+    /// Writing fails.
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        let mut st = self.lock();
+        Self::flush_locked(&mut st, false)
+    }
+
     /// Flush, fsync per policy, and persist the floor. Call periodically and at shutdown.
     ///
     /// # Errors

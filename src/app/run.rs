@@ -1,0 +1,352 @@
+//! `amibus run`: every configured Asterisk → envelopes → spool → sink, until told to stop.
+//!
+//! Owns: starting the parts in order and stopping them in the reverse order.
+//!
+//! Start: open the spool (what an earlier run left unacknowledged is sent first), connect the
+//! sink and start its driver, start the pipeline, then the connections (and the in-process
+//! simulator of the embedded demo, if configured).
+//!
+//! Stop (SIGINT/SIGTERM, or the demo's simulator is done): stop reading AMI (each connection
+//! sends Logoff), let the pipeline empty the hand-off queue into the spool, keep delivering
+//! until the spool is empty or `pipeline.drain_timeout` passes, flush the sink, persist the
+//! spool's floor, exit 0. Whatever was not delivered stays in the spool for the next start.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ami::connection::{Connection, Options};
+use crate::ami::{Record, Stamped};
+use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::model::pb;
+use crate::sim::{Sim, SimConfig, SimHandle};
+use crate::sink::Sink;
+use crate::sink::driver::{self, DriverConfig, DriverStats};
+use crate::sink::file::FileSink;
+use crate::sink::nats::NatsSink;
+use crate::spool::Spool;
+
+use super::pipeline::{Pipeline, PipelineStats};
+
+/// The embedded default: an in-process simulator with two servers, read like real ones, written
+/// as JSON lines to standard output; amibus stops once every simulated event is delivered.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[sim]
+servers = 2
+rate = 2000
+count = 5000
+exit_when_done = true
+
+[pipeline]
+format = "json"
+
+[sink]
+kind = "file"
+[sink.file]
+path = "-"
+"#;
+
+/// Arguments of `amibus run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The configuration file (TOML). Without it, the embedded demo runs: a simulator with two
+    /// servers, written as JSON lines to standard output.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let mut cfg = Config::parse(EMBEDDED_DEFAULT, &ProcessEnv)?;
+            cfg.spool.dir =
+                std::env::temp_dir().join(format!("amibus-demo-{}", std::process::id()));
+            cfg
+        }
+    };
+    let demo_spool = args.config.is_none().then(|| cfg.spool.dir.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("amibus")
+        .build()
+        .context("cannot start the runtime")?;
+    let report = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        spawn_signal_handler(stop.clone());
+        run_until(&mut cfg, stop).await
+    })?;
+    eprintln!("{report}");
+    if let Some(dir) = demo_spool {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+fn spawn_signal_handler(stop: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        stop.cancel();
+    });
+}
+
+/// What a run did, printed at exit.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub pipeline: PipelineStats,
+    pub delivered: u64,
+    pub failed_permanent: u64,
+    pub left_in_spool: u64,
+    pub events_by_server: HashMap<String, u64>,
+    pub sim_events: Option<u64>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let events: u64 = self.events_by_server.values().sum();
+        write!(
+            f,
+            "amibus: {} records ({} events from {} servers) stored, {} delivered, {} undeliverable, {} dropped by the spool, {} left in the spool",
+            self.pipeline.stored,
+            events,
+            self.events_by_server.len(),
+            self.delivered,
+            self.failed_permanent,
+            self.pipeline.dropped_newest + self.pipeline.dropped_oldest,
+            self.left_in_spool
+        )?;
+        if let Some(sim) = self.sim_events {
+            write!(f, "; the simulator sent {sim} events")?;
+        }
+        Ok(())
+    }
+}
+
+/// Run with `cfg` until `stop` is cancelled (or the demo is done), then shut down in order.
+///
+/// # Errors
+/// The spool cannot be opened or written, the sink cannot be set up, or the simulator cannot
+/// start.
+pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Result<Report> {
+    let sim = match cfg.sim.clone() {
+        Some(demo) => Some(start_sim(&demo, cfg).await?),
+        None => None,
+    };
+    let (spool, recovery) = Spool::open(cfg.spool.clone())
+        .with_context(|| format!("cannot open the spool in {}", cfg.spool.dir.display()))?;
+    if recovery.pending > 0 || recovery.torn_bytes > 0 {
+        tracing::info!(
+            pending = recovery.pending,
+            torn_bytes = recovery.torn_bytes,
+            "spool recovered; sending what an earlier run left"
+        );
+    }
+    let stats = Arc::new(DriverStats::default());
+    let driver_stop = CancellationToken::new();
+    let drain_cfg = DriverConfig {
+        drain_deadline: cfg.pipeline.drain_timeout,
+        ..DriverConfig::default()
+    };
+    let driver = match &cfg.sink {
+        SinkConfig::File(f) => {
+            let sink =
+                FileSink::open(f.clone()).with_context(|| format!("cannot open {}", f.path))?;
+            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+        }
+        SinkConfig::Nats(n) => {
+            let sink = NatsSink::connect((**n).clone())
+                .await
+                .context("cannot set up the NATS sink")?;
+            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+        }
+    };
+    let maintain_stop = CancellationToken::new();
+    let maintain = {
+        let stop = maintain_stop.clone();
+        tokio::spawn(
+            spool
+                .clone()
+                .maintain(async move { stop.cancelled().await }),
+        )
+    };
+
+    // The pipeline: one task owns the spool's write side.
+    let (tx, mut rx) = mpsc::channel::<Stamped>(cfg.pipeline.handoff_queue);
+    let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format);
+    let events_seen = Arc::new(AtomicU64::new(0));
+    let seen = events_seen.clone();
+    let pipeline_task = tokio::spawn(async move {
+        let mut events: HashMap<String, u64> = HashMap::new();
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            for stamped in batch.drain(..) {
+                if is_event(&stamped) {
+                    *events.entry(stamped.stamp.server.to_string()).or_default() += 1;
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(e) = pipeline.accept(&stamped) {
+                    tracing::error!(error = %e, "cannot write the spool; stopping");
+                    return Err((e, pipeline.stats(), events));
+                }
+            }
+            // One write per batch puts the batch in the page cache: a SIGKILL from here on
+            // loses none of it.
+            if let Err(e) = pipeline.flush() {
+                tracing::error!(error = %e, "cannot write the spool; stopping");
+                return Err((e, pipeline.stats(), events));
+            }
+        }
+        Ok((pipeline.stats(), events))
+    });
+
+    // The connections.
+    let read_stop = CancellationToken::new();
+    let mut connections = Vec::with_capacity(cfg.servers.len());
+    for server in &cfg.servers {
+        connections.push(Connection::spawn(
+            Arc::new(server.clone()),
+            tx.clone(),
+            read_stop.clone(),
+            Options::default(),
+        ));
+    }
+    drop(tx);
+    tracing::info!(
+        servers = connections.len(),
+        sink = sink_name(&cfg.sink),
+        "amibus running"
+    );
+
+    // Wait for the stop signal, or for the demo's simulator to be done and delivered.
+    let demo_done = async {
+        match (&sim, cfg.sim.as_ref().is_some_and(|s| s.exit_when_done)) {
+            (Some(sim), true) => {
+                sim.wait_generated().await;
+                let sent: u64 = sim.stats().iter().map(|s| s.events).sum();
+                // Everything the simulator sent is in the spool once the pipeline has seen
+                // that many events; then the spool drains as at any stop.
+                while events_seen.load(Ordering::Relaxed) < sent {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = demo_done => tracing::info!("the simulator is done; stopping"),
+    }
+
+    // Stop in reverse order.
+    read_stop.cancel();
+    for c in connections {
+        let _ = c.task.await;
+    }
+    let (pipeline_stats, events_by_server) = match pipeline_task.await {
+        Ok(Ok(done)) => done,
+        Ok(Err((e, _, _))) => return Err(e.into()),
+        Err(e) => return Err(anyhow::anyhow!("the pipeline task failed: {e}")),
+    };
+    let deadline = Instant::now() + cfg.pipeline.drain_timeout;
+    while spool.stats().records_held > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    driver_stop.cancel();
+    driver.await.context("the sink driver failed")??;
+    maintain_stop.cancel();
+    let _ = maintain.await;
+    let sim_events = match sim {
+        Some(sim) => Some(sim.shutdown().await.iter().map(|s| s.events).sum()),
+        None => None,
+    };
+    Ok(Report {
+        pipeline: pipeline_stats,
+        delivered: stats.acknowledged.load(Ordering::Relaxed),
+        failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
+        left_in_spool: spool.stats().records_held,
+        events_by_server,
+        sim_events,
+    })
+}
+
+fn sink_name(cfg: &SinkConfig) -> &'static str {
+    match cfg {
+        SinkConfig::File(_) => "file",
+        SinkConfig::Nats(_) => "nats",
+    }
+}
+
+fn is_event(stamped: &Stamped) -> bool {
+    match &stamped.record {
+        Record::Frame(f) => crate::model::normalize(&f.frame()).kind == pb::Kind::Event,
+        _ => false,
+    }
+}
+
+fn spawn_driver<S: Sink>(
+    sink: S,
+    spool: &Spool,
+    cfg: DriverConfig,
+    stats: Arc<DriverStats>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), crate::spool::SpoolError>> {
+    let reader = spool.reader();
+    tokio::spawn(async move {
+        driver::run(
+            sink,
+            reader,
+            cfg,
+            stats,
+            async move { stop.cancelled().await },
+        )
+        .await
+    })
+}
+
+/// Start the demo's simulator and add its servers to the configuration.
+async fn start_sim(demo: &DemoSim, cfg: &mut Config) -> anyhow::Result<SimHandle> {
+    let sim_cfg = SimConfig {
+        servers: demo.servers,
+        rate: demo.rate,
+        count: demo.count,
+        seed: demo.seed,
+        ..SimConfig::default()
+    };
+    let sim = Sim::start(sim_cfg.clone())
+        .await
+        .context("cannot start the simulator")?;
+    for (i, addr) in sim.addrs().iter().enumerate() {
+        cfg.servers.push(ServerConfig::new(
+            &format!("sim-{}", i + 1),
+            &addr.ip().to_string(),
+            addr.port(),
+            &sim_cfg.username,
+            crate::secret::Secret::new(sim_cfg.secret.clone()),
+        ));
+    }
+    Ok(sim)
+}
