@@ -156,7 +156,7 @@ impl ServerConfig {
 }
 
 /// The validated configuration (the parts this module knows).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub servers: Vec<ServerConfig>,
     pub spool: SpoolConfig,
@@ -164,6 +164,16 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// An in-process simulator to read from (the embedded demo), if configured.
     pub sim: Option<DemoSim>,
+    pub metrics: MetricsConfig,
+}
+
+/// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    /// Where to listen (`0.0.0.0:9898`); `None` serves nothing.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` answers 503 while fewer than this share (0 to 1) of the servers are connected.
+    pub ready_min_connected: f64,
 }
 
 /// One problem found in the configuration, with the path of the key.
@@ -228,6 +238,15 @@ struct RawConfig {
     #[serde(default)]
     pipeline: RawPipeline,
     sim: Option<RawSim>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    ready_min_connected: Option<f64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -346,6 +365,7 @@ impl Config {
         let sink = validate_sink(raw.sink, env, &mut problems);
         let pipeline = validate_pipeline(raw.pipeline, &mut problems);
         let sim = raw.sim.map(|r| validate_sim(r, &mut problems));
+        let metrics = validate_metrics(raw.metrics, &mut problems);
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -359,6 +379,7 @@ impl Config {
                 sink,
                 pipeline,
                 sim,
+                metrics,
             })
         } else {
             Err(ConfigError::Invalid(problems))
@@ -1157,6 +1178,32 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
         format,
         handoff_queue,
         drain_timeout,
+    }
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Vec<Problem>) -> MetricsConfig {
+    let listen = raw.listen.and_then(|l| match l.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problem(
+                problems,
+                "metrics.listen",
+                format!("{l:?} is not an address such as 0.0.0.0:9898"),
+            );
+            None
+        }
+    });
+    let share = raw.ready_min_connected.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&share) {
+        problem(
+            problems,
+            "metrics.ready_min_connected",
+            "must be between 0 and 1",
+        );
+    }
+    MetricsConfig {
+        listen,
+        ready_min_connected: share.clamp(0.0, 1.0),
     }
 }
 

@@ -39,6 +39,31 @@ pub struct PipelineStats {
     pub gap_records: u64,
 }
 
+/// Pipeline counters readable from other tasks (the metrics endpoint); the pipeline publishes
+/// its own counters here after every batch.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    records: std::sync::atomic::AtomicU64,
+    gap_records: std::sync::atomic::AtomicU64,
+}
+
+impl SharedStats {
+    pub fn publish(&self, s: &PipelineStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.records.store(s.records, Relaxed);
+        self.gap_records.store(s.gap_records, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> PipelineStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        PipelineStats {
+            records: self.records.load(Relaxed),
+            gap_records: self.gap_records.load(Relaxed),
+            ..PipelineStats::default()
+        }
+    }
+}
+
 /// An inclusive range of sequence numbers.
 type SeqRange = (u64, u64);
 

@@ -32,7 +32,8 @@ use crate::sink::file::FileSink;
 use crate::sink::nats::NatsSink;
 use crate::spool::Spool;
 
-use super::pipeline::{Pipeline, PipelineStats};
+use super::pipeline::{Pipeline, PipelineStats, SharedStats};
+use crate::telemetry::{self, Sources};
 
 /// The embedded default: an in-process simulator with two servers, read like real ones, written
 /// as JSON lines to standard output; amibus stops once every simulated event is delivered.
@@ -197,6 +198,8 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
     // The pipeline: one task owns the spool's write side.
     let (tx, mut rx) = mpsc::channel::<Stamped>(cfg.pipeline.handoff_queue);
     let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format);
+    let shared_stats = Arc::new(SharedStats::default());
+    let published = shared_stats.clone();
     let events_seen = Arc::new(AtomicU64::new(0));
     let seen = events_seen.clone();
     let pipeline_task = tokio::spawn(async move {
@@ -213,6 +216,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
                     return Err((e, pipeline.stats(), events));
                 }
             }
+            published.publish(&pipeline.stats());
             // One write per batch puts the batch in the page cache: a SIGKILL from here on
             // loses none of it.
             if let Err(e) = pipeline.flush() {
@@ -235,6 +239,33 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         ));
     }
     drop(tx);
+    let metrics_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics.listen {
+        let sources = Sources {
+            connections: cfg
+                .servers
+                .iter()
+                .zip(&connections)
+                .map(|(s, c)| (s.id.clone(), c.stats.clone()))
+                .collect(),
+            spool: Some(spool.clone()),
+            sink: Some((sink_name(&cfg.sink), stats.clone())),
+            pipeline: Some(shared_stats.clone()),
+        };
+        let handle = telemetry::install().context("cannot install the metrics recorder")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        let stop = metrics_stop.clone();
+        tokio::spawn(telemetry::serve(
+            listener,
+            handle,
+            sources,
+            cfg.metrics.ready_min_connected,
+            async move { stop.cancelled().await },
+        ));
+    }
     tracing::info!(
         servers = connections.len(),
         sink = sink_name(&cfg.sink),
@@ -279,6 +310,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
     driver.await.context("the sink driver failed")??;
     maintain_stop.cancel();
     let _ = maintain.await;
+    metrics_stop.cancel();
     let sim_events = match sim {
         Some(sim) => Some(sim.shutdown().await.iter().map(|s| s.events).sum()),
         None => None,

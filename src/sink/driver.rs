@@ -19,8 +19,9 @@
 //! Must never: acknowledge a record the sink did not confirm or give up on as permanent.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -36,9 +37,16 @@ pub struct DriverStats {
     pub failed_permanent: AtomicU64,
     pub failed_retriable: AtomicU64,
     pub rewinds: AtomicU64,
+    /// Set by a retriable failure, cleared by the next acknowledgement.
+    failing: AtomicBool,
 }
 
 impl DriverStats {
+    /// False while deliveries fail retriably (the broker is down or refusing).
+    pub fn is_ready(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> [u64; 5] {
         [
             self.sent.load(Ordering::Relaxed),
@@ -81,6 +89,7 @@ pub async fn run<S: Sink>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SpoolError> {
     let mut in_flight = FuturesUnordered::new();
+    let sink_name = sink.name();
     let mut rewind_pending = false;
     let mut backoff = cfg.backoff_min;
     tokio::pin!(shutdown);
@@ -109,7 +118,17 @@ pub async fn run<S: Sink>(
                 let (id, record) = next?;
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 match sink.send(&record).await {
-                    Ok(delivery) => in_flight.push(async move { (id, delivery.await) }),
+                    Ok(delivery) => {
+                        let sent = Instant::now();
+                        in_flight.push(async move {
+                            let outcome = delivery.await;
+                            if outcome.is_ok() {
+                                metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => sink_name)
+                                    .record(sent.elapsed().as_secs_f64());
+                            }
+                            (id, outcome)
+                        });
+                    }
                     Err(e) => {
                         if settle(&reader, &stats, sink.name(), id, Err(e)) {
                             rewind_pending = true;
@@ -142,6 +161,7 @@ fn settle(
         Ok(()) => {
             reader.spool().ack(id);
             stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            stats.failing.store(false, Ordering::Relaxed);
             false
         }
         Err(SinkError::Permanent(why)) => {
@@ -151,6 +171,7 @@ fn settle(
             false
         }
         Err(SinkError::Retriable(why)) => {
+            stats.failing.store(true, Ordering::Relaxed);
             if stats.failed_retriable.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
                 tracing::warn!(sink, record = id, error = %why, "delivery failed; will resend");
             }

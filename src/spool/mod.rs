@@ -27,7 +27,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -176,7 +176,11 @@ struct State {
     unsynced: bool,
     scratch: Vec<u8>,
     stats: SpoolStats,
+    /// (id, when appended) every [`AGE_SAMPLE_EVERY`] records, for the oldest record's age.
+    age_samples: VecDeque<(u64, Instant)>,
 }
+
+const AGE_SAMPLE_EVERY: u64 = 256;
 
 struct Shared {
     cfg: SpoolConfig,
@@ -290,6 +294,8 @@ impl Spool {
             unsynced: false,
             scratch: Vec::with_capacity(4096),
             stats: SpoolStats::default(),
+            // Records found on disk at open count as appended now: their age is at least that.
+            age_samples: VecDeque::from([(acked_floor, Instant::now())]),
         };
         let spool = Spool {
             shared: Arc::new(Shared {
@@ -365,6 +371,9 @@ impl Spool {
         }
         st.stats.appended += 1;
         st.unsynced = true;
+        if id % AGE_SAMPLE_EVERY == 0 || st.age_samples.is_empty() {
+            st.age_samples.push_back((id, Instant::now()));
+        }
         if cfg.fsync == Fsync::Always {
             Self::flush_locked(&mut st, true)?;
         }
@@ -551,6 +560,24 @@ impl Spool {
         }
         let spool = self.clone();
         let _ = tokio::task::spawn_blocking(move || spool.checkpoint(true)).await;
+    }
+
+    /// How long the oldest unacknowledged record has waited (to within a few hundred records;
+    /// zero when everything is acknowledged).
+    pub fn oldest_age(&self) -> Duration {
+        let mut st = self.lock();
+        let floor = st.acked_floor;
+        if floor >= st.next_id {
+            st.age_samples.clear();
+            return Duration::ZERO;
+        }
+        // Keep only the newest sample at or below the floor, and those after it.
+        while st.age_samples.len() > 1 && st.age_samples.get(1).is_some_and(|s| s.0 <= floor) {
+            st.age_samples.pop_front();
+        }
+        st.age_samples
+            .front()
+            .map_or(Duration::ZERO, |s| s.1.elapsed())
     }
 
     pub fn stats(&self) -> SpoolStats {

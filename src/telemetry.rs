@@ -1,0 +1,318 @@
+//! Telemetry: every metric amibus exports, described in one place, and the HTTP endpoints
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Owns: metric names, help texts and labels; turning the components' own counters (connection
+//! stats, pipeline, spool, sink driver) into Prometheus series at scrape time; the tiny HTTP
+//! server. The hot paths count in their own atomics; nothing here runs per record except the
+//! sink's send-latency histogram.
+//!
+//! Labels stay low-cardinality: `server` (configured ids), `sink`, `reason`. Never a Uniqueid
+//! or ActionID.
+//!
+//! | metric | type | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `amibus_ami_connected` | gauge | server | 1 while logged in |
+//! | `amibus_ami_frames_total` | counter | server | frames read (events, responses, list items) |
+//! | `amibus_ami_bytes_total` | counter | server | bytes read from the socket |
+//! | `amibus_ami_parse_errors_total` | counter | server | frames skipped as malformed or oversized |
+//! | `amibus_ami_reconnects_total` | counter | server | connection attempts after the first |
+//! | `amibus_ami_auth_failures_total` | counter | server | logins refused |
+//! | `amibus_ami_seconds_since_last_byte` | gauge | server | silence on the socket |
+//! | `amibus_ami_dropped_records_total` | counter | server | records dropped at a full hand-off queue |
+//! | `amibus_ami_gap_records_total` | counter | server | gap records sent for them |
+//! | `amibus_pipeline_records_total` | counter | | records encoded into the spool |
+//! | `amibus_spool_records` | gauge | | records held (not yet acknowledged) |
+//! | `amibus_spool_bytes` | gauge | | bytes of segments on disk |
+//! | `amibus_spool_oldest_record_age_seconds` | gauge | | age of the oldest unacknowledged record |
+//! | `amibus_spool_dropped_records_total` | counter | reason | `drop_oldest`, `drop_newest` |
+//! | `amibus_spool_gap_records_total` | counter | | gap records for spool drops |
+//! | `amibus_sink_records_sent_total` | counter | sink | records handed to the sink |
+//! | `amibus_sink_records_acknowledged_total` | counter | sink | records the broker confirmed |
+//! | `amibus_sink_records_failed_total` | counter | sink, reason | `permanent` (dropped), `retriable` (sent again) |
+//! | `amibus_sink_rewinds_total` | counter | sink | resends after a retriable failure |
+//! | `amibus_sink_send_seconds` | histogram | sink | hand-off to acknowledgement |
+//! | `amibus_sink_ready` | gauge | sink | 0 while deliveries fail retriably |
+//! | `amibus_servers_configured` | gauge | | servers this replica reads |
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::ami::connection::Stats as ConnectionStats;
+use crate::sink::driver::DriverStats;
+use crate::spool::Spool;
+
+/// The send-latency histogram's name (recorded by the sink driver per acknowledgement).
+pub const SINK_SEND_SECONDS: &str = "amibus_sink_send_seconds";
+
+/// Install the Prometheus recorder and describe every metric.
+///
+/// # Errors
+/// A recorder is already installed.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(
+        "amibus_ami_connected",
+        "1 while the AMI session is logged in"
+    );
+    describe_counter!("amibus_ami_frames_total", "AMI frames read");
+    describe_counter!(
+        "amibus_ami_bytes_total",
+        Unit::Bytes,
+        "bytes read from AMI sockets"
+    );
+    describe_counter!(
+        "amibus_ami_parse_errors_total",
+        "AMI frames skipped as malformed or oversized"
+    );
+    describe_counter!(
+        "amibus_ami_reconnects_total",
+        "AMI connection attempts after the first"
+    );
+    describe_counter!("amibus_ami_auth_failures_total", "AMI logins refused");
+    describe_gauge!(
+        "amibus_ami_seconds_since_last_byte",
+        Unit::Seconds,
+        "time since the last byte from the server"
+    );
+    describe_counter!(
+        "amibus_ami_dropped_records_total",
+        "records dropped because the hand-off queue was full"
+    );
+    describe_counter!(
+        "amibus_ami_gap_records_total",
+        "gap records sent for records dropped at the hand-off queue"
+    );
+    describe_counter!(
+        "amibus_pipeline_records_total",
+        "records encoded into the spool"
+    );
+    describe_gauge!(
+        "amibus_spool_records",
+        "records in the spool not yet acknowledged by the sink"
+    );
+    describe_gauge!(
+        "amibus_spool_bytes",
+        Unit::Bytes,
+        "bytes of spool segments on disk"
+    );
+    describe_gauge!(
+        "amibus_spool_oldest_record_age_seconds",
+        Unit::Seconds,
+        "age of the oldest unacknowledged record"
+    );
+    describe_counter!(
+        "amibus_spool_dropped_records_total",
+        "records dropped by the spool's cap, by policy"
+    );
+    describe_counter!(
+        "amibus_spool_gap_records_total",
+        "gap records sent for records the spool dropped"
+    );
+    describe_counter!(
+        "amibus_sink_records_sent_total",
+        "records handed to the sink"
+    );
+    describe_counter!(
+        "amibus_sink_records_acknowledged_total",
+        "records the broker confirmed"
+    );
+    describe_counter!(
+        "amibus_sink_records_failed_total",
+        "delivery failures: permanent ones are dropped, retriable ones sent again"
+    );
+    describe_counter!(
+        "amibus_sink_rewinds_total",
+        "resends from the oldest unacknowledged record after a retriable failure"
+    );
+    describe_histogram!(
+        SINK_SEND_SECONDS,
+        Unit::Seconds,
+        "time from handing a record to the sink to its acknowledgement"
+    );
+    describe_gauge!("amibus_sink_ready", "0 while deliveries fail retriably");
+    describe_gauge!(
+        "amibus_servers_configured",
+        "AMI servers this replica reads"
+    );
+}
+
+/// Everything whose counters are exported at scrape time.
+#[derive(Clone, Default)]
+pub struct Sources {
+    pub connections: Vec<(String, Arc<ConnectionStats>)>,
+    pub spool: Option<Spool>,
+    pub sink: Option<(&'static str, Arc<DriverStats>)>,
+    pub pipeline: Option<Arc<crate::app::pipeline::SharedStats>>,
+}
+
+impl Sources {
+    /// Copy the components' counters into the recorder.
+    pub fn collect(&self) {
+        let now = crate::ami::record::now_ns();
+        gauge!("amibus_servers_configured").set(self.connections.len() as f64);
+        for (server, stats) in &self.connections {
+            let s = stats.snapshot();
+            let l = [("server", server.clone())];
+            gauge!("amibus_ami_connected", &l).set(if s.connected { 1.0 } else { 0.0 });
+            counter!("amibus_ami_frames_total", &l).absolute(s.frames);
+            counter!("amibus_ami_bytes_total", &l).absolute(s.bytes);
+            counter!("amibus_ami_parse_errors_total", &l).absolute(s.parse_errors);
+            counter!("amibus_ami_reconnects_total", &l).absolute(s.reconnects);
+            counter!("amibus_ami_auth_failures_total", &l).absolute(s.auth_failures);
+            counter!("amibus_ami_dropped_records_total", &l).absolute(s.dropped_records);
+            counter!("amibus_ami_gap_records_total", &l).absolute(s.gaps);
+            if s.last_byte_ns > 0 {
+                let silent = (now - s.last_byte_ns).max(0) as f64 / 1e9;
+                gauge!("amibus_ami_seconds_since_last_byte", &l).set(silent);
+            }
+        }
+        if let Some(p) = &self.pipeline {
+            let p = p.snapshot();
+            counter!("amibus_pipeline_records_total").absolute(p.records);
+            counter!("amibus_spool_gap_records_total").absolute(p.gap_records);
+        }
+        if let Some(spool) = &self.spool {
+            let s = spool.stats();
+            gauge!("amibus_spool_records").set(s.records_held as f64);
+            gauge!("amibus_spool_bytes").set(s.bytes_held as f64);
+            gauge!("amibus_spool_oldest_record_age_seconds").set(spool.oldest_age().as_secs_f64());
+            counter!("amibus_spool_dropped_records_total", "reason" => "drop_oldest")
+                .absolute(s.dropped_oldest);
+            counter!("amibus_spool_dropped_records_total", "reason" => "drop_newest")
+                .absolute(s.dropped_newest);
+        }
+        if let Some((sink, d)) = &self.sink {
+            let l = [("sink", (*sink).to_owned())];
+            counter!("amibus_sink_records_sent_total", &l).absolute(d.sent.load(Ordering::Relaxed));
+            counter!("amibus_sink_records_acknowledged_total", &l)
+                .absolute(d.acknowledged.load(Ordering::Relaxed));
+            counter!("amibus_sink_records_failed_total", "sink" => *sink, "reason" => "permanent")
+                .absolute(d.failed_permanent.load(Ordering::Relaxed));
+            counter!("amibus_sink_records_failed_total", "sink" => *sink, "reason" => "retriable")
+                .absolute(d.failed_retriable.load(Ordering::Relaxed));
+            counter!("amibus_sink_rewinds_total", &l).absolute(d.rewinds.load(Ordering::Relaxed));
+            gauge!("amibus_sink_ready", &l).set(if d.is_ready() { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Ready: the sink is not failing, and at least `min_connected` of the servers (a share,
+    /// 0 to 1) are logged in.
+    pub fn ready(&self, min_connected: f64) -> Result<(), String> {
+        if let Some((sink, d)) = &self.sink
+            && !d.is_ready()
+        {
+            return Err(format!("sink {sink} is failing deliveries"));
+        }
+        if self.connections.is_empty() {
+            return Ok(());
+        }
+        let up = self
+            .connections
+            .iter()
+            .filter(|(_, s)| s.snapshot().connected)
+            .count();
+        let share = up as f64 / self.connections.len() as f64;
+        if share + 1e-9 < min_connected {
+            return Err(format!(
+                "{up} of {} servers connected (needs {:.0} %)",
+                self.connections.len(),
+                min_connected * 100.0
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves. A
+/// minimal HTTP/1.1 server: one request per connection, GET only, bounded request size.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    sources: Sources,
+    min_connected: f64,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (mut sock, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let handle = handle.clone();
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 2048];
+            let mut len = 0;
+            let read = async {
+                loop {
+                    let n = sock.read(&mut req[len..]).await?;
+                    len += n;
+                    if n == 0 || req[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == req.len()
+                    {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let line = req[..len].split(|&b| b == b'\r').next().unwrap_or_default();
+            let mut parts = line.split(|&b| b == b' ');
+            let method = parts.next().unwrap_or_default();
+            let path = parts.next().unwrap_or_default();
+            let (status, ctype, body) = match (method, path) {
+                (b"GET", b"/metrics") => {
+                    sources.collect();
+                    ("200 OK", "text/plain; version=0.0.4", handle.render())
+                }
+                (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                (b"GET", b"/readyz") => match sources.ready(min_connected) {
+                    Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
+                    Err(why) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    ),
+                },
+                (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_owned(),
+                ),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
