@@ -165,6 +165,8 @@ pub struct Config {
     /// An in-process simulator to read from (the embedded demo), if configured.
     pub sim: Option<DemoSim>,
     pub metrics: MetricsConfig,
+    /// Which servers this replica reads (all of them with one replica).
+    pub shard: crate::shard::Shard,
 }
 
 /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -240,6 +242,17 @@ struct RawConfig {
     sim: Option<RawSim>,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    shard: RawShard,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShard {
+    index: Option<u32>,
+    count: Option<u32>,
+    #[serde(default)]
+    index_from_hostname: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -366,6 +379,7 @@ impl Config {
         let pipeline = validate_pipeline(raw.pipeline, &mut problems);
         let sim = raw.sim.map(|r| validate_sim(r, &mut problems));
         let metrics = validate_metrics(raw.metrics, &mut problems);
+        let shard = validate_shard(raw.shard, env, &mut problems);
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -380,6 +394,7 @@ impl Config {
                 pipeline,
                 sim,
                 metrics,
+                shard,
             })
         } else {
             Err(ConfigError::Invalid(problems))
@@ -1181,6 +1196,56 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
     }
 }
 
+/// `[shard]`, with `AMIBUS_SHARD_INDEX` / `AMIBUS_SHARD_COUNT` from the environment taking
+/// precedence (a StatefulSet sets them per pod), or the index read from the host name's
+/// ordinal (`amibus-2` → 2) with `index_from_hostname = true`.
+fn validate_shard(
+    raw: RawShard,
+    env: &dyn Env,
+    problems: &mut Vec<Problem>,
+) -> crate::shard::Shard {
+    let from_env = |name: &str, problems: &mut Vec<Problem>| {
+        env.var(name).and_then(|v| match v.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                problem(problems, "shard", format!("{name}={v:?} is not a number"));
+                None
+            }
+        })
+    };
+    let count = from_env("AMIBUS_SHARD_COUNT", problems)
+        .or(raw.count)
+        .unwrap_or(1);
+    let index = match from_env("AMIBUS_SHARD_INDEX", problems) {
+        Some(i) => i,
+        None if raw.index_from_hostname => {
+            let host = env.var("HOSTNAME").unwrap_or_default();
+            crate::shard::ordinal_from_hostname(&host).unwrap_or_else(|| {
+                problem(
+                    problems,
+                    "shard.index_from_hostname",
+                    format!("host name {host:?} does not end in -<number>"),
+                );
+                0
+            })
+        }
+        None => raw.index.unwrap_or(0),
+    };
+    if count == 0 {
+        problem(problems, "shard.count", "must be at least 1");
+    } else if index >= count {
+        problem(
+            problems,
+            "shard.index",
+            format!("{index} is not below shard.count {count}"),
+        );
+    }
+    crate::shard::Shard {
+        index: index.min(count.saturating_sub(1)),
+        count: count.max(1),
+    }
+}
+
 fn validate_metrics(raw: RawMetrics, problems: &mut Vec<Problem>) -> MetricsConfig {
     let listen = raw.listen.and_then(|l| match l.parse() {
         Ok(addr) => Some(addr),
@@ -1360,5 +1425,40 @@ mod tests {
     fn secret_is_redacted() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+    }
+
+    struct MapEnv(&'static [(&'static str, &'static str)]);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    const ONE_SERVER: &str =
+        "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"s\"\n";
+
+    #[test]
+    fn shard_comes_from_the_environment_or_the_host_name() {
+        let cfg = Config::parse(
+            &format!("{ONE_SERVER}[shard]\nindex = 0\ncount = 2\n"),
+            &MapEnv(&[("AMIBUS_SHARD_INDEX", "2"), ("AMIBUS_SHARD_COUNT", "3")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.shard, crate::shard::Shard { index: 2, count: 3 });
+        let cfg = Config::parse(
+            &format!("{ONE_SERVER}[shard]\ncount = 4\nindex_from_hostname = true\n"),
+            &MapEnv(&[("HOSTNAME", "amibus-3")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.shard, crate::shard::Shard { index: 3, count: 4 });
+        let err = Config::parse(
+            &format!("{ONE_SERVER}[shard]\nindex = 3\ncount = 3\n"),
+            &MapEnv(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems()[0].path, "shard.index");
     }
 }

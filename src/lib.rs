@@ -18,6 +18,7 @@ pub mod app;
 pub mod config;
 pub mod model;
 pub mod secret;
+pub mod shard;
 pub mod sim;
 pub mod sink;
 pub mod spool;

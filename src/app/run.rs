@@ -118,6 +118,8 @@ fn spawn_signal_handler(stop: CancellationToken) {
 /// What a run did, printed at exit.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Servers this replica read (after sharding).
+    pub servers: usize,
     pub pipeline: PipelineStats,
     pub delivered: u64,
     pub failed_permanent: u64,
@@ -230,6 +232,8 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
     // The connections.
     let read_stop = CancellationToken::new();
     let mut connections = Vec::with_capacity(cfg.servers.len());
+    let shard = cfg.shard;
+    cfg.servers.retain(|s| shard.owns(&s.id));
     for server in &cfg.servers {
         connections.push(Connection::spawn(
             Arc::new(server.clone()),
@@ -316,6 +320,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         None => None,
     };
     Ok(Report {
+        servers: cfg.servers.len(),
         pipeline: pipeline_stats,
         delivered: stats.acknowledged.load(Ordering::Relaxed),
         failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
