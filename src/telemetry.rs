@@ -35,8 +35,8 @@
 //! | `amibus_servers_configured` | gauge | | servers this replica reads |
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -154,18 +154,27 @@ fn describe() {
 /// Everything whose counters are exported at scrape time.
 #[derive(Clone, Default)]
 pub struct Sources {
-    pub connections: Vec<(String, Arc<ConnectionStats>)>,
+    /// The running connections; replaced when a reload changes the server list.
+    pub connections: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>>,
     pub spool: Option<Spool>,
     pub sink: Option<(&'static str, Arc<DriverStats>)>,
     pub pipeline: Option<Arc<crate::app::pipeline::SharedStats>>,
 }
 
 impl Sources {
+    fn connections(&self) -> Vec<(String, Arc<ConnectionStats>)> {
+        self.connections
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
     /// Copy the components' counters into the recorder.
     pub fn collect(&self) {
         let now = crate::ami::record::now_ns();
-        gauge!("amibus_servers_configured").set(self.connections.len() as f64);
-        for (server, stats) in &self.connections {
+        let connections = self.connections();
+        gauge!("amibus_servers_configured").set(connections.len() as f64);
+        for (server, stats) in &connections {
             let s = stats.snapshot();
             let l = [("server", server.clone())];
             gauge!("amibus_ami_connected", &l).set(if s.connected { 1.0 } else { 0.0 });
@@ -218,19 +227,19 @@ impl Sources {
         {
             return Err(format!("sink {sink} is failing deliveries"));
         }
-        if self.connections.is_empty() {
+        let connections = self.connections();
+        if connections.is_empty() {
             return Ok(());
         }
-        let up = self
-            .connections
+        let up = connections
             .iter()
             .filter(|(_, s)| s.snapshot().connected)
             .count();
-        let share = up as f64 / self.connections.len() as f64;
+        let share = up as f64 / connections.len() as f64;
         if share + 1e-9 < min_connected {
             return Err(format!(
                 "{up} of {} servers connected (needs {:.0} %)",
-                self.connections.len(),
+                connections.len(),
                 min_connected * 100.0
             ));
         }

@@ -13,15 +13,15 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ami::connection::{Connection, Options};
+use crate::ami::connection::{Connection, Options, Stats as ConnectionStats};
 use crate::ami::{Record, Stamped};
 use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
 use crate::model::pb;
@@ -81,13 +81,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = runtime.block_on(async {
         let stop = CancellationToken::new();
         spawn_signal_handler(stop.clone());
-        run_until(&mut cfg, stop).await
+        let (reload_tx, reloads) = mpsc::channel(4);
+        if let Some(path) = args.config.clone() {
+            spawn_reload_handler(path, reload_tx);
+        }
+        run_with(&mut cfg, stop, reloads).await
     })?;
     eprintln!("{report}");
     if let Some(dir) = demo_spool {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// On SIGHUP, read the configuration again and hand its server list to the running job. A file
+/// that does not validate is reported and changes nothing. Other sections (sink, spool) take
+/// effect at the next start.
+fn spawn_reload_handler(path: PathBuf, reloads: mpsc::Sender<Vec<ServerConfig>>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; reloads are off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(cfg) => {
+                    tracing::info!(path = %path.display(), servers = cfg.servers.len(), "SIGHUP: reloading the server list");
+                    if reloads.send(cfg.servers).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "SIGHUP: configuration rejected; keeping the running server list")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    {
+        let _ = (path, reloads);
+    }
 }
 
 fn spawn_signal_handler(stop: CancellationToken) {
@@ -152,9 +187,24 @@ impl std::fmt::Display for Report {
 /// Run with `cfg` until `stop` is cancelled (or the demo is done), then shut down in order.
 ///
 /// # Errors
+/// As [`run_with`].
+pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Result<Report> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_with(cfg, stop, reloads).await
+}
+
+/// [`run_until`], also taking new server lists (a SIGHUP reload): servers that appear are
+/// connected, servers that disappear or whose settings changed are logged off (and the changed
+/// ones reconnected), and every other connection is left alone.
+///
+/// # Errors
 /// The spool cannot be opened or written, the sink cannot be set up, or the simulator cannot
 /// start.
-pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Result<Report> {
+pub async fn run_with(
+    cfg: &mut Config,
+    stop: CancellationToken,
+    mut reloads: mpsc::Receiver<Vec<ServerConfig>>,
+) -> anyhow::Result<Report> {
     let sim = match cfg.sim.clone() {
         Some(demo) => Some(start_sim(&demo, cfg).await?),
         None => None,
@@ -229,29 +279,23 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         Ok((pipeline.stats(), events))
     });
 
-    // The connections.
+    // The connections, one task per owned server; SIGHUP can change the set.
     let read_stop = CancellationToken::new();
-    let mut connections = Vec::with_capacity(cfg.servers.len());
     let shard = cfg.shard;
     cfg.servers.retain(|s| shard.owns(&s.id));
-    for server in &cfg.servers {
-        connections.push(Connection::spawn(
-            Arc::new(server.clone()),
-            tx.clone(),
-            read_stop.clone(),
-            Options::default(),
-        ));
-    }
+    let registry: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>> = Arc::default();
+    let mut running = Running {
+        tasks: HashMap::new(),
+        tx: tx.clone(),
+        read_stop: read_stop.clone(),
+        registry: registry.clone(),
+    };
+    running.apply(cfg.servers.clone()).await;
     drop(tx);
     let metrics_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics.listen {
         let sources = Sources {
-            connections: cfg
-                .servers
-                .iter()
-                .zip(&connections)
-                .map(|(s, c)| (s.id.clone(), c.stats.clone()))
-                .collect(),
+            connections: registry.clone(),
             spool: Some(spool.clone()),
             sink: Some((sink_name(&cfg.sink), stats.clone())),
             pipeline: Some(shared_stats.clone()),
@@ -271,13 +315,13 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         ));
     }
     tracing::info!(
-        servers = connections.len(),
+        servers = running.tasks.len(),
         sink = sink_name(&cfg.sink),
         "amibus running"
     );
 
     // Wait for the stop signal, or for the demo's simulator to be done and delivered.
-    let demo_done = async {
+    let mut demo_done = Box::pin(async {
         match (&sim, cfg.sim.as_ref().is_some_and(|s| s.exit_when_done)) {
             (Some(sim), true) => {
                 sim.wait_generated().await;
@@ -290,17 +334,30 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
             }
             _ => std::future::pending().await,
         }
-    };
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = demo_done => tracing::info!("the simulator is done; stopping"),
+    });
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = &mut demo_done => {
+                tracing::info!("the simulator is done; stopping");
+                break;
+            }
+            Some(servers) = reloads.recv() => {
+                let owned = servers.into_iter().filter(|s| shard.owns(&s.id)).collect();
+                running.apply(owned).await;
+            }
+        }
     }
+
+    drop(demo_done);
 
     // Stop in reverse order.
     read_stop.cancel();
-    for c in connections {
-        let _ = c.task.await;
+    let servers = running.tasks.len();
+    for (_, r) in running.tasks.drain() {
+        let _ = r.conn.task.await;
     }
+    drop(running);
     let (pipeline_stats, events_by_server) = match pipeline_task.await {
         Ok(Ok(done)) => done,
         Ok(Err((e, _, _))) => return Err(e.into()),
@@ -320,7 +377,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         None => None,
     };
     Ok(Report {
-        servers: cfg.servers.len(),
+        servers,
         pipeline: pipeline_stats,
         delivered: stats.acknowledged.load(Ordering::Relaxed),
         failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
@@ -328,6 +385,79 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         events_by_server,
         sim_events,
     })
+}
+
+/// The running connections, by server id.
+struct Running {
+    tasks: HashMap<String, RunningServer>,
+    tx: mpsc::Sender<Stamped>,
+    read_stop: CancellationToken,
+    registry: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>>,
+}
+
+struct RunningServer {
+    cfg: ServerConfig,
+    conn: Connection,
+    stop: CancellationToken,
+}
+
+impl Running {
+    /// Make the running set equal `servers`, touching only what differs.
+    async fn apply(&mut self, servers: Vec<ServerConfig>) {
+        let wanted: HashMap<String, ServerConfig> =
+            servers.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let stale: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(id, r)| wanted.get(*id) != Some(&r.cfg))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            if let Some(r) = self.tasks.remove(id) {
+                r.stop.cancel();
+                let _ = r.conn.task.await;
+            }
+        }
+        let mut added = 0;
+        for (id, server) in wanted {
+            if self.tasks.contains_key(&id) {
+                continue;
+            }
+            let stop = self.read_stop.child_token();
+            let conn = Connection::spawn(
+                Arc::new(server.clone()),
+                self.tx.clone(),
+                stop.clone(),
+                Options::default(),
+            );
+            self.tasks.insert(
+                id,
+                RunningServer {
+                    cfg: server,
+                    conn,
+                    stop,
+                },
+            );
+            added += 1;
+        }
+        let mut list: Vec<_> = self
+            .tasks
+            .iter()
+            .map(|(id, r)| (id.clone(), r.conn.stats.clone()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Ok(mut registry) = self.registry.write() {
+            *registry = list;
+        }
+        if !stale.is_empty() || added > 0 {
+            tracing::info!(
+                stopped = stale.len(),
+                started = added,
+                running = self.tasks.len(),
+                "server list applied"
+            );
+        }
+    }
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {
