@@ -151,11 +151,14 @@ fn describe() {
     );
 }
 
+/// The running connections by server id, shared with the code that starts and stops them.
+pub type Registry = Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>>;
+
 /// Everything whose counters are exported at scrape time.
 #[derive(Clone, Default)]
 pub struct Sources {
     /// The running connections; replaced when a reload changes the server list.
-    pub connections: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>>,
+    pub connections: Registry,
     pub spool: Option<Spool>,
     pub sink: Option<(&'static str, Arc<DriverStats>)>,
     pub pipeline: Option<Arc<crate::app::pipeline::SharedStats>>,

@@ -13,15 +13,15 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ami::connection::{Connection, Options, Stats as ConnectionStats};
+use crate::ami::connection::{Connection, Options};
 use crate::ami::{Record, Stamped};
 use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
 use crate::model::pb;
@@ -283,7 +283,7 @@ pub async fn run_with(
     let read_stop = CancellationToken::new();
     let shard = cfg.shard;
     cfg.servers.retain(|s| shard.owns(&s.id));
-    let registry: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>> = Arc::default();
+    let registry: telemetry::Registry = Arc::default();
     let mut running = Running {
         tasks: HashMap::new(),
         tx: tx.clone(),
@@ -392,7 +392,7 @@ struct Running {
     tasks: HashMap<String, RunningServer>,
     tx: mpsc::Sender<Stamped>,
     read_stop: CancellationToken,
-    registry: Arc<RwLock<Vec<(String, Arc<ConnectionStats>)>>>,
+    registry: telemetry::Registry,
 }
 
 struct RunningServer {
@@ -467,9 +467,15 @@ fn sink_name(cfg: &SinkConfig) -> &'static str {
     }
 }
 
+/// Whether `stamped` is an event that a server broadcast (not the `FullyBooted` Asterisk sends
+/// only to the session that just logged in), as the simulator counts what it sent.
 fn is_event(stamped: &Stamped) -> bool {
     match &stamped.record {
-        Record::Frame(f) => crate::model::normalize(&f.frame()).kind == pb::Kind::Event,
+        Record::Frame(f) => {
+            let frame = f.frame();
+            let n = crate::model::normalize(&frame);
+            n.kind == pb::Kind::Event && n.name != b"FullyBooted"
+        }
         _ => false,
     }
 }
