@@ -947,9 +947,10 @@ fn validate_sink(raw: RawSink, env: &dyn Env, problems: &mut Vec<Problem>) -> Si
             SinkConfig::File(FileSinkConfig {
                 path: f.path.unwrap_or_else(|| "-".into()),
                 framing: Framing::Lines,
-                rotate_bytes: f
-                    .rotate_bytes
-                    .map_or(0, |r| size("sink.file.rotate_bytes", Some(r), 0, problems)),
+                rotate_bytes: match f.rotate_bytes {
+                    None | Some(RawSize::Bytes(0)) => 0,
+                    Some(r) => size("sink.file.rotate_bytes", Some(r), 0, problems),
+                },
                 keep: f.keep.unwrap_or(5),
             })
         }

@@ -118,3 +118,27 @@ fn check_config_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_byte"));
 }
+
+#[test]
+fn the_reference_and_every_example_config_validate() {
+    struct Env;
+    impl amibus::config::Env for Env {
+        fn var(&self, name: &str) -> Option<String> {
+            name.ends_with("_SECRET")
+                .then(|| "secret".to_owned())
+                .or_else(|| (name == "NATS_PASSWORD").then(|| "pw".to_owned()))
+        }
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![format!("{root}/config/reference.toml")];
+    for entry in std::fs::read_dir(format!("{root}/config/examples")).expect("examples") {
+        files.push(entry.expect("entry").path().display().to_string());
+    }
+    assert!(files.len() >= 3);
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read");
+        if let Err(e) = amibus::config::Config::parse(&text, &Env) {
+            panic!("{file}: {e}");
+        }
+    }
+}
