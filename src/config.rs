@@ -1461,5 +1461,8 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems()[0].path, "shard.index");
+        // An empty index (an old cluster without the pod-index label) is refused, not guessed.
+        let err = Config::parse(ONE_SERVER, &MapEnv(&[("AMIBUS_SHARD_INDEX", "")])).unwrap_err();
+        assert!(err.to_string().contains("AMIBUS_SHARD_INDEX"), "{err}");
     }
 }
