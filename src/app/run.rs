@@ -11,7 +11,7 @@
 //! until the spool is empty or `pipeline.drain_timeout` passes, flush the sink, persist the
 //! spool's floor, exit 0. Whatever was not delivered stays in the spool for the next start.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ami::connection::{Connection, Options};
+use crate::ami::connection::{Connection, Options, StatsSnapshot};
 use crate::ami::{Record, Stamped};
 use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
 use crate::model::pb;
@@ -122,6 +122,9 @@ pub struct Report {
     pub failed_permanent: u64,
     pub left_in_spool: u64,
     pub events_by_server: HashMap<String, u64>,
+    /// Each configured server's connection counters at exit (reconnects, dropped records, the
+    /// last epoch), by server id.
+    pub connections: BTreeMap<String, StatsSnapshot>,
     pub sim_events: Option<u64>,
 }
 
@@ -139,6 +142,8 @@ impl std::fmt::Display for Report {
             self.pipeline.dropped_newest + self.pipeline.dropped_oldest,
             self.left_in_spool
         )?;
+        let reconnects: u64 = self.connections.values().map(|c| c.reconnects).sum();
+        write!(f, "; {reconnects} AMI reconnects")?;
         if let Some(sim) = self.sim_events {
             write!(f, "; the simulator sent {sim} events")?;
         }
@@ -263,8 +268,10 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
 
     // Stop in reverse order.
     read_stop.cancel();
-    for c in connections {
+    let mut connection_stats = BTreeMap::new();
+    for (c, server) in connections.into_iter().zip(&cfg.servers) {
         let _ = c.task.await;
+        connection_stats.insert(server.id.clone(), c.stats.snapshot());
     }
     let (pipeline_stats, events_by_server) = match pipeline_task.await {
         Ok(Ok(done)) => done,
@@ -289,6 +296,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
         left_in_spool: spool.stats().records_held,
         events_by_server,
+        connections: connection_stats,
         sim_events,
     })
 }
