@@ -52,6 +52,9 @@ kind = "file"
 path = "-"
 "#;
 
+/// How often the pipeline retries reporting a loss while no record arrives.
+const GAP_RETRY: Duration = Duration::from_millis(200);
+
 /// Arguments of `amibus run`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -207,7 +210,29 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
     let pipeline_task = tokio::spawn(async move {
         let mut events: HashMap<String, u64> = HashMap::new();
         let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 256).await > 0 {
+        loop {
+            // Loss the spool could not report yet (no room, or no record since) is reported
+            // when the connections are quiet, and at the end, not only behind the next record.
+            let received = if pipeline.has_unreported_gaps() {
+                tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
+                    .await
+                    .ok()
+            } else {
+                Some(rx.recv_many(&mut batch, 256).await)
+            };
+            if matches!(received, None | Some(0)) {
+                if let Err(e) = pipeline
+                    .report_unreported_gaps()
+                    .and_then(|()| pipeline.flush())
+                {
+                    tracing::error!(error = %e, "cannot write the spool; stopping");
+                    return Err((e, pipeline.stats(), events));
+                }
+                if received.is_some() {
+                    break; // every connection is gone
+                }
+                continue;
+            }
             for stamped in batch.drain(..) {
                 if is_event(&stamped) {
                     *events.entry(stamped.stamp.server.to_string()).or_default() += 1;
