@@ -466,7 +466,7 @@ mod tests {
                 }
             }
         };
-        let mut accept = |p: &mut Pipeline, seqs: std::ops::RangeInclusive<u64>| {
+        let accept = |p: &mut Pipeline, seqs: std::ops::RangeInclusive<u64>| {
             for seq in seqs {
                 p.accept(&frame_record("pbx1", 3, seq, frame))
                     .expect("accept");
