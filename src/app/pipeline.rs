@@ -9,6 +9,10 @@
 //!
 //! Gap records made here (for records the spool dropped) carry `seq` 0: they are not part of
 //! the connection's numbering; their `gap` detail names the lost epoch and sequence range.
+//! Every gap record (these and the connection's) also carries that range in the headers
+//! `gap_epoch`, `gap_first_seq` and `gap_last_seq`, so that when the spool drops a gap record
+//! itself (it keeps only the headers of what it drops), the range is remembered again and
+//! reported in a later gap record: a loss is never hidden by the loss of its report.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +40,9 @@ pub struct PipelineStats {
     pub stored: u64,
     pub dropped_newest: u64,
     pub dropped_oldest: u64,
+    /// Of the dropped records, gap records made here (seq 0): not AMI records themselves;
+    /// the ranges they named are reported again.
+    pub dropped_gap_records: u64,
     pub gap_records: u64,
 }
 
@@ -152,22 +159,55 @@ impl Pipeline {
         ) else {
             return;
         };
+        // A gap record that is lost: what it named is lost again, not forgotten.
+        if let (Some(gap_epoch), Some(first), Some(last)) =
+            (num("gap_epoch"), num("gap_first_seq"), num("gap_last_seq"))
+        {
+            let ranges = self.lost.entry((Arc::from(server), gap_epoch)).or_default();
+            add_range(ranges, (first, last));
+        }
         if seq == 0 {
-            // A gap record itself was lost; the ranges it named are still remembered below
-            // only if they were not yet reported. Nothing more to add.
+            // Not part of the connection's numbering.
+            self.stats.dropped_gap_records += 1;
             return;
         }
         let ranges = self.lost.entry((Arc::from(server), epoch)).or_default();
-        match ranges.last_mut() {
-            Some((_, last)) if *last + 1 == seq => *last = seq,
-            _ => ranges.push((seq, seq)),
-        }
+        add_range(ranges, (seq, seq));
     }
 
+    /// Whether some loss is not yet reported (the spool had no room for its gap record, or no
+    /// record was stored since).
+    pub fn has_unreported_gaps(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
+    /// Report what is lost and not yet reported, without waiting for the next record: when
+    /// the connections are idle, and at shutdown. What does not fit stays remembered.
+    ///
+    /// # Errors
+    /// The spool cannot be written.
+    pub fn report_unreported_gaps(&mut self) -> Result<(), SpoolError> {
+        if !self.lost.is_empty() {
+            self.report_gaps()?;
+        }
+        Ok(())
+    }
+
+    /// Store a gap record for every range lost so far, as long as the spool has room for them
+    /// without dropping anything (a report must not push out what it could report next).
+    /// The rest stays remembered for the next try.
     fn report_gaps(&mut self) -> Result<(), SpoolError> {
         let lost = std::mem::take(&mut self.lost);
+        let mut full = false;
         for ((server, epoch), ranges) in lost {
             for (first_seq, last_seq) in ranges {
+                if full {
+                    add_range(
+                        self.lost.entry((server.clone(), epoch)).or_default(),
+                        (first_seq, last_seq),
+                    );
+                    continue;
+                }
                 let gap = Stamped {
                     stamp: Stamp {
                         server: server.clone(),
@@ -183,11 +223,15 @@ impl Pipeline {
                     },
                 };
                 let record = self.to_spool_record(&gap);
-                self.stats.gap_records += 1;
-                // A gap record that does not fit is not remembered again (its seq is 0): the
-                // range goes to the log instead.
-                if !self.append(record)? {
-                    tracing::error!(%server, epoch, first_seq, last_seq, "records lost and the gap record could not be stored");
+                if self.spool.append_if_room(&record)?.is_some() {
+                    self.stats.gap_records += 1;
+                } else {
+                    tracing::debug!(%server, epoch, first_seq, last_seq, "the spool is full; the gap will be reported later");
+                    full = true;
+                    add_range(
+                        self.lost.entry((server.clone(), epoch)).or_default(),
+                        (first_seq, last_seq),
+                    );
                 }
             }
         }
@@ -199,6 +243,7 @@ impl Pipeline {
         let stamp = &stamped.stamp;
         self.payload.clear();
         self.key.clear();
+        let mut extra: Vec<(String, Bytes)> = Vec::new();
         let (kind, event, class) = match &stamped.record {
             AmiRecord::Frame(f) => {
                 let frame = f.frame();
@@ -225,6 +270,15 @@ impl Pipeline {
             }
             _ => {
                 let env = model::record_envelope(stamped);
+                if let Some(pb::envelope::Detail::Gap(g)) = &env.detail {
+                    for (name, v) in [
+                        ("gap_epoch", g.epoch),
+                        ("gap_first_seq", g.first_seq),
+                        ("gap_last_seq", g.last_seq),
+                    ] {
+                        extra.push((name.into(), Bytes::from(v.to_string())));
+                    }
+                }
                 self.key.extend_from_slice(stamp.server.as_bytes());
                 match self.format {
                     PayloadFormat::Proto => prost::Message::encode_raw(&env, &mut self.payload),
@@ -238,26 +292,40 @@ impl Pipeline {
                 )
             }
         };
+        let mut headers = vec![
+            (
+                "server".into(),
+                Bytes::copy_from_slice(stamp.server.as_bytes()),
+            ),
+            ("event".into(), event),
+            ("kind".into(), Bytes::from_static(kind.as_bytes())),
+            ("class".into(), class),
+            (
+                "schema".into(),
+                Bytes::from_static(model::SCHEMA_VERSION.as_bytes()),
+            ),
+            ("epoch".into(), Bytes::from(stamp.epoch.to_string())),
+            ("seq".into(), Bytes::from(stamp.seq.to_string())),
+        ];
+        headers.extend(extra);
         spool::Record {
             key: Bytes::copy_from_slice(&self.key),
-            headers: vec![
-                (
-                    "server".into(),
-                    Bytes::copy_from_slice(stamp.server.as_bytes()),
-                ),
-                ("event".into(), event),
-                ("kind".into(), Bytes::from_static(kind.as_bytes())),
-                ("class".into(), class),
-                (
-                    "schema".into(),
-                    Bytes::from_static(model::SCHEMA_VERSION.as_bytes()),
-                ),
-                ("epoch".into(), Bytes::from(stamp.epoch.to_string())),
-                ("seq".into(), Bytes::from(stamp.seq.to_string())),
-            ],
+            headers,
             payload: Bytes::copy_from_slice(&self.payload),
         }
     }
+}
+
+/// Add an inclusive range to sorted, disjoint, non-adjacent ranges, merging where they touch.
+fn add_range(ranges: &mut Vec<SeqRange>, (first, last): SeqRange) {
+    let at = ranges.partition_point(|&(_, l)| l.saturating_add(1) < first);
+    let mut merged = (first, last);
+    let mut end = at;
+    while end < ranges.len() && ranges[end].0 <= merged.1.saturating_add(1) {
+        merged = (merged.0.min(ranges[end].0), merged.1.max(ranges[end].1));
+        end += 1;
+    }
+    ranges.splice(at..end, [merged]);
 }
 
 /// Decode a spool payload back to an envelope (for tests and `tail`).
@@ -336,13 +404,22 @@ mod tests {
                 .expect("accept");
         }
         assert_eq!(p.stats().dropped_newest, 3);
-        // The sink catches up; the next record fits, and the gap is reported behind it.
+        // The sink catches up; the next record fits. The gap is reported once the spool is at
+        // most half full with it: here, when the next record is delivered too.
         let mut reader = spool.reader();
         while let Some((id, _)) = reader.try_next().expect("read") {
             spool.ack(id);
         }
         p.accept(&frame_record("pbx1", 3, 8, frame))
             .expect("accept");
+        assert!(p.has_unreported_gaps());
+        let mut seqs = Vec::new();
+        while let Some((id, r)) = reader.try_next().expect("read") {
+            seqs.push(decode_payload(&r.payload).expect("envelope").seq);
+            spool.ack(id);
+        }
+        assert_eq!(seqs, vec![8]);
+        p.report_unreported_gaps().expect("report");
         assert_eq!(p.stats().gap_records, 1);
         let mut gaps = Vec::new();
         while let Some((_, r)) = reader.try_next().expect("read") {
@@ -352,5 +429,101 @@ mod tests {
             }
         }
         assert_eq!(gaps, vec![(3, 5, 7)]);
+    }
+
+    #[test]
+    fn ranges_merge_where_they_touch() {
+        let mut r = Vec::new();
+        for range in [
+            (10, 12),
+            (1, 2),
+            (20, 20),
+            (4, 5),
+            (13, 13),
+            (3, 3),
+            (15, 19),
+        ] {
+            add_range(&mut r, range);
+        }
+        assert_eq!(r, vec![(1, 5), (10, 13), (15, 20)]);
+        add_range(&mut r, (6, 16));
+        assert_eq!(r, vec![(1, 20)]);
+    }
+
+    /// A long outage under drop_oldest: the spool wraps many times and drops its own gap
+    /// records too. Whatever is left names every seq exactly once, delivered or in a gap.
+    #[test]
+    fn a_dropped_gap_record_is_reported_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let frame = b"Event: VarSet\r\nPrivilege: dialplan,all\r\nVariable: X\r\nValue: 1\r\n\r\n";
+        let one = {
+            let (spool, _) = Spool::open(SpoolConfig::new(dir.path().join("probe"))).expect("open");
+            let mut p = Pipeline::new(spool, PayloadFormat::Proto);
+            crate::spool::segment::encoded_len(
+                &p.to_spool_record(&frame_record("pbx1", 3, 1, frame)),
+            ) as u64
+        };
+        let (spool, _) = Spool::open(SpoolConfig {
+            max_bytes: one * 20,
+            segment_bytes: one * 4,
+            when_full: WhenFull::DropOldest,
+            fsync: Fsync::Never,
+            ..SpoolConfig::new(dir.path().join("spool"))
+        })
+        .expect("open");
+        let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
+        let (mut records, mut gaps, mut covered) = (0, 0, Vec::new());
+        let mut reader = spool.reader();
+        let mut deliver = |covered: &mut Vec<u64>| {
+            while let Some((id, r)) = reader.try_next().expect("read") {
+                spool.ack(id);
+                let env = decode_payload(&r.payload).expect("envelope");
+                match env.detail {
+                    Some(pb::envelope::Detail::Gap(g)) => {
+                        assert_eq!(g.epoch, 3);
+                        covered.extend(g.first_seq..=g.last_seq);
+                        gaps += 1;
+                    }
+                    _ => {
+                        covered.push(env.seq);
+                        records += 1;
+                    }
+                }
+            }
+        };
+        let accept = |p: &mut Pipeline, seqs: std::ops::RangeInclusive<u64>| {
+            for seq in seqs {
+                p.accept(&frame_record("pbx1", 3, seq, frame))
+                    .expect("accept");
+            }
+        };
+        // An outage: the spool wraps; the loss waits, merged, in memory while it is full.
+        accept(&mut p, 1..=100);
+        assert_eq!(p.stats().gap_records, 0);
+        assert!(
+            p.lost.values().map(Vec::len).sum::<usize>() == 1,
+            "{:?}",
+            p.lost
+        );
+        // The sink catches up, but a new outage starts before the gap record is delivered.
+        deliver(&mut covered);
+        p.report_unreported_gaps().expect("report");
+        assert_eq!(p.stats().gap_records, 1);
+        accept(&mut p, 101..=300);
+        assert_eq!(p.stats().dropped_gap_records, 1, "{:?}", p.stats());
+        // Back again: what the dropped gap record named is named again.
+        deliver(&mut covered);
+        p.report_unreported_gaps().expect("report");
+        assert!(!p.has_unreported_gaps());
+        deliver(&mut covered);
+        covered.sort_unstable();
+        assert_eq!(covered, (1..=300).collect::<Vec<u64>>(), "each seq once");
+        let st = p.stats();
+        assert_eq!(
+            records,
+            300 - (st.dropped_oldest - st.dropped_gap_records),
+            "{st:?}"
+        );
+        assert_eq!(gaps, st.gap_records - st.dropped_gap_records, "{st:?}");
     }
 }

@@ -11,7 +11,7 @@
 //! until the spool is empty or `pipeline.drain_timeout` passes, flush the sink, persist the
 //! spool's floor, exit 0. Whatever was not delivered stays in the spool for the next start.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ami::connection::{Connection, Options};
+use crate::ami::connection::{Connection, Options, StatsSnapshot};
 use crate::ami::{Record, Stamped};
 use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
 use crate::model::pb;
@@ -52,6 +52,9 @@ kind = "file"
 [sink.file]
 path = "-"
 "#;
+
+/// How often the pipeline retries reporting a loss while no record arrives.
+const GAP_RETRY: Duration = Duration::from_millis(200);
 
 /// Arguments of `amibus run`.
 #[derive(Debug, clap::Args)]
@@ -160,6 +163,9 @@ pub struct Report {
     pub failed_permanent: u64,
     pub left_in_spool: u64,
     pub events_by_server: HashMap<String, u64>,
+    /// Each configured server's connection counters at exit (reconnects, dropped records, the
+    /// last epoch), by server id.
+    pub connections: BTreeMap<String, StatsSnapshot>,
     pub sim_events: Option<u64>,
 }
 
@@ -177,6 +183,8 @@ impl std::fmt::Display for Report {
             self.pipeline.dropped_newest + self.pipeline.dropped_oldest,
             self.left_in_spool
         )?;
+        let reconnects: u64 = self.connections.values().map(|c| c.reconnects).sum();
+        write!(f, "; {reconnects} AMI reconnects")?;
         if let Some(sim) = self.sim_events {
             write!(f, "; the simulator sent {sim} events")?;
         }
@@ -257,7 +265,29 @@ pub async fn run_with(
     let pipeline_task = tokio::spawn(async move {
         let mut events: HashMap<String, u64> = HashMap::new();
         let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 256).await > 0 {
+        loop {
+            // Loss the spool could not report yet (no room, or no record since) is reported
+            // when the connections are quiet, and at the end, not only behind the next record.
+            let received = if pipeline.has_unreported_gaps() {
+                tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
+                    .await
+                    .ok()
+            } else {
+                Some(rx.recv_many(&mut batch, 256).await)
+            };
+            if matches!(received, None | Some(0)) {
+                if let Err(e) = pipeline
+                    .report_unreported_gaps()
+                    .and_then(|()| pipeline.flush())
+                {
+                    tracing::error!(error = %e, "cannot write the spool; stopping");
+                    return Err((e, pipeline.stats(), events));
+                }
+                if received.is_some() {
+                    break; // every connection is gone
+                }
+                continue;
+            }
             for stamped in batch.drain(..) {
                 if is_event(&stamped) {
                     *events.entry(stamped.stamp.server.to_string()).or_default() += 1;
@@ -354,8 +384,10 @@ pub async fn run_with(
     // Stop in reverse order.
     read_stop.cancel();
     let servers = running.tasks.len();
-    for (_, r) in running.tasks.drain() {
+    let mut connection_stats = BTreeMap::new();
+    for (id, r) in running.tasks.drain() {
         let _ = r.conn.task.await;
+        connection_stats.insert(id, r.conn.stats.snapshot());
     }
     drop(running);
     let (pipeline_stats, events_by_server) = match pipeline_task.await {
@@ -383,6 +415,7 @@ pub async fn run_with(
         failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
         left_in_spool: spool.stats().records_held,
         events_by_server,
+        connections: connection_stats,
         sim_events,
     })
 }

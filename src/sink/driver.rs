@@ -11,8 +11,9 @@
 //!
 //! Order: Kafka's idempotent producer keeps each partition in order through its own retries,
 //! so per-key order holds up to duplicates. NATS JetStream can store one block out of order
-//! around a reconnect: records still queued in the client go out on the new connection before
-//! the ones lost with the old socket are resent. Nothing is lost or stored twice (Nats-Msg-Id),
+//! around a reconnect: records that were already queued in the client when the socket broke go
+//! out on the new connection before the ones lost with the old socket are resent (while
+//! disconnected, the NATS sink refuses new records, so the block is at most what was queued). Nothing is lost or stored twice (Nats-Msg-Id),
 //! and every record carries `epoch` and `seq` (headers and envelope) for consumers that need
 //! strict order.
 //!

@@ -14,6 +14,10 @@
 //!   that breaks a moment later, or published while no subscriber listens, is gone, and the
 //!   spool will not send it again. Use JetStream where loss matters.
 //!
+//! While the client is not connected, `send` refuses records ([`SinkError::Retriable`]) instead
+//! of queueing them in the client, which would write them after the reconnect whatever became
+//! of them in the spool meanwhile.
+//!
 //! Error mapping (what the driver does next):
 //! - larger than the server's `max_payload` (from the server's INFO, checked by the client
 //!   before anything is written), larger than the stream's `max_msg_size`, a sealed stream, an
@@ -627,6 +631,13 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
+        // A client that is not connected queues what it is given and writes it after the
+        // reconnect, long after the driver has given up on it: outside the spool's cap, and
+        // possibly after the spool dropped the record and published a gap naming it. Refuse
+        // instead; the driver rewinds and the spool stays the only source of resends.
+        if self.client.connection_state() != State::Connected {
+            return Err(SinkError::Retriable("nats: not connected".into()));
+        }
         let subject = expand_template(&self.subject, record);
         let queue_timeout = self.publish_timeout;
         let timed_out =

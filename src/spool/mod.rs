@@ -324,6 +324,28 @@ impl Spool {
     /// # Errors
     /// Writing the segment fails, or the record alone is larger than a segment or the cap.
     pub fn append(&self, record: &Record) -> Result<Appended, SpoolError> {
+        self.append_inner(record, Some(self.shared.cfg.when_full))
+    }
+
+    /// Append only if the spool stays at most half full with it, whatever `when_full` says;
+    /// `Ok(None)` otherwise (not counted as a drop). For records about other records (gap
+    /// reports): they must not push out what they could report, and stored while the spool is
+    /// under pressure they would soon be dropped themselves.
+    ///
+    /// # Errors
+    /// As [`Spool::append`].
+    pub fn append_if_room(&self, record: &Record) -> Result<Option<u64>, SpoolError> {
+        Ok(match self.append_inner(record, None)? {
+            Appended::Stored { id } => Some(id),
+            _ => None,
+        })
+    }
+
+    fn append_inner(
+        &self,
+        record: &Record,
+        when_full: Option<WhenFull>,
+    ) -> Result<Appended, SpoolError> {
         let cfg = &self.shared.cfg;
         let len = segment::encoded_len(record) as u64;
         if len > cfg.max_bytes || len > segment::MAX_RECORD_BYTES as u64 {
@@ -333,16 +355,25 @@ impl Spool {
         }
         let mut st = self.lock();
         let mut dropped = None;
-        if st.total_bytes + len > cfg.max_bytes {
+        let limit = if when_full.is_some() {
+            cfg.max_bytes
+        } else {
+            cfg.max_bytes / 2
+        };
+        if st.total_bytes + len > limit {
             self.reclaim_active(&mut st)?;
         }
+        if st.total_bytes + len > limit && when_full.is_none() {
+            return Ok(Appended::DroppedNewest);
+        }
         if st.total_bytes + len > cfg.max_bytes {
-            match cfg.when_full {
-                WhenFull::DropNewest => {
+            match when_full {
+                None => return Ok(Appended::DroppedNewest),
+                Some(WhenFull::DropNewest) => {
                     st.stats.dropped_newest += 1;
                     return Ok(Appended::DroppedNewest);
                 }
-                WhenFull::DropOldest => {
+                Some(WhenFull::DropOldest) => {
                     dropped = Some(self.drop_oldest(&mut st, len)?);
                 }
             }
