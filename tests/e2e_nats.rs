@@ -824,3 +824,64 @@ async fn sigkill_mid_storm_then_restart_delivers_everything_that_was_spooled() {
     // Resent records carry the Nats-Msg-Id of their first send; the stream drops them.
     assert_eq!(view.duplicates, 0, "duplicates stored: {ctx}");
 }
+
+/// A graceful stop while the broker is down leaves the undelivered records in the spool; the
+/// next start delivers them: nothing read is lost across a graceful restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
+    let mut nats = NatsServer::start();
+    let sim = Sim::start(sim_config(2, 500, None)).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config_toml(&sim, dir.path(), &nats, "E2E6", "")
+        .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
+    let (stop, run) = spawn_run(config(&toml));
+    let mut reader = StreamReader::new(&nats, "E2E6").await;
+    reader
+        .wait_for("the first records", |got| got.len() > 100)
+        .await;
+    broker(|| nats.stop());
+    // Records keep arriving while the broker is down; then a graceful stop gives up on
+    // delivering them after the drain timeout and keeps them in the spool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = finish(stop, run).await;
+    assert!(
+        first.left_in_spool > 0,
+        "records wait in the spool: {first}"
+    );
+    broker(|| nats.restart());
+    // The restart has no simulator traffic to add for the first epoch: its records come only
+    // from the spool.
+    let (stop, run) = spawn_run(config(&toml));
+    let first_epochs: BTreeMap<String, u64> = {
+        reader
+            .wait_for("the spooled records", |got| {
+                let v = View::of(got);
+                (0..2).all(|i| {
+                    let id = server_id(i);
+                    v.epochs(&id)
+                        .first()
+                        .is_some_and(|e| v.down.contains_key(&(id.clone(), *e)))
+                })
+            })
+            .await;
+        let v = View::of(&reader.got);
+        (0..2)
+            .map(|i| (server_id(i), v.epochs(&server_id(i))[0]))
+            .collect()
+    };
+    let second = finish(stop, run).await;
+    sim.shutdown().await;
+    assert!(reader.catch_up().await);
+    let view = View::of(&reader.got);
+    let ctx = format!(
+        "{}\nfirst run: {first}\nsecond run: {second}",
+        view.summary()
+    );
+    for (id, epoch) in first_epochs {
+        let key = (id.clone(), epoch);
+        // The first run's epoch is whole: 1..N without a hole, ending with its shutdown.
+        let n = view.cover(&key).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
+        assert_eq!(view.down.get(&key), Some(&n), "{id}: {ctx}");
+    }
+    assert_eq!(second.left_in_spool, 0, "{ctx}");
+}
