@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ami::connection::{Connection, Options};
 use crate::ami::{Record, Stamped};
-use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::config::{Config, ControlSection, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
+use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
 use crate::model::pb;
 use crate::sim::{Sim, SimConfig, SimHandle};
 use crate::sink::Sink;
@@ -239,6 +241,16 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         ));
     }
     drop(tx);
+    // The action consumer, after the connections it sends through; stopped before them.
+    let control_stop = CancellationToken::new();
+    let control = match &cfg.control {
+        Some(ctl) => Some(
+            start_control(ctl, &cfg.servers, &connections, control_stop.clone())
+                .await
+                .context("cannot start the action consumer ([control])")?,
+        ),
+        None => None,
+    };
     let metrics_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics.listen {
         let sources = Sources {
@@ -251,6 +263,7 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
             spool: Some(spool.clone()),
             sink: Some((sink_name(&cfg.sink), stats.clone())),
             pipeline: Some(shared_stats.clone()),
+            control: control.as_ref().map(|(_, stats)| stats.clone()),
         };
         let handle = telemetry::install().context("cannot install the metrics recorder")?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -292,7 +305,11 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         _ = demo_done => tracing::info!("the simulator is done; stopping"),
     }
 
-    // Stop in reverse order.
+    // Stop in reverse order: no new actions, answer those in flight, then stop reading AMI.
+    control_stop.cancel();
+    if let Some((task, _)) = control {
+        let _ = task.await;
+    }
     read_stop.cancel();
     for c in connections {
         let _ = c.task.await;
@@ -323,6 +340,44 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
         events_by_server,
         sim_events,
     })
+}
+
+/// Subscribe to the request subject of every configured server and start the consumer.
+async fn start_control(
+    ctl: &ControlSection,
+    servers: &[ServerConfig],
+    connections: &[Connection],
+    stop: CancellationToken,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<ControlStats>)> {
+    let client = crate::sink::nats::connect(&ctl.nats).await?;
+    let targets: HashMap<String, Target> = servers
+        .iter()
+        .zip(connections)
+        .map(|(s, c)| {
+            let allow = AllowList::new(s.allow_actions.iter().map(String::as_str));
+            (
+                s.id.clone(),
+                Target {
+                    handle: c.handle.clone(),
+                    allow,
+                },
+            )
+        })
+        .collect();
+    let subjects: Vec<String> = servers
+        .iter()
+        .map(|s| subject_for(&ctl.subject, &s.id))
+        .collect();
+    let source =
+        NatsRequestSource::subscribe(&client, &subjects, ctl.queue_group.as_deref()).await?;
+    // One replica (no sharding configured) owns every server id, so it is the one that
+    // answers `unknown_server`. Sharding replaces this with rendezvous hashing.
+    let owns: Owns = Arc::new(|_: &str| true);
+    let publisher = NatsResultPublisher::new(client, ctl.result_subject.clone());
+    let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+    let stats = controller.stats();
+    tracing::info!(subjects = subjects.len(), "control: taking action requests");
+    Ok((tokio::spawn(controller.run(source, stop)), stats))
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {
