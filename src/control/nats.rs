@@ -88,15 +88,13 @@ impl NatsRequestSource {
 }
 
 impl Source for NatsRequestSource {
-    fn next(&mut self) -> impl Future<Output = Option<Incoming>> + Send {
-        async move {
-            let m = self.subs.next().await?;
-            Some(Incoming {
-                payload: m.payload,
-                reply: m.reply.map(|s| s.to_string()),
-                ack: None,
-            })
-        }
+    async fn next(&mut self) -> Option<Incoming> {
+        let m = self.subs.next().await?;
+        Some(Incoming {
+            payload: m.payload,
+            reply: m.reply.map(|s| s.to_string()),
+            ack: None,
+        })
     }
 }
 
