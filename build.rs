@@ -3,7 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["amibus/v1/envelope.proto"], ["proto"])?;
+    let descriptors = protox::compile(
+        ["amibus/v1/envelope.proto", "amibus/v1/action.proto"],
+        ["proto"],
+    )?;
     prost_build::Config::new().compile_fds(descriptors)?;
     Ok(())
 }

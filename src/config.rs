@@ -121,6 +121,9 @@ pub struct ServerConfig {
     pub auth_failure_backoff: Duration,
     /// The banner, login and filter push-down must complete within this.
     pub login_timeout: Duration,
+    /// Actions the control consumer may send to this server (ASCII case ignored).
+    /// `"read-only"` stands for [`crate::control::READ_ONLY_ACTIONS`], the default.
+    pub allow_actions: Vec<String>,
 }
 
 impl ServerConfig {
@@ -151,6 +154,7 @@ impl ServerConfig {
             backoff_max: Duration::from_secs(30),
             auth_failure_backoff: Duration::from_secs(300),
             login_timeout: Duration::from_secs(10),
+            allow_actions: vec![crate::control::rules::READ_ONLY_ALIAS.to_owned()],
         }
     }
 }
@@ -167,6 +171,35 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Which servers this replica reads (all of them with one replica).
     pub shard: crate::shard::Shard,
+    /// The action consumer, if a `[control]` section is present.
+    pub control: Option<ControlSection>,
+}
+
+/// `[control]`: actions from the bus back to Asterisk.
+///
+/// ```toml
+/// [control]
+/// nats_servers = ["nats://127.0.0.1:4222"]  # default: the [sink.nats] connection
+/// subject = "amibus.action.{server}"          # one subscription per server of this replica
+/// queue_group = "amibus-control"
+/// result_subject = "amibus.result.{server}"   # when a request has no reply address
+/// max_in_flight = 1024
+/// default_timeout = "10s"
+/// max_timeout = "60s"
+/// dedupe_window = "10m"
+/// dedupe_capacity = 100000
+/// dedupe_max_bytes = "64MiB"
+/// rate = 50                                   # actions/s per server; 0 = unlimited
+/// burst = 100
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlSection {
+    /// Where to connect; from `[sink.nats]` unless `nats_servers` is given.
+    pub nats: crate::sink::nats::NatsConnection,
+    pub subject: String,
+    pub queue_group: Option<String>,
+    pub result_subject: String,
+    pub consumer: crate::control::ControlConfig,
 }
 
 /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -244,6 +277,7 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     shard: RawShard,
+    control: Option<RawControl>,
 }
 
 #[derive(Default, Deserialize)]
@@ -253,6 +287,23 @@ struct RawShard {
     count: Option<u32>,
     #[serde(default)]
     index_from_hostname: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    nats_servers: Option<Vec<String>>,
+    subject: Option<String>,
+    queue_group: Option<String>,
+    result_subject: Option<String>,
+    max_in_flight: Option<usize>,
+    default_timeout: Option<String>,
+    max_timeout: Option<String>,
+    dedupe_window: Option<String>,
+    dedupe_capacity: Option<usize>,
+    dedupe_max_bytes: Option<RawSize>,
+    rate: Option<f64>,
+    burst: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -283,6 +334,7 @@ struct RawServer {
     backoff_max: Option<String>,
     auth_failure_backoff: Option<String>,
     login_timeout: Option<String>,
+    allow_actions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -380,6 +432,9 @@ impl Config {
         let sim = raw.sim.map(|r| validate_sim(r, &mut problems));
         let metrics = validate_metrics(raw.metrics, &mut problems);
         let shard = validate_shard(raw.shard, env, &mut problems);
+        let control = raw
+            .control
+            .map(|r| validate_control(r, &sink, &mut problems));
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -395,6 +450,7 @@ impl Config {
                 sim,
                 metrics,
                 shard,
+                control,
             })
         } else {
             Err(ConfigError::Invalid(problems))
@@ -619,6 +675,18 @@ fn validate_server(
         d.auth_failure_backoff,
     );
     let login_timeout = c.duration("login_timeout", raw.login_timeout, d.login_timeout);
+    let allow_actions = raw.allow_actions.unwrap_or(d.allow_actions);
+    for (j, a) in allow_actions.iter().enumerate() {
+        let key = format!("allow_actions[{j}]");
+        if a.is_empty() || a.contains([':', ' ', '\r', '\n']) {
+            c.bad(&key, format!("{a:?} is not an action name"));
+        } else if crate::control::rules::is_never_allowed(a) {
+            c.bad(
+                &key,
+                format!("{a} would change amibus's own AMI session and cannot be allowed"),
+            );
+        }
+    }
     if !c.ok {
         return None;
     }
@@ -638,6 +706,7 @@ fn validate_server(
         backoff_max,
         auth_failure_backoff,
         login_timeout,
+        allow_actions,
     })
 }
 
@@ -1287,6 +1356,137 @@ fn validate_sim(raw: RawSim, problems: &mut Vec<Problem>) -> DemoSim {
     }
 }
 
+fn validate_control(
+    raw: RawControl,
+    sink: &SinkConfig,
+    problems: &mut Vec<Problem>,
+) -> ControlSection {
+    let mut consumer = crate::control::ControlConfig::default();
+    let nats = match (raw.nats_servers, sink) {
+        (Some(servers), _) if servers.is_empty() => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "must list at least one server URL",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+        (Some(servers), _) => crate::sink::nats::NatsConnection {
+            servers,
+            ..crate::sink::nats::NatsConnection::default()
+        },
+        (None, SinkConfig::Nats(n)) => n.connection.clone(),
+        (None, _) => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "required unless sink.kind = \"nats\" (whose connection is then used)",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+    };
+    let template = |path: &str, v: Option<String>, default: &str, problems: &mut Vec<Problem>| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if v.is_empty() || v.contains([' ', '\t', '\r', '\n']) {
+            problem(problems, path, format!("{v:?} is not a NATS subject"));
+        }
+        v
+    };
+    let subject = template(
+        "control.subject",
+        raw.subject,
+        "amibus.action.{server}",
+        problems,
+    );
+    if !subject.contains("{server}") {
+        problem(
+            problems,
+            "control.subject",
+            "must contain {server}: each replica subscribes to the subjects of its own servers",
+        );
+    }
+    let result_subject = template(
+        "control.result_subject",
+        raw.result_subject,
+        "amibus.result.{server}",
+        problems,
+    );
+    match raw.max_in_flight {
+        Some(0) => problem(
+            problems,
+            "control.max_in_flight",
+            "must be greater than zero",
+        ),
+        Some(n) => consumer.max_in_flight = n,
+        None => {}
+    }
+    consumer.default_timeout = opt_duration(
+        "control.default_timeout",
+        raw.default_timeout,
+        consumer.default_timeout,
+        problems,
+    );
+    consumer.max_timeout = opt_duration(
+        "control.max_timeout",
+        raw.max_timeout,
+        consumer.max_timeout,
+        problems,
+    );
+    if consumer.default_timeout > consumer.max_timeout {
+        problem(
+            problems,
+            "control.default_timeout",
+            "is larger than control.max_timeout",
+        );
+    }
+    consumer.dedupe_window = opt_duration(
+        "control.dedupe_window",
+        raw.dedupe_window,
+        consumer.dedupe_window,
+        problems,
+    );
+    match raw.dedupe_capacity {
+        Some(0) => problem(
+            problems,
+            "control.dedupe_capacity",
+            "must be greater than zero",
+        ),
+        Some(n) => consumer.dedupe_capacity = n,
+        None => {}
+    }
+    consumer.dedupe_max_bytes = size(
+        "control.dedupe_max_bytes",
+        raw.dedupe_max_bytes,
+        consumer.dedupe_max_bytes as u64,
+        problems,
+    ) as usize;
+    match raw.rate {
+        Some(r) if !(r.is_finite() && r >= 0.0) => problem(
+            problems,
+            "control.rate",
+            "must be 0 (unlimited) or a positive number",
+        ),
+        Some(r) => consumer.rate = r,
+        None => {}
+    }
+    match raw.burst {
+        Some(0) => problem(problems, "control.burst", "must be greater than zero"),
+        Some(b) => consumer.burst = b,
+        None => {}
+    }
+    ControlSection {
+        nats,
+        subject,
+        queue_group: Some(
+            raw.queue_group
+                .unwrap_or_else(|| "amibus-control".to_owned()),
+        )
+        .filter(|g| !g.is_empty()),
+        result_subject,
+        consumer,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1339,6 +1539,74 @@ mod tests {
         assert_eq!(s.backoff_max, Duration::from_secs(60));
         assert_eq!(s.tls.as_ref().unwrap().server_name, "pbx.example");
         assert!(!format!("{s:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn control_section_and_allow_lists() {
+        let cfg = Config::parse(
+            r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            allow_actions = ["read-only", "Originate", "Hangup"]
+            [[server]]
+            id = "pbx2"
+            host = "h"
+            username = "u"
+            secret = "s"
+            [control]
+            nats_servers = ["nats://10.0.0.1:4222"]
+            max_timeout = "30s"
+            rate = 0
+            dedupe_max_bytes = "1MiB"
+            "#,
+            &FakeEnv,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.servers[0].allow_actions,
+            ["read-only", "Originate", "Hangup"]
+        );
+        assert_eq!(cfg.servers[1].allow_actions, ["read-only"]);
+        let c = cfg.control.unwrap();
+        assert_eq!(c.nats.servers, ["nats://10.0.0.1:4222"]);
+        assert_eq!(c.subject, "amibus.action.{server}");
+        assert_eq!(c.result_subject, "amibus.result.{server}");
+        assert_eq!(c.queue_group.as_deref(), Some("amibus-control"));
+        assert_eq!(c.consumer.max_timeout, Duration::from_secs(30));
+        assert_eq!(c.consumer.rate, 0.0);
+        assert_eq!(c.consumer.dedupe_max_bytes, 1 << 20);
+
+        let err = Config::parse(
+            r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            allow_actions = ["Ping", "Logoff", "Bad Name"]
+            [control]
+            subject = "amibus.action"
+            rate = -1
+            default_timeout = "2m"
+            "#,
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server[0].allow_actions[1]",
+                "server[0].allow_actions[2]",
+                "control.nats_servers",
+                "control.subject",
+                "control.default_timeout",
+                "control.rate",
+            ]
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod ami;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod model;
 pub mod secret;
 pub mod shard;

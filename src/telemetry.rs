@@ -33,6 +33,12 @@
 //! | `amibus_sink_send_seconds` | histogram | sink | hand-off to acknowledgement |
 //! | `amibus_sink_ready` | gauge | sink | 0 while deliveries fail retriably |
 //! | `amibus_servers_configured` | gauge | | servers this replica reads |
+//! | `amibus_control_results_total` | counter | server, status | action results by status (`success`, `error`, `rejected`, `expired`, `timeout`, `outcome_unknown`); server `-` for ids not configured |
+//! | `amibus_control_rejected_total` | counter | reason | rejections by label (`malformed`, `not_allowed`, `rate_limited`, …) |
+//! | `amibus_control_replayed_total` | counter | | results published again for a duplicate request id |
+//! | `amibus_control_skipped_not_owned_total` | counter | | requests left to the replica that owns their server |
+//! | `amibus_control_publish_failures_total` | counter | | results that could not be published |
+//! | `amibus_control_in_flight` | gauge | | actions sent and not yet answered |
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -149,6 +155,30 @@ fn describe() {
         "amibus_servers_configured",
         "AMI servers this replica reads"
     );
+    describe_counter!(
+        "amibus_control_results_total",
+        "action results by server and status"
+    );
+    describe_counter!(
+        "amibus_control_rejected_total",
+        "action requests rejected, by reason"
+    );
+    describe_counter!(
+        "amibus_control_replayed_total",
+        "results published again for a duplicate request id"
+    );
+    describe_counter!(
+        "amibus_control_skipped_not_owned_total",
+        "action requests left to the replica owning their server"
+    );
+    describe_counter!(
+        "amibus_control_publish_failures_total",
+        "action results that could not be published"
+    );
+    describe_gauge!(
+        "amibus_control_in_flight",
+        "actions sent to Asterisk and not yet answered"
+    );
 }
 
 /// The running connections by server id, shared with the code that starts and stops them.
@@ -162,6 +192,7 @@ pub struct Sources {
     pub spool: Option<Spool>,
     pub sink: Option<(&'static str, Arc<DriverStats>)>,
     pub pipeline: Option<Arc<crate::app::pipeline::SharedStats>>,
+    pub control: Option<Arc<crate::control::ControlStats>>,
 }
 
 impl Sources {
@@ -219,6 +250,20 @@ impl Sources {
                 .absolute(d.failed_retriable.load(Ordering::Relaxed));
             counter!("amibus_sink_rewinds_total", &l).absolute(d.rewinds.load(Ordering::Relaxed));
             gauge!("amibus_sink_ready", &l).set(if d.is_ready() { 1.0 } else { 0.0 });
+        }
+        if let Some(c) = &self.control {
+            let s = c.snapshot();
+            for (server, status, n) in &s.results {
+                counter!("amibus_control_results_total", "server" => server.clone(), "status" => *status)
+                    .absolute(*n);
+            }
+            for (reason, n) in &s.rejected {
+                counter!("amibus_control_rejected_total", "reason" => *reason).absolute(*n);
+            }
+            counter!("amibus_control_replayed_total").absolute(s.replayed);
+            counter!("amibus_control_skipped_not_owned_total").absolute(s.skipped_not_owned);
+            counter!("amibus_control_publish_failures_total").absolute(s.publish_failures);
+            gauge!("amibus_control_in_flight").set(s.in_flight as f64);
         }
     }
 

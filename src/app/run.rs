@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ami::connection::{Connection, Options, StatsSnapshot};
 use crate::ami::{Record, Stamped};
-use crate::config::{Config, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::config::{Config, ControlSection, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
+use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
 use crate::model::pb;
 use crate::sim::{Sim, SimConfig, SimHandle};
 use crate::sink::Sink;
@@ -322,6 +324,16 @@ pub async fn run_with(
     };
     running.apply(cfg.servers.clone()).await;
     drop(tx);
+    // The action consumer, after the connections it sends through; stopped before them.
+    let control_stop = CancellationToken::new();
+    let control = match &cfg.control {
+        Some(ctl) => Some(
+            start_control(ctl, &cfg.servers, &running, shard, control_stop.clone())
+                .await
+                .context("cannot start the action consumer ([control])")?,
+        ),
+        None => None,
+    };
     let metrics_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics.listen {
         let sources = Sources {
@@ -329,6 +341,7 @@ pub async fn run_with(
             spool: Some(spool.clone()),
             sink: Some((sink_name(&cfg.sink), stats.clone())),
             pipeline: Some(shared_stats.clone()),
+            control: control.as_ref().map(|(_, stats)| stats.clone()),
         };
         let handle = telemetry::install().context("cannot install the metrics recorder")?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -381,7 +394,11 @@ pub async fn run_with(
 
     drop(demo_done);
 
-    // Stop in reverse order.
+    // Stop in reverse order: no new actions, answer those in flight, then stop reading AMI.
+    control_stop.cancel();
+    if let Some((task, _)) = control {
+        let _ = task.await;
+    }
     read_stop.cancel();
     let servers = running.tasks.len();
     let mut connection_stats = BTreeMap::new();
@@ -491,6 +508,45 @@ impl Running {
             );
         }
     }
+}
+
+/// Subscribe to the request subject of every configured server and start the consumer.
+async fn start_control(
+    ctl: &ControlSection,
+    servers: &[ServerConfig],
+    running: &Running,
+    shard: crate::shard::Shard,
+    stop: CancellationToken,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<ControlStats>)> {
+    let client = crate::sink::nats::connect(&ctl.nats).await?;
+    let targets: HashMap<String, Target> = servers
+        .iter()
+        .filter_map(|s| {
+            let r = running.tasks.get(&s.id)?;
+            let allow = AllowList::new(s.allow_actions.iter().map(String::as_str));
+            Some((
+                s.id.clone(),
+                Target {
+                    handle: r.conn.handle.clone(),
+                    allow,
+                },
+            ))
+        })
+        .collect();
+    let subjects: Vec<String> = servers
+        .iter()
+        .map(|s| subject_for(&ctl.subject, &s.id))
+        .collect();
+    let source =
+        NatsRequestSource::subscribe(&client, &subjects, ctl.queue_group.as_deref()).await?;
+    // Rendezvous hashing is defined for any id, so exactly one replica answers requests for
+    // servers nobody configured.
+    let owns: Owns = Arc::new(move |id: &str| shard.owns(id));
+    let publisher = NatsResultPublisher::new(client, ctl.result_subject.clone());
+    let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+    let stats = controller.stats();
+    tracing::info!(subjects = subjects.len(), "control: taking action requests");
+    Ok((tokio::spawn(controller.run(source, stop)), stats))
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {

@@ -1,0 +1,723 @@
+//! The action consumer: requests in from a [`Source`], results out through a [`Publisher`].
+//!
+//! Owns: the order of the checks, the in-flight limit, the per-server token buckets, the
+//! idempotency memory ([`Dedupe`]), turning an AMI reply into an [`ActionResult`], and
+//! [`ControlStats`].
+//!
+//! For each message, in the consumer task (no I/O, so one bad or slow request never holds up
+//! the next beyond an in-flight permit):
+//! 1. decode; required fields; header safety → `rejected` (`malformed`, `missing_field`,
+//!    `invalid_header`);
+//! 2. routing: a server this replica does not own → `rejected` (`not_owned`) or, for
+//!    transports where every replica sees every request (Kafka), skipped silently; owned but
+//!    not configured → `rejected` (`unknown_server`);
+//! 3. the server's allow-list → `rejected` (`not_allowed`);
+//! 4. idempotency: a `(server, request_id)` in flight gets the same result when it is ready;
+//!    one finished within the window gets that result again (`replayed`), never a second run;
+//! 5. the deadline → `expired`, never sent;
+//! 6. the server's token bucket → `rejected` (`rate_limited`);
+//!
+//! then a task sends the action once through the server's [`Handle`] and publishes the result
+//! to every waiter, acknowledging each message (JetStream ack, Kafka offset) only after its
+//! result was published.
+//!
+//! Must never: send an action twice. The handle never retries; a session lost after sending
+//! answers `outcome_unknown`. Rejections that mean "nothing ran, try later" (`retriable`) are
+//! not remembered, so a retry with the same id may run; every other result is.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::dedupe::{Begin, Dedupe};
+use super::rate::TokenBucket;
+use super::rules::{self, AllowList, RejectCode, Rejection};
+use crate::ami::record::now_ns;
+use crate::ami::{Action, ActionError, ActionReply, Handle, OwnedFrame, Request};
+use crate::model::pb::{
+    self, ActionRequest, ActionResult, ActionStatus, ActionTimings, ReplyFrame,
+};
+
+/// Called once the result for a message was published: acknowledge it to the transport.
+pub type Ack = Box<dyn FnOnce() + Send>;
+
+/// One message taken off the bus.
+pub struct Incoming {
+    /// The encoded `ActionRequest`.
+    pub payload: Bytes,
+    /// The transport's own reply address (the NATS reply subject of a request), which wins
+    /// over the request's `reply_to`.
+    pub reply: Option<String>,
+    /// Run after the result was published.
+    pub ack: Option<Ack>,
+}
+
+/// Where requests come from (a NATS subscription, a Kafka consumer).
+pub trait Source: Send {
+    /// The next message; `None` when the source has ended.
+    fn next(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
+}
+
+/// Why a result could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The bus may take it later.
+    #[error("cannot publish the result now: {0}")]
+    Retriable(String),
+    /// It never will (bad subject or topic, too large).
+    #[error("cannot publish the result: {0}")]
+    Permanent(String),
+}
+
+impl PublishError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, PublishError::Retriable(_))
+    }
+}
+
+/// Where results go.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publish `result` to `to`, or, when `to` is `None`, to the configured result address
+    /// for `result.server`.
+    fn publish(
+        &self,
+        to: Option<&str>,
+        result: &ActionResult,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Tuning of the consumer; see `[control]` in the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlConfig {
+    /// Requests being checked, executed or published at once; the consumer waits for a free
+    /// slot before taking the next message (back-pressure on the bus, never on AMI).
+    pub max_in_flight: usize,
+    /// The reply wait when a request gives no `timeout_ms`.
+    pub default_timeout: Duration,
+    /// The longest reply wait whatever a request asks.
+    pub max_timeout: Duration,
+    /// How long a finished result is replayed to a duplicate request id.
+    pub dedupe_window: Duration,
+    /// Finished results remembered, at most.
+    pub dedupe_capacity: usize,
+    /// Bytes of finished results remembered, at most.
+    pub dedupe_max_bytes: usize,
+    /// Actions per second per server; 0 = unlimited.
+    pub rate: f64,
+    pub burst: u32,
+    /// Answer a request for a server another replica owns with `rejected: not_owned` (NATS,
+    /// where only misrouted requests arrive), or skip it silently (Kafka, where every
+    /// replica reads every request and only the owner may answer).
+    pub answer_not_owned: bool,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            max_in_flight: 1024,
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(60),
+            dedupe_window: Duration::from_secs(600),
+            dedupe_capacity: 100_000,
+            dedupe_max_bytes: 64 << 20,
+            rate: 50.0,
+            burst: 100,
+            answer_not_owned: true,
+        }
+    }
+}
+
+/// One server the consumer can act on.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub handle: Handle,
+    pub allow: AllowList,
+}
+
+/// Whether this replica owns a server id (rendezvous hashing lives elsewhere).
+pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The statuses in [`ActionStatus`] order, as metric labels.
+pub const STATUS_LABELS: [&str; 7] = [
+    "unspecified",
+    "success",
+    "error",
+    "rejected",
+    "expired",
+    "timeout",
+    "outcome_unknown",
+];
+
+/// The label for requests naming a server that is not configured (never the id itself: it
+/// comes off the bus and would make the label unbounded).
+pub const OTHER_SERVER: &str = "-";
+
+/// Counters of the consumer; exported by `telemetry`.
+#[derive(Debug)]
+pub struct ControlStats {
+    index: HashMap<String, usize>,
+    names: Vec<String>,
+    results: Vec<[AtomicU64; 7]>,
+    rejected: [AtomicU64; RejectCode::ALL.len()],
+    replayed: AtomicU64,
+    skipped_not_owned: AtomicU64,
+    publish_failures: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A copy of [`ControlStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControlSnapshot {
+    /// (server or [`OTHER_SERVER`], status label, count), non-zero counts only.
+    pub results: Vec<(String, &'static str, u64)>,
+    /// (reject code, count), non-zero only.
+    pub rejected: Vec<(&'static str, u64)>,
+    /// Results published again for a duplicate request id.
+    pub replayed: u64,
+    /// Requests for servers another replica owns, skipped without an answer.
+    pub skipped_not_owned: u64,
+    /// Results that could not be published (their message is not acknowledged).
+    pub publish_failures: u64,
+    pub in_flight: u64,
+}
+
+impl ControlSnapshot {
+    /// The count of `status` for `server`.
+    pub fn count(&self, server: &str, status: &str) -> u64 {
+        self.results
+            .iter()
+            .filter(|(s, st, _)| s == server && *st == status)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    /// The total of `status` over all servers.
+    pub fn total(&self, status: &str) -> u64 {
+        self.results
+            .iter()
+            .filter(|(_, st, _)| *st == status)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    pub fn rejected(&self, code: RejectCode) -> u64 {
+        self.rejected
+            .iter()
+            .filter(|(c, _)| *c == code.as_str())
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl ControlStats {
+    pub fn new<'a>(servers: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut names = vec![OTHER_SERVER.to_owned()];
+        names.extend(servers.into_iter().map(str::to_owned));
+        let index = names
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        ControlStats {
+            index,
+            results: names.iter().map(|_| Default::default()).collect(),
+            names,
+            rejected: Default::default(),
+            replayed: AtomicU64::new(0),
+            skipped_not_owned: AtomicU64::new(0),
+            publish_failures: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self, result: &ActionResult) {
+        let i = self.index.get(&result.server).copied().unwrap_or(0);
+        let status = usize::try_from(result.status).unwrap_or(0).min(6);
+        if let Some(row) = self.results.get(i) {
+            row[status].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn reject(&self, code: RejectCode) {
+        self.rejected[code.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ControlSnapshot {
+        let mut results = Vec::new();
+        for (name, row) in self.names.iter().zip(&self.results) {
+            for (label, n) in STATUS_LABELS.iter().zip(row) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    results.push((name.clone(), *label, n));
+                }
+            }
+        }
+        ControlSnapshot {
+            results,
+            rejected: RejectCode::ALL
+                .iter()
+                .map(|c| (c.as_str(), self.rejected[c.index()].load(Ordering::Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            skipped_not_owned: self.skipped_not_owned.load(Ordering::Relaxed),
+            publish_failures: self.publish_failures.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where one copy of a result goes.
+struct Waiter {
+    to: Option<String>,
+    ack: Option<Ack>,
+    received_ns: i64,
+}
+
+type Memory = Dedupe<ActionResult, Waiter>;
+
+/// See the module docs.
+pub struct Controller<P> {
+    targets: Arc<HashMap<String, Target>>,
+    owns: Owns,
+    cfg: ControlConfig,
+    publisher: Arc<P>,
+    stats: Arc<ControlStats>,
+    memory: Arc<Mutex<Memory>>,
+    buckets: HashMap<String, TokenBucket>,
+    permits: Arc<Semaphore>,
+}
+
+impl<P: Publisher> Controller<P> {
+    pub fn new(
+        targets: HashMap<String, Target>,
+        owns: Owns,
+        cfg: ControlConfig,
+        publisher: P,
+    ) -> Self {
+        let stats = Arc::new(ControlStats::new(targets.keys().map(String::as_str)));
+        let now = Instant::now();
+        let buckets = targets
+            .keys()
+            .map(|s| (s.clone(), TokenBucket::new(cfg.rate, cfg.burst, now)))
+            .collect();
+        Controller {
+            memory: Arc::new(Mutex::new(Dedupe::new(
+                cfg.dedupe_window,
+                cfg.dedupe_capacity,
+                cfg.dedupe_max_bytes,
+            ))),
+            permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            targets: Arc::new(targets),
+            owns,
+            cfg,
+            publisher: Arc::new(publisher),
+            stats,
+            buckets,
+        }
+    }
+
+    /// The counters, for telemetry and tests.
+    pub fn stats(&self) -> Arc<ControlStats> {
+        self.stats.clone()
+    }
+
+    /// Take requests from `source` until it ends or `shutdown` is cancelled, then wait (up to
+    /// `max_timeout` and a little) for the requests in flight to be answered.
+    pub async fn run<S: Source>(mut self, mut source: S, shutdown: CancellationToken) {
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = self.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                m = source.next() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            self.accept(msg, permit);
+        }
+        let all = u32::try_from(self.cfg.max_in_flight.max(1)).unwrap_or(u32::MAX);
+        let drain = self.cfg.max_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(drain, self.permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("control: requests still in flight at shutdown; their results are lost");
+        }
+    }
+
+    /// Check one message and start its execution (or answer it) in a task holding `permit`.
+    fn accept(&mut self, msg: Incoming, permit: OwnedSemaphorePermit) {
+        let received_ns = now_ns();
+        let Incoming {
+            payload,
+            reply,
+            ack,
+        } = msg;
+        let req = match rules::parse_request(&payload) {
+            Ok(r) => r,
+            Err(rej) => {
+                let result = rejected(&ActionRequest::default(), received_ns, rej);
+                return self.answer(result, reply, ack, permit);
+            }
+        };
+        let to = reply.or_else(|| (!req.reply_to.is_empty()).then(|| req.reply_to.clone()));
+        let action = match rules::check_request(&req) {
+            Ok(a) => a,
+            Err(rej) => return self.answer(rejected(&req, received_ns, rej), to, ack, permit),
+        };
+        if !(self.owns)(&req.server) {
+            if self.cfg.answer_not_owned {
+                let rej = Rejection::new(
+                    RejectCode::NotOwned,
+                    format!("server {} is served by another amibus replica", req.server),
+                );
+                return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
+            }
+            self.stats.skipped_not_owned.fetch_add(1, Ordering::Relaxed);
+            if let Some(ack) = ack {
+                ack();
+            }
+            return;
+        }
+        let Some(target) = self.targets.get(&req.server) else {
+            let rej = Rejection::new(
+                RejectCode::UnknownServer,
+                format!("no server {} is configured", req.server),
+            );
+            return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
+        };
+        if let Err(rej) = rules::check_allowed(&target.allow, &req.server, &req.action) {
+            return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
+        }
+        let waiter = Waiter {
+            to,
+            ack,
+            received_ns,
+        };
+        let begin = lock(&self.memory).begin(&req.server, &req.request_id, waiter, Instant::now());
+        match begin {
+            Begin::Joined => return,
+            Begin::Done(earlier, waiter) => {
+                self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                let mut again = (*earlier).clone();
+                again.replayed = true;
+                if let Some(t) = again.timings.as_mut() {
+                    t.received_ns = waiter.received_ns;
+                }
+                let publisher = self.publisher.clone();
+                let stats = self.stats.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    deliver(
+                        &*publisher,
+                        &stats,
+                        waiter.to.as_deref(),
+                        &again,
+                        waiter.ack,
+                    )
+                    .await;
+                });
+                return;
+            }
+            Begin::New => {}
+        }
+        let now = now_ns();
+        let Some(timeout) =
+            rules::effective_timeout(&req, now, self.cfg.default_timeout, self.cfg.max_timeout)
+        else {
+            let result = expired(
+                &req,
+                received_ns,
+                "the deadline passed before the action was sent",
+            );
+            return self.finish_later(req, result, permit);
+        };
+        let bucket = self
+            .buckets
+            .entry(req.server.clone())
+            .or_insert_with(|| TokenBucket::new(self.cfg.rate, self.cfg.burst, Instant::now()));
+        if !bucket.try_take(Instant::now()) {
+            let rej = Rejection::new(
+                RejectCode::RateLimited,
+                format!(
+                    "server {} takes at most {} actions per second (burst {})",
+                    req.server, self.cfg.rate, self.cfg.burst
+                ),
+            );
+            return self.finish_later(req.clone(), rejected(&req, received_ns, rej), permit);
+        }
+        let handle = target.handle.clone();
+        let await_event = rules::awaited_event(&action);
+        let publisher = self.publisher.clone();
+        let stats = self.stats.clone();
+        let memory = self.memory.clone();
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut result = base(&req, received_ns);
+            execute(
+                &handle,
+                action,
+                await_event,
+                timeout,
+                req.deadline_ns,
+                &mut result,
+            )
+            .await;
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            finish(&req, result, &memory, &*publisher, &stats).await;
+        });
+    }
+
+    /// Answer a request that never reached the idempotency memory.
+    fn answer(
+        &self,
+        result: ActionResult,
+        to: Option<String>,
+        ack: Option<Ack>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        self.stats.count(&result);
+        if result.status == ActionStatus::Rejected as i32 {
+            if let Some(code) = RejectCode::ALL
+                .iter()
+                .find(|c| c.as_str() == result.reject_code)
+            {
+                self.stats.reject(*code);
+            }
+        }
+        let publisher = self.publisher.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            deliver(&*publisher, &stats, to.as_deref(), &result, ack).await;
+        });
+    }
+
+    /// Settle a request that is in the idempotency memory without running it.
+    fn finish_later(&self, req: ActionRequest, result: ActionResult, permit: OwnedSemaphorePermit) {
+        let publisher = self.publisher.clone();
+        let stats = self.stats.clone();
+        let memory = self.memory.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            finish(&req, result, &memory, &*publisher, &stats).await;
+        });
+    }
+}
+
+fn lock(m: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Remember the result (unless nothing ran and a retry may succeed) and publish it to every
+/// waiter of the request.
+async fn finish<P: Publisher>(
+    req: &ActionRequest,
+    mut result: ActionResult,
+    memory: &Mutex<Memory>,
+    publisher: &P,
+    stats: &ControlStats,
+) {
+    let completed = now_ns();
+    if let Some(t) = result.timings.as_mut() {
+        t.completed_ns = completed;
+    }
+    stats.count(&result);
+    let code = RejectCode::ALL
+        .iter()
+        .copied()
+        .find(|c| c.as_str() == result.reject_code);
+    if let Some(code) = code {
+        stats.reject(code);
+    }
+    let remember = !code.is_some_and(RejectCode::is_retriable);
+    let shared = Arc::new(result);
+    let keep = remember.then(|| (shared.clone(), shared.encoded_len()));
+    let waiters = lock(memory).finish(&req.server, &req.request_id, keep, Instant::now());
+    for (i, w) in waiters.into_iter().enumerate() {
+        if i == 0 {
+            deliver(publisher, stats, w.to.as_deref(), &shared, w.ack).await;
+        } else {
+            // A duplicate that arrived while the first was running.
+            stats.replayed.fetch_add(1, Ordering::Relaxed);
+            let mut again = (*shared).clone();
+            again.replayed = true;
+            if let Some(t) = again.timings.as_mut() {
+                t.received_ns = w.received_ns;
+            }
+            deliver(publisher, stats, w.to.as_deref(), &again, w.ack).await;
+        }
+    }
+}
+
+async fn deliver<P: Publisher>(
+    publisher: &P,
+    stats: &ControlStats,
+    to: Option<&str>,
+    result: &ActionResult,
+    ack: Option<Ack>,
+) {
+    match publisher.publish(to, result).await {
+        Ok(()) => {
+            if let Some(ack) = ack {
+                ack();
+            }
+        }
+        Err(e) => {
+            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(server = %result.server, error = %e, "control: result not published; the request stays unacknowledged");
+        }
+    }
+}
+
+/// Send the action once and fill in the result.
+async fn execute(
+    handle: &Handle,
+    action: Action,
+    await_event: Option<&'static str>,
+    timeout: Duration,
+    deadline_ns: i64,
+    result: &mut ActionResult,
+) {
+    let mut req = Request::new(action, timeout);
+    if let Some(e) = await_event {
+        req = req.await_event(e);
+    }
+    if let Some(t) = result.timings.as_mut() {
+        t.sent_ns = now_ns();
+    }
+    match handle.request(req).await {
+        Ok(reply) => fill_reply(result, reply),
+        Err(e) => fill_error(result, &e, deadline_ns),
+    }
+}
+
+/// The result of a complete reply: `success` or `error` from the response (and, for an
+/// async Originate, from its OriginateResponse).
+pub fn fill_reply(result: &mut ActionResult, reply: ActionReply) {
+    let ok = reply.is_success();
+    let message = reply.message();
+    result.action_id = reply
+        .response
+        .frame()
+        .get("ActionID")
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    result.response = Some(reply_frame(&reply.response));
+    result.events = reply.events.iter().map(reply_frame).collect();
+    result.events_truncated = reply.truncated;
+    let mut status = if ok {
+        ActionStatus::Success
+    } else {
+        ActionStatus::Error
+    };
+    let mut reason = if ok {
+        String::new()
+    } else {
+        message.unwrap_or_default()
+    };
+    if let Some(ev) = &reply.awaited {
+        let f = ev.frame();
+        let call_ok = f
+            .get("Response")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"Success"));
+        if !call_ok {
+            status = ActionStatus::Error;
+            reason = format!(
+                "OriginateResponse: {} (Reason: {})",
+                String::from_utf8_lossy(f.get("Response").unwrap_or(b"?")),
+                String::from_utf8_lossy(f.get("Reason").unwrap_or(b"?"))
+            );
+        }
+        result.originate_response = Some(reply_frame(ev));
+    }
+    result.status = status as i32;
+    result.reason = reason;
+}
+
+/// The result of a failed send.
+pub fn fill_error(result: &mut ActionResult, e: &ActionError, deadline_ns: i64) {
+    let (status, code) = match e {
+        ActionError::Invalid(_) => (ActionStatus::Rejected, Some(RejectCode::InvalidHeader)),
+        ActionError::NotConnected => (ActionStatus::Rejected, Some(RejectCode::NotConnected)),
+        // Not sent because the queue stayed full: past the request's deadline that is
+        // simply expiry.
+        ActionError::Busy if now_ns() >= deadline_ns => (ActionStatus::Expired, None),
+        ActionError::Busy => (ActionStatus::Rejected, Some(RejectCode::Busy)),
+        ActionError::Closed => (ActionStatus::Rejected, Some(RejectCode::ShuttingDown)),
+        ActionError::OutcomeUnknown => (ActionStatus::OutcomeUnknown, None),
+        ActionError::TimedOut => (ActionStatus::Timeout, None),
+    };
+    result.status = status as i32;
+    result.reason = e.to_string();
+    if let Some(code) = code {
+        result.reject_code = code.as_str().to_owned();
+        result.retriable = code.is_retriable();
+    }
+}
+
+fn reply_frame(f: &OwnedFrame) -> ReplyFrame {
+    ReplyFrame {
+        headers: f
+            .frame()
+            .headers()
+            .map(|h| pb::Header {
+                key: h.key.to_vec(),
+                value: h.value.map(<[u8]>::to_vec),
+                normalized_key: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn base(req: &ActionRequest, received_ns: i64) -> ActionResult {
+    ActionResult {
+        request_id: req.request_id.clone(),
+        server: req.server.clone(),
+        action: req.action.clone(),
+        correlation: req.correlation.clone(),
+        timings: Some(ActionTimings {
+            received_ns,
+            sent_ns: 0,
+            completed_ns: 0,
+        }),
+        ..ActionResult::default()
+    }
+}
+
+fn rejected(req: &ActionRequest, received_ns: i64, rej: Rejection) -> ActionResult {
+    let mut r = base(req, received_ns);
+    r.status = ActionStatus::Rejected as i32;
+    r.retriable = rej.code.is_retriable();
+    r.reject_code = rej.code.as_str().to_owned();
+    r.reason = rej.reason;
+    if let Some(t) = r.timings.as_mut() {
+        t.completed_ns = now_ns();
+    }
+    r
+}
+
+fn expired(req: &ActionRequest, received_ns: i64, why: &str) -> ActionResult {
+    let mut r = base(req, received_ns);
+    r.status = ActionStatus::Expired as i32;
+    r.reason = why.to_owned();
+    r
+}

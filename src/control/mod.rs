@@ -1,0 +1,34 @@
+//! Actions from the bus back to Asterisk: safe, correlated, exactly one attempt.
+//!
+//! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
+//! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]), the
+//! per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
+//! implements, and the NATS transport ([`nats`]).
+//!
+//! ```text
+//! bus ──▶ Source ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
+//!                         ──▶ ami::Handle of the server (one attempt; ActionIDs unique per process)
+//!                         ──▶ ActionResult ──▶ Publisher (reply subject / result subject)
+//!                         ──▶ ack the message (after the result is published)
+//! ```
+//!
+//! Knows nothing of how a sink sends: results leave through [`Publisher`], requests arrive
+//! through [`Source`].
+//!
+//! Must never: send an action twice, send one past its deadline, send one that is not on its
+//! server's allow-list, crash or stall on anything a client publishes.
+//!
+//! Limits (as built): the idempotency memory lives in the process, so a request redelivered
+//! after a restart (or to another replica after a re-shard) within the window can run again.
+
+pub mod consumer;
+pub mod dedupe;
+pub mod nats;
+pub mod rate;
+pub mod rules;
+
+pub use consumer::{
+    Ack, ControlConfig, ControlSnapshot, ControlStats, Controller, Incoming, Owns, PublishError,
+    Publisher, Source, Target,
+};
+pub use rules::{AllowList, READ_ONLY_ACTIONS, RejectCode, Rejection};
