@@ -272,7 +272,13 @@ mod tests {
         // Without settling during `send`, the fifth send waits forever.
         tokio::time::timeout(
             Duration::from_secs(30),
-            run(sink, spool.reader(), DriverConfig::default(), stats.clone(), done),
+            run(
+                sink,
+                spool.reader(),
+                DriverConfig::default(),
+                stats.clone(),
+                done,
+            ),
         )
         .await
         .expect("the driver must not wait on itself")
