@@ -23,6 +23,8 @@ enum Command {
     Decode(amibus::app::decode::Args),
     /// Run the AMI simulator: a fake Asterisk farm for load tests.
     Sim(Box<amibus::app::sim::Args>),
+    /// Read records back from the bus and print them as JSON lines, filtered by server and event.
+    Tail(amibus::app::tail::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig(args) => amibus::app::check_config(args),
         Command::Decode(args) => amibus::app::decode::run(args),
         Command::Sim(args) => amibus::app::sim::run(*args),
+        Command::Tail(args) => amibus::app::tail::run(args),
     }
 }

@@ -4,6 +4,7 @@ pub mod decode;
 pub mod pipeline;
 pub mod run;
 pub mod sim;
+pub mod tail;
 
 use std::path::PathBuf;
 

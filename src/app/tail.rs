@@ -1,0 +1,605 @@
+//! `amibus tail`: read records back from the bus and print them as JSON lines.
+//!
+//! Owns: choosing a reader (today NATS core or JetStream; Kafka plugs in as one more
+//! [`SourceArgs`] variant and one arm in [`Source::next`]), filtering by server id and event
+//! name, and turning each payload into one line on standard output.
+//!
+//! Filtering looks at the bus headers amibus puts on every record (`server`, `event`) before
+//! anything is decoded, so skipping a record costs a header comparison. Only a message without
+//! those headers is decoded to be filtered.
+//!
+//! Payloads: an `amibus.v1.Envelope` is printed with [`json::write_json_line`]; a JSON object
+//! (the pipeline's `json` format) is printed as it is; anything else is counted as undecodable
+//! and reported on standard error, never a reason to stop. `--raw` skips decoding and prints
+//! each message's subject, headers and payload as they are on the bus.
+//!
+//! Must never: stop on a message it cannot read, or block the reader on a slow terminal for
+//! longer than one write (output is flushed whenever the reader has nothing ready).
+
+use std::io::{self, Write};
+
+use anyhow::Context;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::FutureExt;
+
+use crate::model::{json, pb};
+use crate::sink::nats::{self, NatsAuth, NatsConnection, NatsSource, Secret, StartAt};
+
+/// Arguments of `amibus tail`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub source: SourceArgs,
+}
+
+/// Where to read from.
+#[derive(Debug, clap::Subcommand)]
+pub enum SourceArgs {
+    /// A NATS subject (core NATS: only what is published from now on) or a JetStream stream.
+    Nats(NatsArgs),
+}
+
+/// Arguments of `amibus tail nats`.
+#[derive(Debug, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URLs (comma-separated or repeated), e.g. `nats://127.0.0.1:4222`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// The subject to read (wildcards allowed). Core NATS: default `ami.>`. JetStream: a
+    /// filter on the stream's subjects; default: the whole stream.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Read this JetStream stream (an ordered, ephemeral consumer; nothing is acknowledged or
+    /// removed) instead of subscribing to core NATS.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// JetStream: where to start. `first`: the oldest message held; `last`: the newest of each
+    /// subject; `new`: only what is stored from now on; a number: that stream sequence.
+    #[arg(long, requires = "stream", value_parser = parse_start)]
+    pub from: Option<StartAt>,
+    /// A `.creds` file (user JWT and nkey seed).
+    #[arg(long)]
+    pub creds: Option<std::path::PathBuf>,
+    /// The environment variable holding an auth token.
+    #[arg(long)]
+    pub token_env: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+/// Filters and output options shared by every source.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only records of this server id (repeat for several).
+    #[arg(long = "server", value_name = "ID")]
+    pub server: Vec<String>,
+    /// Only records with this event name, case-insensitive (repeat for several). Synthetic
+    /// records are named by their kind: `connection_up`, `connection_down`, `gap`.
+    #[arg(long = "event", value_name = "NAME")]
+    pub event: Vec<String>,
+    /// Stop after printing this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Print each message as it is on the bus (subject, headers, payload) without decoding.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+fn parse_start(s: &str) -> Result<StartAt, String> {
+    match s {
+        "first" => Ok(StartAt::First),
+        "last" => Ok(StartAt::Last),
+        "new" => Ok(StartAt::New),
+        n => n
+            .parse::<u64>()
+            .map(StartAt::Sequence)
+            .map_err(|_| format!("{s:?}: use first, last, new or a stream sequence")),
+    }
+}
+
+/// One message as any source yields it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Message {
+    /// The NATS subject or Kafka topic.
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl Message {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl From<nats::SourceMessage> for Message {
+    fn from(m: nats::SourceMessage) -> Self {
+        Message {
+            subject: m.subject,
+            headers: m.headers,
+            payload: m.payload,
+        }
+    }
+}
+
+/// The reader behind `tail`. Kafka: add `Kafka(KafkaSource)` and its arm in [`Source::next`].
+pub enum Source {
+    Nats(NatsSource),
+}
+
+impl Source {
+    /// The next message; `None` when the source ended. Cancel-safe: dropping the future before
+    /// it resolves loses no message.
+    ///
+    /// # Errors
+    /// The reader failed beyond what its client repairs by itself.
+    pub async fn next(&mut self) -> Option<anyhow::Result<Message>> {
+        match self {
+            Source::Nats(s) => s
+                .next()
+                .await
+                .map(|r| r.map(Message::from).map_err(Into::into)),
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Printed,
+    FilteredOut,
+    /// Not an envelope and not JSON; the reason says what was wrong.
+    Undecodable(String),
+}
+
+/// Counters of one tail run, printed on standard error at exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TailStats {
+    pub read: u64,
+    pub printed: u64,
+    pub filtered_out: u64,
+    pub undecodable: u64,
+}
+
+impl std::fmt::Display for TailStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "amibus tail: {} read, {} printed, {} filtered out, {} undecodable",
+            self.read, self.printed, self.filtered_out, self.undecodable
+        )
+    }
+}
+
+/// Filters and formats messages; pure (no I/O), so every case is unit-tested.
+#[derive(Debug, Default)]
+pub struct Printer {
+    filter: FilterArgs,
+    pub stats: TailStats,
+}
+
+/// A decoded payload.
+enum Decoded {
+    Envelope(Box<pb::Envelope>),
+    /// A JSON object; `server` and `name` are read only when a filter needs them.
+    Json(serde_json::Value),
+}
+
+impl Decoded {
+    fn server(&self) -> &str {
+        match self {
+            Decoded::Envelope(e) => &e.server,
+            Decoded::Json(v) => v["server"].as_str().unwrap_or_default(),
+        }
+    }
+
+    /// The name the `event` header would carry: the event name, else the kind.
+    fn event(&self) -> &str {
+        match self {
+            Decoded::Envelope(e) if e.name.is_empty() => json::kind_name(e.kind()),
+            Decoded::Envelope(e) => &e.name,
+            Decoded::Json(v) => v["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .or_else(|| v["kind"].as_str())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn decode(payload: &[u8]) -> Result<Decoded, String> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{')
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload)
+    {
+        return Ok(Decoded::Json(v));
+    }
+    if payload.is_empty() {
+        return Err("empty payload".into());
+    }
+    let env = crate::app::pipeline::decode_payload(payload)
+        .map_err(|e| format!("not an amibus envelope or JSON: {e}"))?;
+    // Protobuf decodes many short byte strings into a message of defaults; every envelope
+    // amibus writes has a server and a kind.
+    if env.server.is_empty() || env.kind() == pb::Kind::Unspecified {
+        return Err("not an amibus envelope (no server or kind)".into());
+    }
+    Ok(Decoded::Envelope(Box::new(env)))
+}
+
+impl Printer {
+    pub fn new(filter: FilterArgs) -> Self {
+        Printer {
+            filter,
+            stats: TailStats::default(),
+        }
+    }
+
+    /// Whether the limit is reached.
+    pub fn done(&self) -> bool {
+        self.filter.limit.is_some_and(|l| self.stats.printed >= l)
+    }
+
+    fn server_ok(&self, server: &str) -> bool {
+        self.filter.server.is_empty() || self.filter.server.iter().any(|s| s == server)
+    }
+
+    fn event_ok(&self, event: &str) -> bool {
+        self.filter.event.is_empty()
+            || self
+                .filter
+                .event
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case(event))
+    }
+
+    /// Filter `msg` and append its line to `out` if it passes.
+    pub fn handle(&mut self, msg: &Message, out: &mut Vec<u8>) -> Outcome {
+        self.stats.read += 1;
+        let outcome = self.outcome(msg, out);
+        match &outcome {
+            Outcome::Printed => self.stats.printed += 1,
+            Outcome::FilteredOut => self.stats.filtered_out += 1,
+            Outcome::Undecodable(_) => self.stats.undecodable += 1,
+        }
+        outcome
+    }
+
+    fn outcome(&self, msg: &Message, out: &mut Vec<u8>) -> Outcome {
+        // The cheap path: the bus headers decide.
+        let by_header = |name: &str, ok: &dyn Fn(&str) -> bool| msg.header(name).map(ok);
+        let server = by_header("server", &|s| self.server_ok(s));
+        let event = by_header("event", &|e| self.event_ok(e));
+        if server == Some(false) || event == Some(false) {
+            return Outcome::FilteredOut;
+        }
+        let needs_decoded_filter = (server.is_none() && !self.filter.server.is_empty())
+            || (event.is_none() && !self.filter.event.is_empty());
+        let passes = |d: &Decoded| self.server_ok(d.server()) && self.event_ok(d.event());
+        if self.filter.raw {
+            // Raw output needs no decoding; only a filter the headers could not answer does.
+            if needs_decoded_filter && !decode(&msg.payload).is_ok_and(|d| passes(&d)) {
+                return Outcome::FilteredOut;
+            }
+            write_raw(msg, out);
+            return Outcome::Printed;
+        }
+        let decoded = match decode(&msg.payload) {
+            Ok(d) => d,
+            Err(why) => return Outcome::Undecodable(why),
+        };
+        if needs_decoded_filter && !passes(&decoded) {
+            return Outcome::FilteredOut;
+        }
+        match decoded {
+            Decoded::Envelope(env) => json::write_json_line(&env, out),
+            Decoded::Json(_) => {
+                // As it is on the bus, one line.
+                let text = msg.payload.trim_ascii_end();
+                if text.contains(&b'\n') {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(text).unwrap_or(serde_json::Value::Null);
+                    let _ = serde_json::to_writer(&mut *out, &v);
+                } else {
+                    out.extend_from_slice(text);
+                }
+                out.push(b'\n');
+            }
+        }
+        Outcome::Printed
+    }
+}
+
+/// `{"subject":..,"headers":[[k,v],..],"payload":"text"|{"b64":".."}}` and a newline.
+fn write_raw(msg: &Message, out: &mut Vec<u8>) {
+    let payload = match std::str::from_utf8(&msg.payload) {
+        Ok(s) => serde_json::Value::String(s.to_owned()),
+        Err(_) => serde_json::json!({
+            "b64": base64::engine::general_purpose::STANDARD.encode(&msg.payload)
+        }),
+    };
+    let line = serde_json::json!({
+        "subject": msg.subject,
+        "headers": msg.headers,
+        "payload": payload,
+    });
+    let _ = serde_json::to_writer(&mut *out, &line);
+    out.push(b'\n');
+}
+
+/// Undecodable messages are logged one by one up to this many, then every 1000th.
+const LOG_FIRST: u64 = 10;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let (mut source, filter) = open(args).await?;
+        let mut printer = Printer::new(filter);
+        let result = tail(&mut source, &mut printer, &mut io::stdout().lock()).await;
+        eprintln!("{}", printer.stats);
+        result
+    })
+}
+
+async fn open(args: Args) -> anyhow::Result<(Source, FilterArgs)> {
+    match args.source {
+        SourceArgs::Nats(a) => {
+            let auth = match (&a.creds, &a.token_env) {
+                (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
+                (None, Some(var)) => NatsAuth::Token(Secret::new(
+                    std::env::var(var)
+                        .with_context(|| format!("environment variable {var} is not set"))?,
+                )),
+                (None, None) => NatsAuth::None,
+            };
+            let conn = NatsConnection {
+                servers: a.servers.clone(),
+                auth,
+                name: Some("amibus-tail".into()),
+                ..NatsConnection::default()
+            };
+            let client = nats::connect(&conn).await?;
+            let source = match &a.stream {
+                Some(stream) => {
+                    let start = a.from.unwrap_or_default();
+                    let s =
+                        NatsSource::jetstream(&client, stream, a.subject.as_deref(), start).await?;
+                    eprintln!("amibus tail: reading stream {stream} from {start:?}");
+                    s
+                }
+                None => {
+                    let subject = a.subject.as_deref().unwrap_or("ami.>");
+                    let s = NatsSource::subscribe(&client, subject).await?;
+                    eprintln!("amibus tail: subscribed to {subject}");
+                    s
+                }
+            };
+            Ok((Source::Nats(source), a.filter))
+        }
+    }
+}
+
+/// Read until the limit, the end of the source, SIGINT, or a closed standard output.
+///
+/// # Errors
+/// The source failed, or standard output failed other than by being closed.
+pub async fn tail(
+    source: &mut Source,
+    printer: &mut Printer,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(64 << 10);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while !printer.done() {
+        // Take what is ready without waiting; flush before waiting.
+        let next = match source.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                if !write_out(out, &mut buf)? {
+                    return Ok(());
+                }
+                tokio::select! {
+                    next = source.next() => next,
+                    _ = &mut ctrl_c => break,
+                }
+            }
+        };
+        let Some(next) = next else { break };
+        let msg = next?;
+        if let Outcome::Undecodable(why) = printer.handle(&msg, &mut buf) {
+            let n = printer.stats.undecodable;
+            if n <= LOG_FIRST || n % 1000 == 0 {
+                tracing::warn!(subject = %msg.subject, bytes = msg.payload.len(), count = n, "undecodable payload skipped: {why}");
+            }
+        }
+        if buf.len() >= 64 << 10 && !write_out(out, &mut buf)? {
+            return Ok(());
+        }
+    }
+    write_out(out, &mut buf)?;
+    Ok(())
+}
+
+/// Write and flush `buf`; false when standard output is closed (`| head`).
+fn write_out(out: &mut impl Write, buf: &mut Vec<u8>) -> anyhow::Result<bool> {
+    let r = out.write_all(buf).and_then(|()| out.flush());
+    buf.clear();
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("cannot write standard output"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ami::{Parsed, Parser, Record, Stamp, Stamped};
+    use std::sync::Arc;
+
+    fn envelope(server: &str, name: &str) -> Bytes {
+        let bytes = format!("Event: {name}\r\nPrivilege: call,all\r\nUniqueid: 1.2\r\n\r\n");
+        let mut p = Parser::default();
+        let Parsed::Frame { frame, .. } = p.parse(bytes.as_bytes()) else {
+            panic!("frame")
+        };
+        let stamped = Stamped {
+            stamp: Stamp {
+                server: Arc::from(server),
+                epoch: 1,
+                seq: 7,
+                received_at_ns: 42,
+            },
+            record: Record::Frame(frame.to_owned()),
+        };
+        let mut out = Vec::new();
+        let Record::Frame(f) = &stamped.record else {
+            unreachable!()
+        };
+        let frame = f.frame();
+        let n = crate::model::normalize(&frame);
+        crate::model::encode_frame(&stamped.stamp, &n, &frame, &mut out);
+        Bytes::from(out)
+    }
+
+    fn msg(headers: &[(&str, &str)], payload: impl Into<Bytes>) -> Message {
+        Message {
+            subject: "ami.x.y".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            payload: payload.into(),
+        }
+    }
+
+    fn printer(server: &[&str], event: &[&str], raw: bool) -> Printer {
+        Printer::new(FilterArgs {
+            server: server.iter().map(|s| (*s).to_owned()).collect(),
+            event: event.iter().map(|s| (*s).to_owned()).collect(),
+            limit: None,
+            raw,
+        })
+    }
+
+    fn line(out: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(out).expect("one JSON line")
+    }
+
+    #[test]
+    fn envelopes_print_as_json_lines() {
+        let mut p = printer(&[], &[], false);
+        let mut out = Vec::new();
+        assert_eq!(
+            p.handle(&msg(&[], envelope("pbx1", "Hangup")), &mut out),
+            Outcome::Printed
+        );
+        let v = line(&out);
+        assert_eq!(
+            (v["server"].as_str(), v["name"].as_str(), v["seq"].as_u64()),
+            (Some("pbx1"), Some("Hangup"), Some(7))
+        );
+        assert_eq!(out.last(), Some(&b'\n'));
+    }
+
+    #[test]
+    fn headers_filter_before_decoding() {
+        let mut p = printer(&["pbx1"], &["hangup"], false);
+        let mut out = Vec::new();
+        // Garbage payload, but the headers already exclude it: not even decoded.
+        let other = msg(&[("server", "pbx2"), ("event", "Hangup")], &b"\xff\xff"[..]);
+        assert_eq!(p.handle(&other, &mut out), Outcome::FilteredOut);
+        let wrong_event = msg(&[("server", "pbx1"), ("event", "Newchannel")], &b"\xff"[..]);
+        assert_eq!(p.handle(&wrong_event, &mut out), Outcome::FilteredOut);
+        let ok = msg(
+            &[("server", "pbx1"), ("event", "Hangup")],
+            envelope("pbx1", "Hangup"),
+        );
+        assert_eq!(p.handle(&ok, &mut out), Outcome::Printed);
+        assert_eq!(p.stats.filtered_out, 2);
+    }
+
+    #[test]
+    fn messages_without_headers_are_filtered_on_the_decoded_envelope() {
+        let mut p = printer(&["pbx1"], &[], false);
+        let mut out = Vec::new();
+        assert_eq!(
+            p.handle(&msg(&[], envelope("pbx2", "Hangup")), &mut out),
+            Outcome::FilteredOut
+        );
+        assert_eq!(
+            p.handle(&msg(&[], envelope("pbx1", "Hangup")), &mut out),
+            Outcome::Printed
+        );
+        let json = msg(&[], &br#"{"server":"pbx1","name":"X"}"#[..]);
+        assert_eq!(p.handle(&json, &mut out), Outcome::Printed);
+    }
+
+    #[test]
+    fn json_passes_through_and_garbage_is_counted() {
+        let mut p = printer(&[], &[], false);
+        let mut out = Vec::new();
+        let text = "{\"kind\":\"event\",\"name\":\"Hangup\",\"server\":\"pbx1\"}\n";
+        assert_eq!(
+            p.handle(&msg(&[], text.as_bytes().to_vec()), &mut out),
+            Outcome::Printed
+        );
+        assert_eq!(out, text.as_bytes());
+        for bad in [&b""[..], b"\xff\x00garbage", b"{not json", b"hello"] {
+            assert!(
+                matches!(
+                    p.handle(&msg(&[], bad.to_vec()), &mut out),
+                    Outcome::Undecodable(_)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(out, text.as_bytes(), "nothing printed for garbage");
+        assert_eq!(p.stats.undecodable, 4);
+        // Multi-line JSON becomes one line.
+        out.clear();
+        p.handle(&msg(&[], &b"{\n\"a\": 1\n}\n"[..]), &mut out);
+        assert_eq!(out, b"{\"a\":1}\n");
+    }
+
+    #[test]
+    fn raw_prints_what_is_on_the_bus() {
+        let mut p = printer(&[], &[], true);
+        let mut out = Vec::new();
+        p.handle(&msg(&[("server", "pbx1")], &b"\xff\x00"[..]), &mut out);
+        let v = line(&out);
+        assert_eq!(v["subject"], "ami.x.y");
+        assert_eq!(v["headers"][0], serde_json::json!(["server", "pbx1"]));
+        assert_eq!(v["payload"]["b64"], "/wA=");
+    }
+
+    #[test]
+    fn the_limit_counts_printed_records() {
+        let mut p = Printer::new(FilterArgs {
+            limit: Some(1),
+            server: vec!["pbx1".into()],
+            ..FilterArgs::default()
+        });
+        let mut out = Vec::new();
+        p.handle(&msg(&[("server", "pbx2")], envelope("pbx2", "A")), &mut out);
+        assert!(!p.done());
+        p.handle(&msg(&[("server", "pbx1")], envelope("pbx1", "A")), &mut out);
+        assert!(p.done());
+    }
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!(parse_start("first"), Ok(StartAt::First));
+        assert_eq!(parse_start("new"), Ok(StartAt::New));
+        assert_eq!(parse_start("17"), Ok(StartAt::Sequence(17)));
+        assert!(parse_start("oldest").is_err());
+    }
+}
