@@ -83,6 +83,7 @@ pub struct Pipeline {
     lost: BTreeMap<(Arc<str>, u64), Vec<SeqRange>>,
     payload: Vec<u8>,
     key: Vec<u8>,
+    last_broadcast_event: bool,
 }
 
 impl Pipeline {
@@ -94,11 +95,18 @@ impl Pipeline {
             lost: BTreeMap::new(),
             payload: Vec::with_capacity(4096),
             key: Vec::with_capacity(64),
+            last_broadcast_event: false,
         }
     }
 
     pub fn stats(&self) -> PipelineStats {
         self.stats
+    }
+
+    /// Whether the record last accepted was an event a server broadcast (not the per-session
+    /// `FullyBooted`), as the simulator counts what it sent.
+    pub fn last_was_broadcast_event(&self) -> bool {
+        self.last_broadcast_event
     }
 
     /// Hand what was appended to the OS, so a SIGKILL loses none of it.
@@ -115,6 +123,7 @@ impl Pipeline {
     /// The spool cannot be written.
     pub fn accept(&mut self, stamped: &Stamped) -> Result<(), SpoolError> {
         self.stats.records += 1;
+        self.last_broadcast_event = false;
         let record = self.to_spool_record(stamped);
         let stored = self.append(record)?;
         if stored && !self.lost.is_empty() {
@@ -262,6 +271,7 @@ impl Pipeline {
                     .privilege
                     .map(|p| p.split(|&b| b == b',').next().unwrap_or_default())
                     .unwrap_or_default();
+                self.last_broadcast_event = n.kind == pb::Kind::Event && n.name != b"FullyBooted";
                 (
                     json::kind_name(n.kind),
                     Bytes::copy_from_slice(n.name),

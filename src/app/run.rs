@@ -21,12 +21,11 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::ami::Stamped;
 use crate::ami::connection::{Connection, Options, StatsSnapshot};
-use crate::ami::{Record, Stamped};
 use crate::config::{Config, ControlSection, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
 use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
 use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
-use crate::model::pb;
 use crate::sim::{Sim, SimConfig, SimHandle};
 use crate::sink::Sink;
 use crate::sink::driver::{self, DriverConfig, DriverStats};
@@ -265,7 +264,7 @@ pub async fn run_with(
     let events_seen = Arc::new(AtomicU64::new(0));
     let seen = events_seen.clone();
     let pipeline_task = tokio::spawn(async move {
-        let mut events: HashMap<String, u64> = HashMap::new();
+        let mut events: HashMap<Arc<str>, u64> = HashMap::new();
         let mut batch = Vec::with_capacity(256);
         loop {
             // Loss the spool could not report yet (no room, or no record since) is reported
@@ -283,7 +282,7 @@ pub async fn run_with(
                     .and_then(|()| pipeline.flush())
                 {
                     tracing::error!(error = %e, "cannot write the spool; stopping");
-                    return Err((e, pipeline.stats(), events));
+                    return Err((e, pipeline.stats(), by_name(events)));
                 }
                 if received.is_some() {
                     break; // every connection is gone
@@ -291,13 +290,13 @@ pub async fn run_with(
                 continue;
             }
             for stamped in batch.drain(..) {
-                if is_event(&stamped) {
-                    *events.entry(stamped.stamp.server.to_string()).or_default() += 1;
-                    seen.fetch_add(1, Ordering::Relaxed);
-                }
                 if let Err(e) = pipeline.accept(&stamped) {
                     tracing::error!(error = %e, "cannot write the spool; stopping");
-                    return Err((e, pipeline.stats(), events));
+                    return Err((e, pipeline.stats(), by_name(events)));
+                }
+                if pipeline.last_was_broadcast_event() {
+                    *events.entry(stamped.stamp.server.clone()).or_default() += 1;
+                    seen.fetch_add(1, Ordering::Relaxed);
                 }
             }
             published.publish(&pipeline.stats());
@@ -305,10 +304,10 @@ pub async fn run_with(
             // loses none of it.
             if let Err(e) = pipeline.flush() {
                 tracing::error!(error = %e, "cannot write the spool; stopping");
-                return Err((e, pipeline.stats(), events));
+                return Err((e, pipeline.stats(), by_name(events)));
             }
         }
-        Ok((pipeline.stats(), events))
+        Ok((pipeline.stats(), by_name(events)))
     });
 
     // The connections, one task per owned server; SIGHUP can change the set.
@@ -556,17 +555,12 @@ fn sink_name(cfg: &SinkConfig) -> &'static str {
     }
 }
 
-/// Whether `stamped` is an event that a server broadcast (not the `FullyBooted` Asterisk sends
-/// only to the session that just logged in), as the simulator counts what it sent.
-fn is_event(stamped: &Stamped) -> bool {
-    match &stamped.record {
-        Record::Frame(f) => {
-            let frame = f.frame();
-            let n = crate::model::normalize(&frame);
-            n.kind == pb::Kind::Event && n.name != b"FullyBooted"
-        }
-        _ => false,
-    }
+/// Per-server counts keyed by name, for the report.
+fn by_name(events: HashMap<Arc<str>, u64>) -> HashMap<String, u64> {
+    events
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 fn spawn_driver<S: Sink>(
