@@ -8,6 +8,7 @@
 
 pub mod driver;
 pub mod file;
+pub mod kafka;
 
 use std::future::Future;
 use std::pin::Pin;
