@@ -7,6 +7,20 @@
 //! The binary is `$TANSU` if set, else `tansu` on `PATH`, else `~/.cargo/bin/tansu`.
 //! Install it with `cargo install tansu --locked --features dynostore,libsql`
 //! (`scripts/test` does this on a fresh machine).
+//!
+//! Flags used: `tansu broker --cluster-id amibus-test --listener-url tcp://127.0.0.1:PORT
+//! --advertised-listener-url tcp://127.0.0.1:PORT --storage-engine sqlite://tansu.db`, run in
+//! the temp dir (the SQLite path is relative to the working directory), `RUST_LOG=warn`.
+//!
+//! What tansu 0.6 does differently from Kafka, as met by these tests:
+//! - Idempotent produce with `acks=all` and lz4 compression work.
+//! - It enforces no message size limit (no `message.max.bytes`/`max.message.bytes`), so a
+//!   "too large" test relies on the producer's own `message.max.bytes`.
+//! - A topic must exist before producing, and CreateTopics with -1 partitions (broker
+//!   default) makes a topic with none: always give a partition count.
+//! - After a delivery timeout librdkafka bumps the idempotent producer's epoch locally; tansu
+//!   panics on the next produce ("more or less than one row" in its SQLite engine) and fails
+//!   every produce after it. Keep `message.timeout.ms` longer than any outage a test makes.
 #![allow(dead_code)] // each test file uses a different part
 
 use std::fs::File;
