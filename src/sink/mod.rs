@@ -8,6 +8,7 @@
 
 pub mod driver;
 pub mod file;
+pub mod kafka;
 pub mod nats;
 
 use std::future::Future;
