@@ -776,6 +776,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 pub use crate::app::pipeline::PayloadFormat;
 pub use crate::sink::file::{FileSinkConfig, Framing};
+pub use crate::sink::kafka::KafkaSinkConfig;
 pub use crate::sink::nats::{
     NatsAuth, NatsMode, NatsSinkConfig, NatsTls, StreamSpec, StreamStorage,
 };
@@ -786,6 +787,7 @@ pub use crate::spool::{Fsync, SpoolConfig, WhenFull};
 pub enum SinkConfig {
     File(FileSinkConfig),
     Nats(Box<NatsSinkConfig>),
+    Kafka(Box<KafkaSinkConfig>),
 }
 
 /// How records are encoded and handed from the connections to the spool.
@@ -836,6 +838,46 @@ struct RawSink {
     kind: Option<String>,
     file: Option<RawFileSink>,
     nats: Option<RawNatsSink>,
+    kafka: Option<RawKafkaSink>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaSink {
+    brokers: Option<String>,
+    topic: Option<String>,
+    compression: Option<String>,
+    linger: Option<String>,
+    batch_bytes: Option<RawSize>,
+    message_timeout: Option<String>,
+    create_topics: Option<RawKafkaTopics>,
+    tls: Option<RawKafkaTls>,
+    sasl: Option<RawKafkaSasl>,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaTopics {
+    partitions: Option<i32>,
+    replication: Option<i32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaTls {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaSasl {
+    mechanism: Option<String>,
+    username: Option<String>,
+    password_env: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1023,6 +1065,11 @@ fn validate_sink(raw: RawSink, env: &dyn Env, problems: &mut Vec<Problem>) -> Si
                 keep: f.keep.unwrap_or(5),
             })
         }
+        "kafka" => SinkConfig::Kafka(Box::new(validate_kafka(
+            raw.kafka.unwrap_or_default(),
+            env,
+            problems,
+        ))),
         "nats" => SinkConfig::Nats(Box::new(validate_nats(
             raw.nats.unwrap_or_default(),
             env,
@@ -1084,6 +1131,111 @@ fn opt_duration(
             }
         },
     }
+}
+
+fn validate_kafka(
+    raw: RawKafkaSink,
+    env: &dyn Env,
+    problems: &mut Vec<Problem>,
+) -> KafkaSinkConfig {
+    use crate::sink::kafka::{NewTopics, Sasl, Tls};
+    let brokers = raw.brokers.unwrap_or_else(|| {
+        problem(
+            problems,
+            "sink.kafka.brokers",
+            "required (host:port[,host:port...])",
+        );
+        String::new()
+    });
+    let mut cfg = KafkaSinkConfig::new(brokers);
+    if let Some(topic) = raw.topic {
+        cfg.topic = topic;
+    }
+    if let Some(c) = raw.compression {
+        match c.parse() {
+            Ok(c) => cfg.compression = c,
+            Err(e) => problem(problems, "sink.kafka.compression", e),
+        }
+    }
+    cfg.linger = match raw.linger {
+        None => cfg.linger,
+        Some(s) => parse_duration(&s).unwrap_or_else(|| {
+            problem(
+                problems,
+                "sink.kafka.linger",
+                format!("{s:?} is not a duration"),
+            );
+            cfg.linger
+        }),
+    };
+    if let Some(b) = raw.batch_bytes {
+        cfg.batch_bytes =
+            size("sink.kafka.batch_bytes", Some(b), 1, problems).min(u64::from(u32::MAX)) as u32;
+    }
+    cfg.message_timeout = opt_duration(
+        "sink.kafka.message_timeout",
+        raw.message_timeout,
+        cfg.message_timeout,
+        problems,
+    );
+    if let Some(t) = raw.create_topics {
+        let mut topics = NewTopics::default();
+        if let Some(p) = t.partitions {
+            topics.partitions = p;
+        }
+        if let Some(r) = t.replication {
+            topics.replication = r;
+        }
+        cfg.create_topics = Some(topics);
+    }
+    if let Some(t) = raw.tls {
+        cfg.connection.tls = Some(Tls {
+            ca_file: t.ca_file,
+            cert_file: t.cert_file,
+            key_file: t.key_file,
+        });
+    }
+    if let Some(sasl) = raw.sasl {
+        let mechanism = match sasl.mechanism.as_deref().unwrap_or("PLAIN").parse() {
+            Ok(m) => m,
+            Err(e) => {
+                problem(problems, "sink.kafka.sasl.mechanism", e);
+                Default::default()
+            }
+        };
+        let username = sasl.username.unwrap_or_else(|| {
+            problem(
+                problems,
+                "sink.kafka.sasl.username",
+                "required with [sink.kafka.sasl]",
+            );
+            String::new()
+        });
+        let password = match sasl.password_env {
+            Some(var) => env_secret("sink.kafka.sasl.password_env", Some(var), env, problems)
+                .unwrap_or_default(),
+            None => {
+                problem(
+                    problems,
+                    "sink.kafka.sasl.password_env",
+                    "required with [sink.kafka.sasl]",
+                );
+                Secret::default()
+            }
+        };
+        cfg.connection.sasl = Some(Sasl {
+            mechanism,
+            username,
+            password,
+        });
+    }
+    cfg.properties = raw.properties;
+    if let Err(e) = cfg.client_config() {
+        for p in e.problems {
+            problem(problems, "sink.kafka", p);
+        }
+    }
+    cfg
 }
 
 fn validate_nats(raw: RawNatsSink, env: &dyn Env, problems: &mut Vec<Problem>) -> NatsSinkConfig {

@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// A password, token or key. Never logged: `Debug` and `Display` print `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {

@@ -126,7 +126,7 @@ fn the_reference_and_every_example_config_validate() {
         fn var(&self, name: &str) -> Option<String> {
             name.ends_with("_SECRET")
                 .then(|| "secret".to_owned())
-                .or_else(|| (name == "NATS_PASSWORD").then(|| "pw".to_owned()))
+                .or_else(|| name.ends_with("_PASSWORD").then(|| "pw".to_owned()))
         }
     }
     let root = env!("CARGO_MANIFEST_DIR");

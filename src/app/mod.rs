@@ -51,6 +51,7 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
         match cfg.sink {
             crate::config::SinkConfig::File(_) => "file",
             crate::config::SinkConfig::Nats(_) => "nats",
+            crate::config::SinkConfig::Kafka(_) => "kafka",
         },
         cfg.spool.dir.display()
     );

@@ -239,6 +239,11 @@ pub async fn run_with(
                 FileSink::open(f.clone()).with_context(|| format!("cannot open {}", f.path))?;
             spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
         }
+        SinkConfig::Kafka(k) => {
+            let sink = crate::sink::kafka::KafkaSink::new((**k).clone())
+                .context("cannot set up the Kafka sink")?;
+            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+        }
         SinkConfig::Nats(n) => {
             let sink = NatsSink::connect((**n).clone())
                 .await
@@ -552,6 +557,7 @@ fn sink_name(cfg: &SinkConfig) -> &'static str {
     match cfg {
         SinkConfig::File(_) => "file",
         SinkConfig::Nats(_) => "nats",
+        SinkConfig::Kafka(_) => "kafka",
     }
 }
 

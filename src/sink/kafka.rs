@@ -25,7 +25,6 @@
 //! on a blocking thread; a full local queue is waited on asynchronously).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -112,34 +111,8 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+pub use crate::secret::Secret;
 
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    /// The secret itself, for handing to the client library only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// TLS to the brokers. Present means TLS is on; each file is optional (the system trust store
-/// is used without `ca_file`; a client certificate needs both `cert_file` and `key_file`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tls {
     pub ca_file: Option<PathBuf>,
@@ -800,7 +773,7 @@ mod tests {
         cfg.connection.tls = Some(Tls::default());
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("***"));
+        assert!(shown.contains("[redacted]"));
         let cc = cfg.client_config().expect("valid");
         assert_eq!(cc.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(cc.get("sasl.mechanism"), Some("SCRAM-SHA-512"));

@@ -1,0 +1,112 @@
+//! Simulator → `amibus run` → a real Kafka-protocol broker (tansu) → consumer: every envelope
+//! arrives, keyed by call, and each call's events are in order within their partition.
+
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use amibus::app::pipeline::decode_payload;
+use amibus::app::run::run_until;
+use amibus::config::{Config, ProcessEnv};
+use amibus::model::pb;
+use amibus::sim::{Sim, SimConfig};
+use amibus::sink::kafka::{KafkaSource, KafkaSourceConfig};
+use kafka_support::Broker;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_arrives_whole_keyed_by_call_and_in_order_per_partition() {
+    let broker = Broker::start().await;
+    let sim = Sim::start(SimConfig {
+        servers: 2,
+        rate: 0,
+        count: Some(1500),
+        seed: 3,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut toml = String::new();
+    for (i, addr) in sim.addrs().iter().enumerate() {
+        toml.push_str(&format!(
+            "[[server]]\nid = \"pbx{}\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\nsecret = \"amp111\"\n",
+            i + 1,
+            addr.port()
+        ));
+    }
+    toml.push_str(&format!(
+        "[spool]\ndir = {:?}\n[sink]\nkind = \"kafka\"\n[sink.kafka]\nbrokers = \"{}\"\ntopic = \"ami.e2e\"\n\
+         message_timeout = \"60s\"\n[sink.kafka.create_topics]\npartitions = 4\n",
+        dir.path().join("spool").display().to_string(),
+        broker.bootstrap()
+    ));
+    let mut cfg = Config::parse(&toml, &ProcessEnv).unwrap_or_else(|e| panic!("{e}"));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let run = tokio::spawn(async move { run_until(&mut cfg, token).await });
+    tokio::time::timeout(Duration::from_secs(60), sim.wait_generated())
+        .await
+        .expect("the sim generates");
+    let sent: u64 = sim.stats().iter().map(|s| s.events).sum();
+
+    let mut source_cfg = KafkaSourceConfig::new(broker.bootstrap(), "e2e-reader");
+    source_cfg.topics = vec!["ami.e2e".into()];
+    let source = KafkaSource::new(&source_cfg).expect("source");
+    // (partition → envelopes in offset order), until every simulated event is read.
+    let mut by_partition: BTreeMap<i32, Vec<pb::Envelope>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let mut events = 0;
+    let started = Instant::now();
+    while events < sent {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "read {events} of {sent} events; broker log:\n{}",
+            broker.log()
+        );
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), source.recv()).await else {
+            continue;
+        };
+        let env = decode_payload(&m.record.payload).expect("an envelope");
+        // The key is the partition key of the envelope: server/Linkedid, else server/Uniqueid.
+        let key = String::from_utf8_lossy(&m.record.key).into_owned();
+        let expected = if !env.linkedid.is_empty() {
+            format!("{}/{}", env.server, env.linkedid)
+        } else if !env.uniqueid.is_empty() {
+            format!("{}/{}", env.server, env.uniqueid)
+        } else {
+            env.server.clone()
+        };
+        assert_eq!(key, expected);
+        if seen.insert((env.server.clone(), env.epoch, env.seq))
+            && env.kind() == pb::Kind::Event
+            && env.name != "FullyBooted"
+        {
+            events += 1;
+        }
+        by_partition.entry(m.partition).or_default().push(env);
+    }
+    stop.cancel();
+    let report = run.await.expect("join").expect("run");
+    sim.shutdown().await;
+    assert_eq!(events, sent, "{report}");
+    assert!(by_partition.len() > 1, "calls spread over partitions");
+    // Within a partition, each call's events (same key) are in seq order, and no call spans
+    // two partitions.
+    let mut call_partition: HashMap<(String, String), i32> = HashMap::new();
+    for (partition, envs) in &by_partition {
+        let mut last: HashMap<(String, String), u64> = HashMap::new();
+        for e in envs.iter().filter(|e| !e.linkedid.is_empty()) {
+            let call = (e.server.clone(), e.linkedid.clone());
+            assert_eq!(
+                *call_partition.entry(call.clone()).or_insert(*partition),
+                *partition
+            );
+            let prev = last.insert(call.clone(), e.seq).unwrap_or(0);
+            assert!(e.seq > prev, "{call:?}: seq {} after {prev}", e.seq);
+        }
+    }
+    assert!(call_partition.len() > 50, "{} calls", call_partition.len());
+}
