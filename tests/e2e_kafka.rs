@@ -109,4 +109,34 @@ async fn a_storm_arrives_whole_keyed_by_call_and_in_order_per_partition() {
         }
     }
     assert!(call_partition.len() > 50, "{} calls", call_partition.len());
+
+    // `amibus tail kafka` reads the same topic back, filtered on the bus headers.
+    let out = tokio::task::spawn_blocking({
+        let brokers = broker.bootstrap();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_amibus"))
+                .args(["tail", "kafka", "--brokers", &brokers, "--topic", "ami.e2e"])
+                .args(["--server", "pbx2", "--event", "hangup", "--limit", "5"])
+                .output()
+                .expect("runs")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for v in lines {
+        assert_eq!(
+            (v["server"].as_str(), v["name"].as_str()),
+            (Some("pbx2"), Some("Hangup"))
+        );
+    }
 }

@@ -38,6 +38,25 @@ pub struct Args {
 pub enum SourceArgs {
     /// A NATS subject (core NATS: only what is published from now on) or a JetStream stream.
     Nats(NatsArgs),
+    /// A Kafka topic, from the earliest offset (a fresh consumer group unless `--group`).
+    Kafka(KafkaArgs),
+}
+
+/// Arguments of `amibus tail kafka`.
+#[derive(Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    #[arg(long, required = true)]
+    pub brokers: String,
+    /// The topic to read (default `ami.events`).
+    #[arg(long, default_value = "ami.events")]
+    pub topic: String,
+    /// The consumer group; default: a new one per run, so reading starts at the earliest
+    /// offset and commits nothing anyone else relies on.
+    #[arg(long)]
+    pub group: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 /// Arguments of `amibus tail nats`.
@@ -129,6 +148,7 @@ impl From<nats::SourceMessage> for Message {
 /// The reader behind `tail`. Kafka: add `Kafka(KafkaSource)` and its arm in [`Source::next`].
 pub enum Source {
     Nats(NatsSource),
+    Kafka(crate::sink::kafka::KafkaSource),
 }
 
 impl Source {
@@ -143,6 +163,18 @@ impl Source {
                 .next()
                 .await
                 .map(|r| r.map(Message::from).map_err(Into::into)),
+            Source::Kafka(k) => Some(k.recv().await.map_err(Into::into).map(|m| {
+                Message {
+                    subject: m.topic,
+                    headers: m
+                        .record
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                        .collect(),
+                    payload: m.record.payload,
+                }
+            })),
         }
     }
 }
@@ -382,6 +414,24 @@ async fn open(args: Args) -> anyhow::Result<(Source, FilterArgs)> {
                 }
             };
             Ok((Source::Nats(source), a.filter))
+        }
+        SourceArgs::Kafka(a) => {
+            let group = a.group.clone().unwrap_or_else(|| {
+                format!(
+                    "amibus-tail-{}-{}",
+                    std::process::id(),
+                    crate::ami::record::now_ns()
+                )
+            });
+            let mut cfg = crate::sink::kafka::KafkaSourceConfig::new(a.brokers.clone(), group);
+            cfg.topics = vec![a.topic.clone()];
+            let source = crate::sink::kafka::KafkaSource::new(&cfg)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.topic))?;
+            eprintln!(
+                "amibus tail: reading topic {} from the earliest offset",
+                a.topic
+            );
+            Ok((Source::Kafka(source), a.filter))
         }
     }
 }
