@@ -366,6 +366,12 @@ struct RawAdvancedFilter {
 /// process-wide variables.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// `AMIBUS__SECTION__KEY=value` variables that override keys of the file (see
+    /// [`apply_overrides`]); none by default.
+    fn overrides(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// The process environment.
@@ -375,6 +381,100 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn overrides(&self) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with(OVERRIDE_PREFIX))
+            .collect()
+    }
+}
+
+/// Environment variables with this prefix override configuration keys.
+pub const OVERRIDE_PREFIX: &str = "AMIBUS__";
+
+/// Apply `AMIBUS__SECTION__KEY=value` overrides to the parsed file: `AMIBUS__SPOOL__DIR=/data`
+/// sets `spool.dir`, `AMIBUS__SERVER__0__HOST=pbx1` the host of the first `[[server]]`,
+/// `AMIBUS__SINK__KAFKA__BROKERS=k:9092` `sink.kafka.brokers`. Segments are matched in lower
+/// case. The value is read as a TOML value when it is one (`5038`, `true`, `["a", "b"]`) and
+/// as a string otherwise (`1GiB`, `/data`). Tables on the way are created; an override that
+/// would index into a value that is not a table or array is a problem named after the variable.
+pub fn apply_overrides(
+    root: &mut toml::Table,
+    overrides: &[(String, String)],
+    problems: &mut Vec<Problem>,
+) {
+    let mut sorted: Vec<&(String, String)> = overrides.iter().collect();
+    sorted.sort();
+    for (name, raw) in sorted {
+        let Some(path) = name.strip_prefix(OVERRIDE_PREFIX) else {
+            continue;
+        };
+        let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if segments.iter().any(String::is_empty) {
+            problems.push(Problem {
+                path: name.clone(),
+                message: "an override names keys as AMIBUS__SECTION__KEY".into(),
+            });
+            continue;
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        if let Err(message) = set_path(root, &segments, value) {
+            problems.push(Problem {
+                path: name.clone(),
+                message,
+            });
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut node = table
+        .entry(parents.first().cloned().unwrap_or_else(|| last.clone()))
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if parents.is_empty() {
+        *node = value;
+        return Ok(());
+    }
+    for seg in parents[1..].iter().chain(std::iter::once(last)) {
+        let is_last = std::ptr::eq(seg, last);
+        node = match node {
+            toml::Value::Table(t) => {
+                if is_last {
+                    t.insert(seg.clone(), value);
+                    return Ok(());
+                }
+                t.entry(seg.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            }
+            toml::Value::Array(a) => {
+                let i: usize = seg
+                    .parse()
+                    .map_err(|_| format!("{seg:?} is not an index into the array"))?;
+                let len = a.len();
+                let slot = a
+                    .get_mut(i)
+                    .ok_or_else(|| format!("index {i} is past the {len} entries"))?;
+                if is_last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => {
+                return Err(format!(
+                    "cannot set {seg:?} inside a value that is not a table"
+                ));
+            }
+        };
+    }
+    Ok(())
 }
 
 impl Config {
@@ -409,7 +509,13 @@ impl Config {
     /// # Errors
     /// As [`Config::load`], without [`ConfigError::Read`].
     pub fn parse(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
+        let mut root: toml::Table = text.parse()?;
+        let mut override_problems = Vec::new();
+        apply_overrides(&mut root, &env.overrides(), &mut override_problems);
+        if !override_problems.is_empty() {
+            return Err(ConfigError::Invalid(override_problems));
+        }
+        let raw: RawConfig = toml::Value::Table(root).try_into()?;
         let mut problems = Vec::new();
         let mut servers = Vec::new();
         let mut ids = HashSet::new();
@@ -1884,5 +1990,51 @@ mod tests {
         // An empty index (an old cluster without the pod-index label) is refused, not guessed.
         let err = Config::parse(ONE_SERVER, &MapEnv(&[("AMIBUS_SHARD_INDEX", "")])).unwrap_err();
         assert!(err.to_string().contains("AMIBUS_SHARD_INDEX"), "{err}");
+    }
+
+    struct OverrideEnv(Vec<(String, String)>);
+    impl Env for OverrideEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn overrides(&self) -> Vec<(String, String)> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn environment_overrides_set_any_key() {
+        let env = OverrideEnv(vec![
+            ("AMIBUS__SPOOL__DIR".into(), "/data/spool".into()),
+            ("AMIBUS__SPOOL__MAX_BYTES".into(), "2GiB".into()),
+            ("AMIBUS__SERVER__0__PORT".into(), "5039".into()),
+            ("AMIBUS__SINK__KIND".into(), "kafka".into()),
+            (
+                "AMIBUS__SINK__KAFKA__BROKERS".into(),
+                "k1:9092,k2:9092".into(),
+            ),
+            ("AMIBUS__METRICS__LISTEN".into(), "0.0.0.0:9898".into()),
+        ]);
+        let cfg = Config::parse(ONE_SERVER, &env).unwrap();
+        assert_eq!(cfg.spool.dir, std::path::PathBuf::from("/data/spool"));
+        assert_eq!(cfg.spool.max_bytes, 2 << 30);
+        assert_eq!(cfg.servers[0].port, 5039);
+        assert!(
+            matches!(&cfg.sink, SinkConfig::Kafka(k) if k.connection.brokers == "k1:9092,k2:9092")
+        );
+        assert!(cfg.metrics.listen.is_some());
+        // A typo in an override is an error naming the key, like one in the file.
+        let err = Config::parse(
+            ONE_SERVER,
+            &OverrideEnv(vec![("AMIBUS__SPOOL__DIRR".into(), "/x".into())]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("dirr"), "{err}");
+        let err = Config::parse(
+            ONE_SERVER,
+            &OverrideEnv(vec![("AMIBUS__SERVER__7__HOST".into(), "h".into())]),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems()[0].path, "AMIBUS__SERVER__7__HOST");
     }
 }
