@@ -1,5 +1,5 @@
 //! Component tests of the AMI connection task against small scripted servers on 127.0.0.1:0
-//! and replays of real Asterisk 22 login exchanges (`shared/fixtures`).
+//! and replays of real Asterisk 22 login exchanges (`tests/fixtures`, copies of `shared/fixtures`).
 //!
 //! No assertion depends on timing: waits only guard against hangs.
 
@@ -148,7 +148,7 @@ async fn plain_login_sends_the_secret_once() {
 
 fn fixture(name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
+        .join("tests/fixtures")
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
 }
