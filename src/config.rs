@@ -1094,6 +1094,20 @@ fn size(path: &str, v: Option<RawSize>, default: u64, problems: &mut Vec<Problem
     }
 }
 
+/// Set `target` from an optional count that must not be zero.
+fn set_positive<T: Copy + PartialEq + Default>(
+    path: &str,
+    v: Option<T>,
+    target: &mut T,
+    problems: &mut Vec<Problem>,
+) {
+    match v {
+        Some(n) if n == T::default() => problem(problems, path, "must be greater than zero"),
+        Some(n) => *target = n,
+        None => {}
+    }
+}
+
 fn problem(problems: &mut Vec<Problem>, path: &str, message: impl Into<String>) {
     problems.push(Problem {
         path: path.into(),
@@ -1148,11 +1162,12 @@ fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
             }
         };
     }
-    match raw.max_in_flight {
-        Some(0) => problem(problems, "spool.max_in_flight", "must be greater than zero"),
-        Some(n) => cfg.max_in_flight = n,
-        None => {}
-    }
+    set_positive(
+        "spool.max_in_flight",
+        raw.max_in_flight,
+        &mut cfg.max_in_flight,
+        problems,
+    );
     cfg
 }
 
@@ -1469,15 +1484,12 @@ fn validate_nats(raw: RawNatsSink, env: &dyn Env, problems: &mut Vec<Problem>) -
         cfg.ack_timeout,
         problems,
     );
-    match raw.max_in_flight {
-        Some(0) => problem(
-            problems,
-            "sink.nats.max_in_flight",
-            "must be greater than zero",
-        ),
-        Some(n) => cfg.max_in_flight = n,
-        None => {}
-    }
+    set_positive(
+        "sink.nats.max_in_flight",
+        raw.max_in_flight,
+        &mut cfg.max_in_flight,
+        problems,
+    );
     cfg
 }
 
@@ -1494,18 +1506,13 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
             PayloadFormat::Proto
         }
     };
-    let handoff_queue = match raw.handoff_queue {
-        Some(0) => {
-            problem(
-                problems,
-                "pipeline.handoff_queue",
-                "must be greater than zero",
-            );
-            1
-        }
-        Some(n) => n,
-        None => 65_536,
-    };
+    let mut handoff_queue = 65_536;
+    set_positive(
+        "pipeline.handoff_queue",
+        raw.handoff_queue,
+        &mut handoff_queue,
+        problems,
+    );
     let drain_timeout = match raw.drain_timeout {
         None => Duration::from_secs(10),
         Some(s) => parse_duration(&s).unwrap_or_else(|| {
@@ -1669,15 +1676,12 @@ fn validate_control(
         "amibus.result.{server}",
         problems,
     );
-    match raw.max_in_flight {
-        Some(0) => problem(
-            problems,
-            "control.max_in_flight",
-            "must be greater than zero",
-        ),
-        Some(n) => consumer.max_in_flight = n,
-        None => {}
-    }
+    set_positive(
+        "control.max_in_flight",
+        raw.max_in_flight,
+        &mut consumer.max_in_flight,
+        problems,
+    );
     consumer.default_timeout = opt_duration(
         "control.default_timeout",
         raw.default_timeout,
@@ -1703,15 +1707,12 @@ fn validate_control(
         consumer.dedupe_window,
         problems,
     );
-    match raw.dedupe_capacity {
-        Some(0) => problem(
-            problems,
-            "control.dedupe_capacity",
-            "must be greater than zero",
-        ),
-        Some(n) => consumer.dedupe_capacity = n,
-        None => {}
-    }
+    set_positive(
+        "control.dedupe_capacity",
+        raw.dedupe_capacity,
+        &mut consumer.dedupe_capacity,
+        problems,
+    );
     consumer.dedupe_max_bytes = size(
         "control.dedupe_max_bytes",
         raw.dedupe_max_bytes,
@@ -1727,11 +1728,7 @@ fn validate_control(
         Some(r) => consumer.rate = r,
         None => {}
     }
-    match raw.burst {
-        Some(0) => problem(problems, "control.burst", "must be greater than zero"),
-        Some(b) => consumer.burst = b,
-        None => {}
-    }
+    set_positive("control.burst", raw.burst, &mut consumer.burst, problems);
     ControlSection {
         nats,
         subject,

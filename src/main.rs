@@ -27,14 +27,22 @@ enum Command {
     Tail(amibus::app::tail::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     amibus::app::init_logging(cli.log_format);
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => amibus::app::run::run(args),
         Command::CheckConfig(args) => amibus::app::check_config(args),
         Command::Decode(args) => amibus::app::decode::run(args),
         Command::Sim(args) => amibus::app::sim::run(*args),
         Command::Tail(args) => amibus::app::tail::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain, not a backtrace: what went wrong and what it was doing.
+            eprintln!("amibus: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
