@@ -38,24 +38,6 @@ fn cfg(addr: SocketAddr) -> ServerConfig {
     c
 }
 
-fn start(
-    c: ServerConfig,
-    queue: usize,
-) -> (Connection, mpsc::Receiver<Stamped>, CancellationToken) {
-    let (tx, rx) = mpsc::channel(queue);
-    let shutdown = CancellationToken::new();
-    let conn = Connection::spawn(Arc::new(c), tx, shutdown.clone(), Options::default());
-    (conn, rx, shutdown)
-}
-
-async fn stop(conn: Connection, shutdown: CancellationToken) {
-    shutdown.cancel();
-    tokio::time::timeout(T, conn.task)
-        .await
-        .expect("task did not stop")
-        .expect("task panicked");
-}
-
 /// Every record of one epoch has the next seq: no hole when the consumer keeps up.
 fn assert_contiguous(records: &[Stamped]) {
     let mut last: HashMap<u64, u64> = HashMap::new();

@@ -6,16 +6,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use amibus::ami::{Action, Connection, Options, Record, Request, Stamped};
+use amibus::ami::{Action, Record, Request, Stamped};
 use amibus::config::{Secret, ServerConfig};
 use amibus::sim::{Sim, SimConfig, SimHandle};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use support::{down_reason, event_name, is_up, next, until};
+use support::{down_reason, event_name, is_up, next, start, stop, until};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -39,21 +36,6 @@ fn cfg(sim: &SimHandle) -> ServerConfig {
     c.backoff_min = Duration::from_millis(10);
     c.backoff_max = Duration::from_millis(50);
     c
-}
-
-fn start(
-    c: ServerConfig,
-    queue: usize,
-) -> (Connection, mpsc::Receiver<Stamped>, CancellationToken) {
-    let (tx, rx) = mpsc::channel(queue);
-    let shutdown = CancellationToken::new();
-    let conn = Connection::spawn(Arc::new(c), tx, shutdown.clone(), Options::default());
-    (conn, rx, shutdown)
-}
-
-async fn stop(conn: Connection, shutdown: CancellationToken) {
-    shutdown.cancel();
-    tokio::time::timeout(T, conn.task).await.unwrap().unwrap();
 }
 
 fn is_generated_event(r: &Stamped) -> bool {

@@ -360,3 +360,35 @@ pub fn down_reason(r: &Stamped) -> Option<&str> {
         _ => None,
     }
 }
+
+/// Start a connection task for `c` whose records go to a queue of `queue`.
+pub fn start(
+    c: amibus::config::ServerConfig,
+    queue: usize,
+) -> (
+    amibus::ami::connection::Connection,
+    mpsc::Receiver<Stamped>,
+    tokio_util::sync::CancellationToken,
+) {
+    let (tx, rx) = mpsc::channel(queue);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let conn = amibus::ami::connection::Connection::spawn(
+        Arc::new(c),
+        tx,
+        shutdown.clone(),
+        amibus::ami::connection::Options::default(),
+    );
+    (conn, rx, shutdown)
+}
+
+/// Stop a connection task and wait for it (it logs off first).
+pub async fn stop(
+    conn: amibus::ami::connection::Connection,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), conn.task)
+        .await
+        .expect("task did not stop")
+        .expect("task panicked");
+}
