@@ -929,6 +929,7 @@ struct RawSpool {
     fsync: Option<String>,
     when_full: Option<String>,
     max_in_flight: Option<u64>,
+    memory_bytes: Option<RawSize>,
 }
 
 #[derive(Deserialize)]
@@ -1166,6 +1167,12 @@ fn validate_spool(raw: RawSpool, problems: &mut Vec<Problem>) -> SpoolConfig {
         "spool.max_in_flight",
         raw.max_in_flight,
         &mut cfg.max_in_flight,
+        problems,
+    );
+    cfg.memory_bytes = size(
+        "spool.memory_bytes",
+        raw.memory_bytes,
+        cfg.memory_bytes,
         problems,
     );
     cfg

@@ -252,7 +252,7 @@ impl Pipeline {
         let stamp = &stamped.stamp;
         self.payload.clear();
         self.key.clear();
-        let mut extra: Vec<(String, Bytes)> = Vec::new();
+        let mut extra: Vec<(spool::HeaderName, Bytes)> = Vec::new();
         let (kind, event, class) = match &stamped.record {
             AmiRecord::Frame(f) => {
                 let frame = f.frame();
@@ -302,7 +302,8 @@ impl Pipeline {
                 )
             }
         };
-        let mut headers = vec![
+        let mut headers: Vec<(spool::HeaderName, Bytes)> = Vec::with_capacity(7 + extra.len());
+        headers.extend([
             (
                 "server".into(),
                 Bytes::copy_from_slice(stamp.server.as_bytes()),
@@ -316,7 +317,7 @@ impl Pipeline {
             ),
             ("epoch".into(), Bytes::from(stamp.epoch.to_string())),
             ("seq".into(), Bytes::from(stamp.seq.to_string())),
-        ];
+        ]);
         headers.extend(extra);
         spool::Record {
             key: Bytes::copy_from_slice(&self.key),

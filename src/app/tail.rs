@@ -170,7 +170,7 @@ impl Source {
                         .record
                         .headers
                         .iter()
-                        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
                         .collect(),
                     payload: m.record.payload,
                 }

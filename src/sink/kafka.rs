@@ -559,7 +559,7 @@ fn owned_headers(record: &Record) -> OwnedHeaders {
         OwnedHeaders::new_with_capacity(record.headers.len()),
         |h, (k, v)| {
             h.insert(Header {
-                key: k.as_str(),
+                key: k,
                 value: Some(v.as_ref()),
             })
         },
@@ -707,7 +707,7 @@ impl KafkaSource {
                 hs.iter()
                     .map(|h| {
                         (
-                            h.key.to_owned(),
+                            h.key.to_owned().into(),
                             Bytes::copy_from_slice(h.value.unwrap_or_default()),
                         )
                     })

@@ -41,6 +41,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::{Delivery, Record, Sink, SinkError, expand_template};
+use crate::spool;
 
 pub use crate::secret::Secret;
 
@@ -541,26 +542,42 @@ pub fn message_id(record: &Record) -> String {
     }
 }
 
-/// Header values may not hold CR or LF; bytes that are not UTF-8 are replaced.
-fn header_value(v: &[u8]) -> Result<HeaderValue, SinkError> {
-    let s = String::from_utf8_lossy(v).replace(['\r', '\n'], " ");
-    s.parse()
-        .map_err(|_| SinkError::Permanent(format!("header value {s:?} is not valid for NATS")))
+/// Header values may not hold CR or LF (replaced by spaces); bytes that are not UTF-8 are
+/// replaced. One allocation for the usual value.
+fn header_value(v: &[u8]) -> HeaderValue {
+    let mut s = String::from_utf8_lossy(v).into_owned();
+    if memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some() {
+        s = s.replace(['\r', '\n'], " ");
+    }
+    HeaderValue::from(s)
+}
+
+/// A NATS header name: static for the names amibus writes (no allocation), validated for any
+/// other.
+fn header_name(name: &spool::HeaderName) -> Result<HeaderName, SinkError> {
+    match name {
+        std::borrow::Cow::Borrowed(s) if is_token(s) => Ok(HeaderName::from_static(s)),
+        _ => HeaderName::try_from(name.as_ref()).map_err(|_| {
+            SinkError::Permanent(format!("header name {name:?} is not valid for NATS"))
+        }),
+    }
+}
+
+/// Printable ASCII without `:` or space, as NATS (like HTTP) requires of a header name.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 /// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
 fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
     let mut map = HeaderMap::new();
     for (name, value) in &record.headers {
-        let name = HeaderName::try_from(name.as_str()).map_err(|_| {
-            SinkError::Permanent(format!("header name {name:?} is not valid for NATS"))
-        })?;
-        map.append(name, header_value(value)?);
+        map.append(header_name(name)?, header_value(value));
     }
     if with_id {
         map.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            header_value(message_id(record).as_bytes())?,
+            header_value(message_id(record).as_bytes()),
         );
     }
     Ok(map)
@@ -867,7 +884,7 @@ mod tests {
             key: Bytes::from(key.to_owned()),
             headers: headers
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), Bytes::from((*v).to_owned())))
+                .map(|(k, v)| ((*k).to_owned().into(), Bytes::from((*v).to_owned())))
                 .collect(),
             payload: Bytes::from(payload.to_owned()),
         }

@@ -34,11 +34,15 @@ use tokio::sync::Notify;
 
 use segment::SegmentReader;
 
+/// A header name: the pipeline's names are static strings, so a record costs no allocation
+/// per header name on the way in or (see [`segment`]'s decoding) back out.
+pub type HeaderName = std::borrow::Cow<'static, str>;
+
 /// One record: a partition key, a few headers, and the payload (an encoded envelope).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     pub key: Bytes,
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(HeaderName, Bytes)>,
     pub payload: Bytes,
 }
 
@@ -80,6 +84,9 @@ pub struct SpoolConfig {
     pub when_full: WhenFull,
     /// The most records handed to the sink and not yet acknowledged.
     pub max_in_flight: u64,
+    /// The newest records are also kept in memory, up to this many bytes, so a reader that
+    /// keeps up takes them from there instead of reading back what was just written.
+    pub memory_bytes: u64,
 }
 
 impl SpoolConfig {
@@ -91,6 +98,7 @@ impl SpoolConfig {
             fsync: Fsync::Interval(Duration::from_secs(1)),
             when_full: WhenFull::DropOldest,
             max_in_flight: 100_000,
+            memory_bytes: 16 << 20,
         }
     }
 }
@@ -178,6 +186,9 @@ struct State {
     stats: SpoolStats,
     /// (id, when appended) every [`AGE_SAMPLE_EVERY`] records, for the oldest record's age.
     age_samples: VecDeque<(u64, Instant)>,
+    /// The newest records, consecutive ids, also on disk; at most `memory_bytes` of them.
+    tail: VecDeque<(u64, Record)>,
+    tail_bytes: u64,
 }
 
 const AGE_SAMPLE_EVERY: u64 = 256;
@@ -296,6 +307,8 @@ impl Spool {
             stats: SpoolStats::default(),
             // Records found on disk at open count as appended now: their age is at least that.
             age_samples: VecDeque::from([(acked_floor, Instant::now())]),
+            tail: VecDeque::new(),
+            tail_bytes: 0,
         };
         let spool = Spool {
             shared: Arc::new(Shared {
@@ -402,6 +415,17 @@ impl Spool {
         }
         st.stats.appended += 1;
         st.unsynced = true;
+        // The tail holds the newest ids without a hole: a record too large for it empties it.
+        if cfg.memory_bytes >= len {
+            st.tail.push_back((id, record.clone()));
+            st.tail_bytes += len;
+            while st.tail_bytes > cfg.memory_bytes {
+                Self::pop_tail(&mut st);
+            }
+        } else {
+            st.tail.clear();
+            st.tail_bytes = 0;
+        }
         if id % AGE_SAMPLE_EVERY == 0 || st.age_samples.is_empty() {
             st.age_samples.push_back((id, Instant::now()));
         }
@@ -414,6 +438,12 @@ impl Spool {
             Some(dropped) => Appended::StoredDroppingOldest { id, dropped },
             None => Appended::Stored { id },
         })
+    }
+
+    fn pop_tail(st: &mut State) {
+        if let Some((_, r)) = st.tail.pop_front() {
+            st.tail_bytes -= segment::encoded_len(&r) as u64;
+        }
     }
 
     /// When every record is acknowledged, the active segment's bytes are reclaimable too.
@@ -478,6 +508,9 @@ impl Spool {
             st.acked_floor = floor;
             Self::advance_floor(st);
         }
+        while st.tail.front().is_some_and(|(id, _)| *id < st.acked_floor) {
+            Self::pop_tail(st);
+        }
         Ok(lost)
     }
 
@@ -514,6 +547,9 @@ impl Spool {
         }
         st.stats.acknowledged += 1;
         Self::advance_floor(&mut st);
+        while st.tail.front().is_some_and(|(id, _)| *id < st.acked_floor) {
+            Self::pop_tail(&mut st);
+        }
         // Delete closed segments wholly below the floor.
         while st.segments.len() > 1
             && st
@@ -676,6 +712,15 @@ impl Reader {
                     || self.next_id - st.acked_floor >= self.spool.shared.cfg.max_in_flight
                 {
                     return Ok(None);
+                }
+                if let Some(&(first, _)) = st.tail.front()
+                    && self.next_id >= first
+                {
+                    let (id, record) = &st.tail[(self.next_id - first) as usize];
+                    debug_assert_eq!(*id, self.next_id);
+                    let out = (*id, record.clone());
+                    self.next_id += 1;
+                    return Ok(Some(out));
                 }
                 if self.next_id >= st.flushed_id {
                     Spool::flush_locked(&mut st, false)?;

@@ -82,6 +82,27 @@ pub struct Torn {
     pub offset: u64,
 }
 
+/// The names the pipeline writes, shared instead of allocated when read back.
+const KNOWN_NAMES: [&str; 10] = [
+    "server",
+    "event",
+    "kind",
+    "class",
+    "schema",
+    "epoch",
+    "seq",
+    "gap_epoch",
+    "gap_first_seq",
+    "gap_last_seq",
+];
+
+fn header_name(bytes: &[u8]) -> Option<super::HeaderName> {
+    if let Some(&known) = KNOWN_NAMES.iter().find(|k| k.as_bytes() == bytes) {
+        return Some(known.into());
+    }
+    std::str::from_utf8(bytes).ok().map(|s| s.to_owned().into())
+}
+
 /// Decode one body.
 fn decode_body(mut body: Bytes) -> Option<(u64, Record)> {
     if body.remaining() < 8 + 4 {
@@ -103,7 +124,8 @@ fn decode_body(mut body: Bytes) -> Option<(u64, Record)> {
         if body.remaining() < name_len + 4 {
             return None;
         }
-        let name = String::from_utf8(body.split_to(name_len).to_vec()).ok()?;
+        let name = header_name(&body[..name_len])?;
+        body.advance(name_len);
         let value_len = body.get_u32_le() as usize;
         if body.remaining() < value_len {
             return None;

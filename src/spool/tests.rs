@@ -15,11 +15,13 @@ fn seq(r: &Record) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Records are read back from the files (no memory tail), unless a test says otherwise.
 fn cfg(dir: &Path) -> SpoolConfig {
     SpoolConfig {
         segment_bytes: 1000,
         max_bytes: 100_000,
         fsync: Fsync::Never,
+        memory_bytes: 1,
         ..SpoolConfig::new(dir)
     }
 }
@@ -247,4 +249,115 @@ async fn the_reader_waits_for_appends() {
     let (_, r) = reader.next().await.expect("next");
     assert_eq!(seq(&r), 7);
     task.await.expect("join");
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append,
+    Read,
+    /// Acknowledge the i-th record read and not yet acknowledged (modulo their number).
+    Ack(usize),
+    Rewind,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => Just(Op::Append),
+        4 => Just(Op::Read),
+        3 => any::<usize>().prop_map(Op::Ack),
+        1 => Just(Op::Rewind),
+    ]
+}
+
+/// Run `ops` on a spool; what the reader returned, in order.
+fn replay(dir: &Path, memory_bytes: u64, when_full: WhenFull, ops: &[Op]) -> Vec<(u64, u64)> {
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        segment_bytes: one * 4,
+        max_bytes: one * 16,
+        when_full,
+        max_in_flight: 10,
+        memory_bytes,
+        ..cfg(dir)
+    })
+    .expect("open");
+    let mut reader = spool.reader();
+    let (mut n, mut read, mut unacked) = (0, Vec::new(), Vec::new());
+    for op in ops {
+        match op {
+            Op::Append => {
+                spool.append(&rec("k", n)).expect("append");
+                n += 1;
+            }
+            Op::Read => {
+                if let Some((id, r)) = reader.try_next().expect("read") {
+                    read.push((id, seq(&r)));
+                    unacked.push(id);
+                }
+            }
+            Op::Ack(i) if !unacked.is_empty() => {
+                let id = unacked.remove(i % unacked.len());
+                spool.ack(id);
+            }
+            Op::Ack(_) => {}
+            Op::Rewind => {
+                reader.rewind();
+                unacked.clear();
+            }
+        }
+    }
+    read
+}
+
+proptest::proptest! {
+    /// Whether a record comes from the memory tail or back from its file is invisible: any
+    /// mix of appends, reads, acknowledgements (in any order), rewinds and drops reads the
+    /// same records in the same order as with no tail at all.
+    #[test]
+    fn the_memory_tail_reads_what_the_files_hold(
+        ops in proptest::collection::vec(op(), 1..200),
+        tail_records in 1u64..8,
+        drop_oldest in proptest::bool::ANY,
+    ) {
+        let when_full = if drop_oldest { WhenFull::DropOldest } else { WhenFull::DropNewest };
+        let one = segment::encoded_len(&rec("k", 0)) as u64;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let from_files = replay(&dir.path().join("files"), 1, when_full, &ops);
+        let with_tail = replay(&dir.path().join("tail"), one * tail_records, when_full, &ops);
+        proptest::prop_assert_eq!(from_files, with_tail);
+    }
+}
+
+#[test]
+fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        memory_bytes: one * 4,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    for n in 0..10 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    {
+        let st = spool.lock();
+        assert_eq!(st.tail.len(), 4, "bounded by memory_bytes");
+        assert_eq!(st.tail.front().map(|t| seq(&t.1)), Some(6));
+    }
+    let mut reader = spool.reader();
+    // The first six from the files, the last four from memory.
+    let got = drain(&mut reader);
+    assert_eq!(
+        got.iter().map(|g| g.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    // Acknowledged records leave memory, once every record before them is acknowledged.
+    spool.ack(got[9].0);
+    assert_eq!(spool.lock().tail.len(), 4);
+    for (id, _) in &got[..9] {
+        spool.ack(*id);
+    }
+    assert!(spool.lock().tail.is_empty(), "{:?}", spool.lock().tail);
 }
