@@ -46,8 +46,20 @@ pub struct PipelineStats {
     pub gap_records: u64,
 }
 
-/// Pipeline counters readable from other tasks (the metrics endpoint); the pipeline publishes
-/// its own counters here after every batch.
+impl PipelineStats {
+    /// Add another pipeline's counters (several run in parallel).
+    pub fn merge(&mut self, o: &PipelineStats) {
+        self.records += o.records;
+        self.stored += o.stored;
+        self.dropped_newest += o.dropped_newest;
+        self.dropped_oldest += o.dropped_oldest;
+        self.dropped_gap_records += o.dropped_gap_records;
+        self.gap_records += o.gap_records;
+    }
+}
+
+/// The counters of all pipelines together, readable from other tasks (the metrics endpoint);
+/// each pipeline adds what changed after every batch.
 #[derive(Debug, Default)]
 pub struct SharedStats {
     records: std::sync::atomic::AtomicU64,
@@ -55,10 +67,13 @@ pub struct SharedStats {
 }
 
 impl SharedStats {
-    pub fn publish(&self, s: &PipelineStats) {
+    /// Add the change from `before` to `now` of one pipeline's counters.
+    pub fn publish(&self, before: &PipelineStats, now: &PipelineStats) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.records.store(s.records, Relaxed);
-        self.gap_records.store(s.gap_records, Relaxed);
+        self.records
+            .fetch_add(now.records - before.records, Relaxed);
+        self.gap_records
+            .fetch_add(now.gap_records - before.gap_records, Relaxed);
     }
 
     pub fn snapshot(&self) -> PipelineStats {

@@ -261,59 +261,22 @@ pub async fn run_with(
         )
     };
 
-    // The pipeline: one task owns the spool's write side.
-    let (tx, mut rx) = mpsc::channel::<Stamped>(cfg.pipeline.handoff_queue);
-    let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format);
+    // The pipelines: each server is read into one of them; they append to the one spool.
     let shared_stats = Arc::new(SharedStats::default());
-    let published = shared_stats.clone();
     let events_seen = Arc::new(AtomicU64::new(0));
-    let seen = events_seen.clone();
-    let pipeline_task = tokio::spawn(async move {
-        let mut events: HashMap<Arc<str>, u64> = HashMap::new();
-        let mut batch = Vec::with_capacity(256);
-        loop {
-            // Loss the spool could not report yet (no room, or no record since) is reported
-            // when the connections are quiet, and at the end, not only behind the next record.
-            let received = if pipeline.has_unreported_gaps() {
-                tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
-                    .await
-                    .ok()
-            } else {
-                Some(rx.recv_many(&mut batch, 256).await)
-            };
-            if matches!(received, None | Some(0)) {
-                if let Err(e) = pipeline
-                    .report_unreported_gaps()
-                    .and_then(|()| pipeline.flush())
-                {
-                    tracing::error!(error = %e, "cannot write the spool; stopping");
-                    return Err((e, pipeline.stats(), by_name(events)));
-                }
-                if received.is_some() {
-                    break; // every connection is gone
-                }
-                continue;
-            }
-            for stamped in batch.drain(..) {
-                if let Err(e) = pipeline.accept(&stamped) {
-                    tracing::error!(error = %e, "cannot write the spool; stopping");
-                    return Err((e, pipeline.stats(), by_name(events)));
-                }
-                if pipeline.last_was_broadcast_event() {
-                    *events.entry(stamped.stamp.server.clone()).or_default() += 1;
-                    seen.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            published.publish(&pipeline.stats());
-            // One write per batch puts the batch in the page cache: a SIGKILL from here on
-            // loses none of it.
-            if let Err(e) = pipeline.flush() {
-                tracing::error!(error = %e, "cannot write the spool; stopping");
-                return Err((e, pipeline.stats(), by_name(events)));
-            }
-        }
-        Ok((pipeline.stats(), by_name(events)))
-    });
+    let workers = cfg.pipeline.workers;
+    let mut txs = Vec::with_capacity(workers);
+    let mut pipeline_tasks = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = mpsc::channel::<Stamped>((cfg.pipeline.handoff_queue / workers).max(1));
+        txs.push(tx);
+        pipeline_tasks.push(tokio::spawn(run_pipeline(
+            Pipeline::new(spool.clone(), cfg.pipeline.format),
+            rx,
+            shared_stats.clone(),
+            events_seen.clone(),
+        )));
+    }
 
     // The connections, one task per owned server; SIGHUP can change the set.
     let read_stop = CancellationToken::new();
@@ -322,12 +285,12 @@ pub async fn run_with(
     let registry: telemetry::Registry = Arc::default();
     let mut running = Running {
         tasks: HashMap::new(),
-        tx: tx.clone(),
+        txs,
+        assigned: 0,
         read_stop: read_stop.clone(),
         registry: registry.clone(),
     };
     running.apply(cfg.servers.clone()).await;
-    drop(tx);
     // The action consumer, after the connections it sends through; stopped before them.
     let control_stop = CancellationToken::new();
     let control = match &cfg.control {
@@ -411,11 +374,24 @@ pub async fn run_with(
         connection_stats.insert(id, r.conn.stats.snapshot());
     }
     drop(running);
-    let (pipeline_stats, events_by_server) = match pipeline_task.await {
-        Ok(Ok(done)) => done,
-        Ok(Err((e, _, _))) => return Err(e.into()),
-        Err(e) => return Err(anyhow::anyhow!("the pipeline task failed: {e}")),
-    };
+    let mut pipeline_stats = PipelineStats::default();
+    let mut events_by_server: HashMap<String, u64> = HashMap::new();
+    let mut pipeline_error = None;
+    for task in pipeline_tasks {
+        match task.await {
+            Ok(Ok((stats, events))) => {
+                pipeline_stats.merge(&stats);
+                for (server, n) in events {
+                    *events_by_server.entry(server).or_default() += n;
+                }
+            }
+            Ok(Err((e, _, _))) => pipeline_error = Some(anyhow::Error::from(e)),
+            Err(e) => pipeline_error = Some(anyhow::anyhow!("a pipeline task failed: {e}")),
+        }
+    }
+    if let Some(e) = pipeline_error {
+        return Err(e);
+    }
     let deadline = Instant::now() + cfg.pipeline.drain_timeout;
     while spool.stats().records_held > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -444,7 +420,9 @@ pub async fn run_with(
 /// The running connections, by server id.
 struct Running {
     tasks: HashMap<String, RunningServer>,
-    tx: mpsc::Sender<Stamped>,
+    /// One hand-off queue per pipeline; servers are given to them in turn.
+    txs: Vec<mpsc::Sender<Stamped>>,
+    assigned: usize,
     read_stop: CancellationToken,
     registry: telemetry::Registry,
 }
@@ -478,9 +456,11 @@ impl Running {
                 continue;
             }
             let stop = self.read_stop.child_token();
+            let tx = self.txs[self.assigned % self.txs.len()].clone();
+            self.assigned += 1;
             let conn = Connection::spawn(
                 Arc::new(server.clone()),
-                self.tx.clone(),
+                tx,
                 stop.clone(),
                 Options::default(),
             );
@@ -512,6 +492,74 @@ impl Running {
             );
         }
     }
+}
+
+type PipelineOutcome = Result<
+    (PipelineStats, HashMap<String, u64>),
+    (
+        crate::spool::SpoolError,
+        PipelineStats,
+        HashMap<String, u64>,
+    ),
+>;
+
+/// One pipeline task: records from its connections into the spool, a write per batch, until
+/// every connection that sends to it is gone.
+async fn run_pipeline(
+    mut pipeline: Pipeline,
+    mut rx: mpsc::Receiver<Stamped>,
+    published: Arc<SharedStats>,
+    seen: Arc<AtomicU64>,
+) -> PipelineOutcome {
+    let mut events: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut batch = Vec::with_capacity(256);
+    let mut before = PipelineStats::default();
+    loop {
+        // Loss the spool could not report yet (no room, or no record since) is reported
+        // when the connections are quiet, and at the end, not only behind the next record.
+        let received = if pipeline.has_unreported_gaps() {
+            tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
+                .await
+                .ok()
+        } else {
+            Some(rx.recv_many(&mut batch, 256).await)
+        };
+        if matches!(received, None | Some(0)) {
+            if let Err(e) = pipeline
+                .report_unreported_gaps()
+                .and_then(|()| pipeline.flush())
+            {
+                tracing::error!(error = %e, "cannot write the spool; stopping");
+                return Err((e, pipeline.stats(), by_name(events)));
+            }
+            if received.is_some() {
+                break; // every connection is gone
+            }
+            continue;
+        }
+        for stamped in batch.drain(..) {
+            if let Err(e) = pipeline.accept(&stamped) {
+                tracing::error!(error = %e, "cannot write the spool; stopping");
+                return Err((e, pipeline.stats(), by_name(events)));
+            }
+            if pipeline.last_was_broadcast_event() {
+                *events.entry(stamped.stamp.server.clone()).or_default() += 1;
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let now = pipeline.stats();
+        published.publish(&before, &now);
+        before = now;
+        // One write per batch puts the batch in the page cache: a SIGKILL from here on
+        // loses none of it.
+        if let Err(e) = pipeline.flush() {
+            tracing::error!(error = %e, "cannot write the spool; stopping");
+            return Err((e, pipeline.stats(), by_name(events)));
+        }
+    }
+    let now = pipeline.stats();
+    published.publish(&before, &now);
+    Ok((now, by_name(events)))
 }
 
 /// Subscribe to the request subject of every configured server and start the consumer.
