@@ -1,13 +1,15 @@
 //! The end-to-end benchmark: simulator → amibus → broker, next to a bare client's floor.
 //!
 //! ```text
-//! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,file] [--out FILE]
+//! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,kafka,file] [--out FILE]
 //! ```
 //!
 //! For each mode, three processes: `amibus sim --rate 0 --count N/servers` (the AMI side),
 //! `amibus run --config <generated>` (so its CPU and RSS are its own), and this one, which
-//! consumes what reaches the broker (a core subscription on the sink's subjects; for the file
-//! sink, the file read as it grows every 2 ms). A nats-server runs as a fourth process.
+//! consumes what reaches the broker (a core subscription on the sink's subjects; for Kafka, a
+//! consumer assigned every partition of the topic from the start; for the file sink, the file
+//! read as it grows every 2 ms). A nats-server or a tansu broker (memory storage, topic of 4
+//! partitions) runs as a fourth process.
 //!
 //! - throughput: simulated events / (last event consumed − first event read by amibus);
 //! - latency: per event, consumed − `received_at_ns` (stamped by amibus when it read the bytes;
@@ -19,8 +21,15 @@
 //! The floor is measured in the same run, after amibus: the same messages (subjects, headers,
 //! payloads as amibus published them) sent by a bare async-nats client to a fresh subject and
 //! read by the same consumer: core = publish all + one flush; JetStream = publish with PubAck
-//! futures pipelined (5,000 in flight, amibus's default). File: the same bytes written to a new
-//! file through a 256 KiB buffer and flushed.
+//! futures pipelined (5,000 in flight, amibus's default). Kafka: the same keys, headers and
+//! payloads produced by a bare rdkafka `FutureProducer` with amibus's producer settings
+//! (`KafkaSinkConfig::client_config`: acks=all, idempotence, lz4, linger 5 ms) to a fresh topic,
+//! every delivery report awaited. File: the same bytes written to a new file through a 256 KiB
+//! buffer and flushed.
+//!
+//! The simulator sends as fast as TCP allows: more than amibus can take on a small machine, so
+//! the connections drop records at the hand-off queue (reported as gap records, and listed
+//! under the table). Throughput counts what was delivered.
 //!
 //! Linux only (/proc); assumes 100 clock ticks per second.
 
@@ -35,6 +44,12 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use rdkafka::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -53,6 +68,7 @@ struct Stamp {
 enum Mode {
     Core,
     JetStream,
+    Kafka,
     File,
 }
 
@@ -61,6 +77,7 @@ impl Mode {
         match self {
             Mode::Core => "nats-core",
             Mode::JetStream => "nats-jetstream",
+            Mode::Kafka => "kafka",
             Mode::File => "file",
         }
     }
@@ -68,6 +85,7 @@ impl Mode {
         match self {
             Mode::Core => 0.75,
             Mode::JetStream => 0.8,
+            Mode::Kafka => 0.75,
             Mode::File => 0.0,
         }
     }
@@ -94,7 +112,7 @@ fn parse_args() -> anyhow::Result<Opts> {
     let mut o = Opts {
         events: 200_000,
         servers: 4,
-        modes: vec![Mode::Core, Mode::JetStream, Mode::File],
+        modes: vec![Mode::Core, Mode::JetStream, Mode::Kafka, Mode::File],
         out: PathBuf::from("bench-e2e.json"),
         amibus: std::env::var_os("AMIBUS_BIN").map_or(default_bin, PathBuf::from),
         work: None,
@@ -114,8 +132,9 @@ fn parse_args() -> anyhow::Result<Opts> {
                     .map(|m| match m {
                         "core" => Ok(Mode::Core),
                         "jetstream" => Ok(Mode::JetStream),
+                        "kafka" => Ok(Mode::Kafka),
                         "file" => Ok(Mode::File),
-                        _ => bail!("mode {m:?}: use core, jetstream, file"),
+                        _ => bail!("mode {m:?}: use core, jetstream, kafka, file"),
                     })
                     .collect::<anyhow::Result<_>>()?
             }
@@ -206,7 +225,11 @@ struct Seen {
     gaps: u64,
     /// Kept for the floor: every message as published.
     messages: Vec<(Subject, Option<HeaderMap>, Bytes)>,
+    /// The same for Kafka: key, headers, payload.
+    kafka_messages: Vec<KafkaMessage>,
 }
+
+type KafkaMessage = (Option<Vec<u8>>, Option<OwnedHeaders>, Vec<u8>);
 
 impl Seen {
     fn new() -> Self {
@@ -250,7 +273,8 @@ fn start_sim(
     Ok((Proc(child), out, addrs))
 }
 
-fn config(mode: Mode, dir: &Path, addrs: &[String], nats: &str) -> String {
+fn config(mode: Mode, dir: &Path, addrs: &[String], brokers: &Brokers) -> String {
+    let nats = &brokers.nats;
     let mut c = String::new();
     for (i, a) in addrs.iter().enumerate() {
         let (host, port) = a.rsplit_once(':').unwrap_or((a, "5038"));
@@ -269,6 +293,10 @@ fn config(mode: Mode, dir: &Path, addrs: &[String], nats: &str) -> String {
         )),
         Mode::JetStream => c.push_str(&format!(
             "[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{nats}\"]\nmode = \"jetstream\"\nsubject = \"js.{{server}}.{{event}}\"\n[sink.nats.stream]\nname = \"BENCH_JS\"\n"
+        )),
+        Mode::Kafka => c.push_str(&format!(
+            "[sink]\nkind = \"kafka\"\n[sink.kafka]\nbrokers = \"{}\"\ntopic = \"{KAFKA_TOPIC}\"\n",
+            brokers.kafka
         )),
         Mode::File => c.push_str(&format!(
             "[pipeline]\nformat = \"json\"\n\n[sink]\nkind = \"file\"\n[sink.file]\npath = \"{}\"\n",
@@ -398,16 +426,23 @@ struct Row {
     sim_disconnects: BTreeMap<String, u64>,
 }
 
-async fn run_mode(o: &Opts, mode: Mode, nats: &str, work: &Path) -> anyhow::Result<Row> {
+/// Where the brokers listen (empty when a run needs none of that kind).
+struct Brokers {
+    nats: String,
+    kafka: String,
+}
+
+async fn run_mode(o: &Opts, mode: Mode, brokers: &Brokers, work: &Path) -> anyhow::Result<Row> {
+    let nats = brokers.nats.as_str();
     let dir = work.join(mode.name());
     std::fs::create_dir_all(&dir)?;
     let want = o.events / o.servers * o.servers;
     let prefix = match mode {
         Mode::Core => "core",
         Mode::JetStream => "js",
-        Mode::File => "",
+        Mode::Kafka | Mode::File => "",
     };
-    let client = if mode == Mode::File {
+    let client = if matches!(mode, Mode::File | Mode::Kafka) {
         None
     } else {
         Some(
@@ -426,9 +461,19 @@ async fn run_mode(o: &Opts, mode: Mode, nats: &str, work: &Path) -> anyhow::Resu
         None => None,
     };
 
+    // Kafka: the topic exists and the consumer reads it from the start before amibus runs.
+    let kafka_consumer = if mode == Mode::Kafka {
+        create_topic(&brokers.kafka, KAFKA_TOPIC).await?;
+        let bootstrap = brokers.kafka.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            consume_kafka(&bootstrap, KAFKA_TOPIC, want, true)
+        }))
+    } else {
+        None
+    };
     let (_sim, mut sim_out, addrs) = start_sim(o)?;
     let cfg_path = dir.join("amibus.toml");
-    std::fs::write(&cfg_path, config(mode, &dir, &addrs, nats))?;
+    std::fs::write(&cfg_path, config(mode, &dir, &addrs, brokers))?;
     let log = std::fs::File::create(dir.join("amibus.log"))?;
     let amibus = Proc(
         Command::new(&o.amibus)
@@ -442,9 +487,10 @@ async fn run_mode(o: &Opts, mode: Mode, nats: &str, work: &Path) -> anyhow::Resu
     );
     let pid = amibus.0.id();
 
-    let mut seen = match sub {
-        Some(sub) => consume_nats(sub, want, true).await?,
-        None => {
+    let mut seen = match (sub, kafka_consumer) {
+        (Some(sub), _) => consume_nats(sub, want, true).await?,
+        (None, Some(consumer)) => consumer.await??,
+        (None, None) => {
             let path = dir.join("out.jsonl");
             tokio::task::spawn_blocking(move || consume_file(&path, want)).await??
         }
@@ -474,6 +520,9 @@ async fn run_mode(o: &Opts, mode: Mode, nats: &str, work: &Path) -> anyhow::Resu
     // The floor, in the same run.
     let (floor_rate, mean_payload) = match (mode, &client) {
         (Mode::File, _) => file_floor(&dir, want)?,
+        (Mode::Kafka, _) => {
+            kafka_floor(&brokers.kafka, std::mem::take(&mut seen.kafka_messages)).await?
+        }
         (_, Some(c)) => nats_floor(c, mode, nats, std::mem::take(&mut seen.messages)).await?,
         _ => unreachable!("a NATS mode has a client"),
     };
@@ -604,6 +653,198 @@ fn file_floor(dir: &Path, want: u64) -> anyhow::Result<(f64, f64)> {
     Ok((want as f64 / secs, bytes.len() as f64 / lines))
 }
 
+const KAFKA_TOPIC: &str = "bench.events";
+const KAFKA_FLOOR_TOPIC: &str = "bench.floor";
+const KAFKA_PARTITIONS: i32 = 4;
+
+/// `tansu` with memory storage on a free port: `$TANSU`, else on `PATH`, else
+/// `~/.cargo/bin/tansu` (`cargo install tansu --locked --features dynostore,libsql`).
+fn start_tansu(dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let bin = std::env::var_os("TANSU")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let home = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+            Some(if home.is_file() {
+                home
+            } else {
+                PathBuf::from("tansu")
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("tansu"));
+    let port = free_port()?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(&bin)
+        .arg("broker")
+        .args(["--cluster-id", "amibus-bench"])
+        .args(["--listener-url", &url])
+        .args(["--advertised-listener-url", &url])
+        .args(["--storage-engine", "memory://tansu/"])
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot run {} (cargo install tansu --locked --features dynostore,libsql)",
+                bin.display()
+            )
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((Proc(child), format!("127.0.0.1:{port}")))
+}
+
+async fn create_topic(bootstrap: &str, name: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let topic = NewTopic::new(name, KAFKA_PARTITIONS, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics([&topic], &opts).await? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+fn kafka_header<'a>(
+    h: Option<&'a rdkafka::message::BorrowedHeaders>,
+    name: &str,
+) -> Option<&'a [u8]> {
+    h?.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+/// Read `topic` from the start until `want` simulated events arrived (`count_all`: until
+/// `want` messages of any kind arrived, for the floor). Blocking; run it on its own thread.
+fn consume_kafka(bootstrap: &str, topic: &str, want: u64, keep: bool) -> anyhow::Result<Seen> {
+    let count_all = !keep;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut seen = Seen::new();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last_message = Instant::now();
+    while seen.events < want {
+        let now = Instant::now();
+        if now > deadline || (seen.events > 0 && now - last_message > IDLE) {
+            eprintln!("timed out with {} of {want} events", seen.events);
+            break;
+        }
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(e)) => bail!("consuming {topic}: {e}"),
+            Some(Ok(m)) => m,
+        };
+        last_message = Instant::now();
+        let consumed = now_ns();
+        if count_all {
+            seen.events += 1;
+            seen.last_consumed_ns = consumed;
+            continue;
+        }
+        let h = m.headers();
+        if kafka_header(h, "kind") == Some(b"gap") {
+            seen.gaps += 1;
+        }
+        if kafka_header(h, "kind") == Some(b"event")
+            && kafka_header(h, "event") != Some(b"FullyBooted")
+        {
+            let stamp: Stamp =
+                prost::Message::decode(m.payload().unwrap_or_default()).unwrap_or_default();
+            seen.event(stamp.received_at_ns, consumed);
+        }
+        seen.kafka_messages.push((
+            m.key().map(<[u8]>::to_vec),
+            h.map(|h| h.detach()),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    Ok(seen)
+}
+
+/// The same messages (keys, headers, payloads) from a bare rdkafka producer with amibus's
+/// producer settings (acks=all, idempotence, lz4, linger 5 ms) to a fresh topic, read by the
+/// same consumer.
+async fn kafka_floor(bootstrap: &str, messages: Vec<KafkaMessage>) -> anyhow::Result<(f64, f64)> {
+    let n = messages.len() as u64;
+    let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
+    create_topic(bootstrap, KAFKA_FLOOR_TOPIC).await?;
+    let cc = amibus::sink::kafka::KafkaSinkConfig::new(bootstrap)
+        .client_config()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let producer: FutureProducer = cc.create()?;
+    let bootstrap = bootstrap.to_owned();
+    let consumer =
+        tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, KAFKA_FLOOR_TOPIC, n, false));
+    let t0 = now_ns();
+    let mut in_flight = FuturesUnordered::new();
+    for (key, headers, payload) in &messages {
+        let mut record = FutureRecord::to(KAFKA_FLOOR_TOPIC).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h.clone());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
+                Err((e, back)) => {
+                    anyhow::ensure!(
+                        matches!(
+                            e.rdkafka_error_code(),
+                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        ),
+                        "floor produce: {e}"
+                    );
+                    record = back;
+                    if let Some(r) = in_flight.next().await {
+                        r?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        r?.map_err(|(e, _)| e)?;
+    }
+    let acked = now_ns();
+    let seen = consumer.await??;
+    anyhow::ensure!(
+        seen.events == n,
+        "floor: consumer saw {} of {n}",
+        seen.events
+    );
+    Ok((
+        n as f64 / ((seen.last_consumed_ns.max(acked) - t0) as f64 / 1e9),
+        mean,
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     let o = parse_args()?;
     anyhow::ensure!(
@@ -624,13 +865,24 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let rows = rt.block_on(async {
-        let needs_nats = o.modes.iter().any(|m| *m != Mode::File);
+        let needs_nats = o
+            .modes
+            .iter()
+            .any(|m| matches!(m, Mode::Core | Mode::JetStream));
         let nats = if needs_nats {
             Some(start_nats(&work)?)
         } else {
             None
         };
-        let url = nats.as_ref().map_or("", |(_, u)| u.as_str()).to_owned();
+        let kafka = if o.modes.contains(&Mode::Kafka) {
+            Some(start_tansu(&work)?)
+        } else {
+            None
+        };
+        let brokers = Brokers {
+            nats: nats.as_ref().map_or("", |(_, u)| u.as_str()).to_owned(),
+            kafka: kafka.as_ref().map_or("", |(_, b)| b.as_str()).to_owned(),
+        };
         let mut rows = Vec::new();
         for &mode in &o.modes {
             eprintln!(
@@ -639,7 +891,7 @@ fn main() -> anyhow::Result<()> {
                 o.events,
                 o.servers
             );
-            rows.push(run_mode(&o, mode, &url, &work).await?);
+            rows.push(run_mode(&o, mode, &brokers, &work).await?);
         }
         anyhow::Ok(rows)
     })?;
