@@ -23,6 +23,7 @@
 //! | `amibus_pipeline_records_total` | counter | | records encoded into the spool |
 //! | `amibus_spool_records` | gauge | | records held (not yet acknowledged) |
 //! | `amibus_spool_bytes` | gauge | | bytes of segments on disk |
+//! | `amibus_spool_in_doubt_records` | gauge | | deleted by drop_oldest while in flight, not yet confirmed or failed |
 //! | `amibus_spool_oldest_record_age_seconds` | gauge | | age of the oldest unacknowledged record |
 //! | `amibus_spool_dropped_records_total` | counter | reason | `drop_oldest`, `drop_newest` |
 //! | `amibus_spool_gap_records_total` | counter | | gap records for spool drops |
@@ -110,6 +111,10 @@ fn describe() {
     describe_gauge!(
         "amibus_spool_records",
         "records in the spool not yet acknowledged by the sink"
+    );
+    describe_gauge!(
+        "amibus_spool_in_doubt_records",
+        "records deleted by drop_oldest while in flight to the sink, not yet confirmed or failed"
     );
     describe_gauge!(
         "amibus_spool_bytes",
@@ -233,6 +238,7 @@ impl Sources {
             let s = spool.stats();
             gauge!("amibus_spool_records").set(s.records_held as f64);
             gauge!("amibus_spool_bytes").set(s.bytes_held as f64);
+            gauge!("amibus_spool_in_doubt_records").set(s.in_doubt as f64);
             gauge!("amibus_spool_oldest_record_age_seconds").set(spool.oldest_age().as_secs_f64());
             counter!("amibus_spool_dropped_records_total", "reason" => "drop_oldest")
                 .absolute(s.dropped_oldest);

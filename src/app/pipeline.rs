@@ -199,6 +199,17 @@ impl Pipeline {
         add_range(ranges, (seq, seq));
     }
 
+    /// Take what the spool deleted while in flight and the sink then did not confirm: lost
+    /// after all, reported like any other drop. Returns whether there was any.
+    pub fn collect_spool_losses(&mut self) -> bool {
+        let lost = self.spool.take_lost();
+        self.stats.dropped_oldest += lost.len() as u64;
+        for r in &lost {
+            self.remember_lost(r);
+        }
+        !lost.is_empty()
+    }
+
     /// Whether some loss is not yet reported (the spool had no room for its gap record, or no
     /// record was stored since).
     pub fn has_unreported_gaps(&self) -> bool {

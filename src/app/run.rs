@@ -398,6 +398,13 @@ pub async fn run_with(
     }
     driver_stop.cancel();
     driver.await.context("the sink driver failed")??;
+    let in_doubt = spool.stats().in_doubt;
+    if in_doubt > 0 {
+        tracing::warn!(
+            records = in_doubt,
+            "records deleted by drop_oldest were still in flight at shutdown: delivered or lost, unknown"
+        );
+    }
     maintain_stop.cancel();
     let _ = maintain.await;
     metrics_stop.cancel();
@@ -517,13 +524,12 @@ async fn run_pipeline(
     loop {
         // Loss the spool could not report yet (no room, or no record since) is reported
         // when the connections are quiet, and at the end, not only behind the next record.
-        let received = if pipeline.has_unreported_gaps() {
-            tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
-                .await
-                .ok()
-        } else {
-            Some(rx.recv_many(&mut batch, 256).await)
-        };
+        // Records the spool deleted while in flight are known lost only once the sink gives
+        // up on them, so they are collected on a timer too.
+        let received = tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
+            .await
+            .ok();
+        pipeline.collect_spool_losses();
         if matches!(received, None | Some(0)) {
             if let Err(e) = pipeline
                 .report_unreported_gaps()

@@ -22,7 +22,7 @@
 
 pub mod segment;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -161,6 +161,9 @@ pub struct SpoolStats {
     /// Bytes of all segments on disk.
     pub bytes_held: u64,
     pub segments: u64,
+    /// Records deleted by drop_oldest while the sink had them in flight: lost only if the
+    /// sink does not confirm them (see [`Spool::take_lost`]).
+    pub in_doubt: u64,
 }
 
 struct Segment {
@@ -186,6 +189,13 @@ struct State {
     stats: SpoolStats,
     /// (id, when appended) every [`AGE_SAMPLE_EVERY`] records, for the oldest record's age.
     age_samples: VecDeque<(u64, Instant)>,
+    /// One past the highest id a reader has handed to the sink.
+    handed_out: u64,
+    /// Deleted by drop_oldest while in flight (headers only): delivered if acknowledged,
+    /// lost if the reader rewinds past them instead.
+    in_doubt: BTreeMap<u64, Record>,
+    /// In-doubt records that turned out lost, for [`Spool::take_lost`].
+    lost_later: Vec<Record>,
     /// The newest records, consecutive ids, also on disk; at most `memory_bytes` of them.
     tail: VecDeque<(u64, Record)>,
     tail_bytes: u64,
@@ -309,6 +319,9 @@ impl Spool {
             age_samples: VecDeque::from([(acked_floor, Instant::now())]),
             tail: VecDeque::new(),
             tail_bytes: 0,
+            handed_out: acked_floor,
+            in_doubt: BTreeMap::new(),
+            lost_later: Vec::new(),
         };
         let spool = Spool {
             shared: Arc::new(Shared {
@@ -497,7 +510,12 @@ impl Spool {
             while let Ok(Some((id, mut rec))) = reader.read_next() {
                 if id >= st.acked_floor && !st.acked_above.contains(&id) {
                     rec.payload = Bytes::new();
-                    lost.push(rec);
+                    if id < st.handed_out {
+                        // The sink may still confirm it: lost only if it does not.
+                        st.in_doubt.insert(id, rec);
+                    } else {
+                        lost.push(rec);
+                    }
                 }
             }
             st.total_bytes -= seg.bytes;
@@ -542,6 +560,11 @@ impl Spool {
     /// Acknowledge record `id` (the broker confirmed it, or it was given up as undeliverable).
     pub fn ack(&self, id: u64) {
         let mut st = self.lock();
+        if st.in_doubt.remove(&id).is_some() {
+            // Deleted while in flight, and delivered after all.
+            st.stats.acknowledged += 1;
+            return;
+        }
         if id < st.acked_floor || id >= st.next_id || !st.acked_above.insert(id) {
             return;
         }
@@ -653,8 +676,20 @@ impl Spool {
             records_held: st.next_id - st.acked_floor - st.acked_above.len() as u64,
             bytes_held: st.total_bytes,
             segments: st.segments.len() as u64,
+            in_doubt: st.in_doubt.len() as u64,
             ..st.stats
         }
+    }
+
+    /// Records deleted by drop_oldest while in flight that the sink then did not confirm (the
+    /// reader rewound past them): lost after all, headers only, counted in `dropped_oldest`
+    /// now. The pipeline reports them as gaps.
+    pub fn take_lost(&self) -> Vec<Record> {
+        let mut st = self.lock();
+        if st.lost_later.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut st.lost_later)
     }
 
     /// The reader of this spool, starting at the oldest unacknowledged record.
@@ -720,6 +755,7 @@ impl Reader {
                     debug_assert_eq!(*id, self.next_id);
                     let out = (*id, record.clone());
                     self.next_id += 1;
+                    st.handed_out = st.handed_out.max(self.next_id);
                     return Ok(Some(out));
                 }
                 if self.next_id >= st.flushed_id {
@@ -751,6 +787,8 @@ impl Reader {
                         continue;
                     }
                     self.next_id = id + 1;
+                    let mut st = self.spool.lock();
+                    st.handed_out = st.handed_out.max(self.next_id);
                     return Ok(Some((id, record)));
                 }
                 // The end of a segment. A closed one: move on to the next. The active one cannot
@@ -777,8 +815,17 @@ impl Reader {
 
     /// Go back to the oldest unacknowledged record (after the sink lost deliveries), skipping
     /// records acknowledged since.
+    ///
+    /// Records deleted by drop_oldest while they were in flight and not confirmed since cannot
+    /// be sent again: they become lost (see [`Spool::take_lost`]).
     pub fn rewind(&mut self) {
-        self.next_id = self.spool.lock().acked_floor;
+        let mut st = self.spool.lock();
+        self.next_id = st.acked_floor;
+        st.handed_out = st.acked_floor;
+        let lost = std::mem::take(&mut st.in_doubt);
+        st.stats.dropped_oldest += lost.len() as u64;
+        st.lost_later.extend(lost.into_values());
+        drop(st);
         self.segment = None;
     }
 

@@ -361,3 +361,57 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
     }
     assert!(spool.lock().tail.is_empty(), "{:?}", spool.lock().tail);
 }
+
+/// drop_oldest deleting records the sink has in flight: those the sink then confirms were
+/// delivered, not lost; those it fails (the reader rewinds) are lost, reported once.
+#[test]
+fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        segment_bytes: one * 3,
+        max_bytes: one * 9,
+        when_full: WhenFull::DropOldest,
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    for n in 0..6 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    // The sink takes 0..4 in flight; 4.. are not handed out yet.
+    let mut reader = spool.reader();
+    let in_flight: Vec<(u64, u64)> = (0..4)
+        .map(|_| {
+            let (id, r) = reader.try_next().expect("read").expect("record");
+            (id, seq(&r))
+        })
+        .collect();
+    // The cap deletes the first two segments (0..6): 0..4 are in doubt, 4 and 5 lost now.
+    let mut lost_now = Vec::new();
+    for n in 6..12 {
+        if let Appended::StoredDroppingOldest { dropped, .. } =
+            spool.append(&rec("k", n)).expect("append")
+        {
+            lost_now.extend(dropped.iter().map(seq));
+        }
+    }
+    assert_eq!(lost_now, vec![4, 5]);
+    assert_eq!(spool.stats().in_doubt, 4);
+    assert_eq!(spool.stats().dropped_oldest, 2);
+    // The sink confirms 0 and 2, fails 1 and 3, and rewinds.
+    spool.ack(in_flight[0].0);
+    spool.ack(in_flight[2].0);
+    assert!(
+        spool.take_lost().is_empty(),
+        "nothing known lost before the rewind"
+    );
+    reader.rewind();
+    let lost_later: Vec<u64> = spool.take_lost().iter().map(seq).collect();
+    assert_eq!(lost_later, vec![1, 3]);
+    assert!(spool.take_lost().is_empty(), "reported once");
+    let st = spool.stats();
+    assert_eq!((st.in_doubt, st.dropped_oldest, st.acknowledged), (0, 4, 2));
+    // The rest is read again from the oldest record still held.
+    let again: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
+    assert_eq!(again, (6..12).collect::<Vec<_>>());
+}
