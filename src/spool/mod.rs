@@ -189,6 +189,9 @@ struct State {
     stats: SpoolStats,
     /// (id, when appended) every [`AGE_SAMPLE_EVERY`] records, for the oldest record's age.
     age_samples: VecDeque<(u64, Instant)>,
+    /// A reader found nothing to read and waits for `changed`: the next append or ack wakes
+    /// it (and only then: a wake per record would cost more than the record).
+    reader_waiting: bool,
     /// One past the highest id a reader has handed to the sink.
     handed_out: u64,
     /// Deleted by drop_oldest while in flight (headers only): delivered if acknowledged,
@@ -319,6 +322,7 @@ impl Spool {
             age_samples: VecDeque::from([(acked_floor, Instant::now())]),
             tail: VecDeque::new(),
             tail_bytes: 0,
+            reader_waiting: false,
             handed_out: acked_floor,
             in_doubt: BTreeMap::new(),
             lost_later: Vec::new(),
@@ -445,8 +449,11 @@ impl Spool {
         if cfg.fsync == Fsync::Always {
             Self::flush_locked(&mut st, true)?;
         }
+        let wake = std::mem::take(&mut st.reader_waiting);
         drop(st);
-        self.shared.changed.notify_waiters();
+        if wake {
+            self.shared.changed.notify_waiters();
+        }
         Ok(match dropped {
             Some(dropped) => Appended::StoredDroppingOldest { id, dropped },
             None => Appended::Stored { id },
@@ -585,8 +592,11 @@ impl Spool {
                 let _ = fs::remove_file(&s.path);
             }
         }
+        let wake = std::mem::take(&mut st.reader_waiting);
         drop(st);
-        self.shared.changed.notify_waiters();
+        if wake {
+            self.shared.changed.notify_waiters();
+        }
     }
 
     /// Hand buffered appends to the OS (no fsync): from here they survive a crash of amibus,
@@ -722,10 +732,16 @@ impl Reader {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_next()? {
-                Some(r) => return Ok(r),
-                None => notified.await,
+            if let Some(r) = self.try_next()? {
+                return Ok(r);
             }
+            // Ask to be woken, then look once more: an append between the look above and
+            // the flag did not wake anyone, but is seen now.
+            self.spool.lock().reader_waiting = true;
+            if let Some(r) = self.try_next()? {
+                return Ok(r);
+            }
+            notified.await;
         }
     }
 

@@ -187,8 +187,14 @@ impl SegmentReader {
         if len > MAX_RECORD_BYTES {
             return Err(Ok(torn));
         }
-        let mut body = vec![0u8; len];
-        if read_full(&mut self.file, &mut body).map_err(Err)? < len {
+        // read_to_end into spare capacity: no zeroing of a buffer about to be overwritten.
+        let mut body = Vec::with_capacity(len);
+        if (&mut self.file)
+            .take(len as u64)
+            .read_to_end(&mut body)
+            .map_err(Err)?
+            < len
+        {
             return Err(Ok(torn));
         }
         if crc32fast::hash(&body) != crc {
