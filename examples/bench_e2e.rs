@@ -1,7 +1,8 @@
 //! The end-to-end benchmark: simulator → amibus → broker, next to a bare client's floor.
 //!
 //! ```text
-//! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,kafka,file] [--out FILE]
+//! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,kafka,file]
+//!                   [--repeat N] [--out FILE] [--work DIR]
 //! ```
 //!
 //! For each mode, three processes: `amibus sim --rate 0 --count N/servers` (the AMI side),
@@ -99,6 +100,8 @@ struct Opts {
     amibus: PathBuf,
     /// Keep the configs, logs and outputs here instead of a temporary directory.
     work: Option<PathBuf>,
+    /// Runs per mode (round-robin over the modes); the summary gives the median ratio.
+    repeat: usize,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -116,6 +119,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         out: PathBuf::from("bench-e2e.json"),
         amibus: std::env::var_os("AMIBUS_BIN").map_or(default_bin, PathBuf::from),
         work: None,
+        repeat: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -126,6 +130,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--out" => o.out = val()?.into(),
             "--amibus" => o.amibus = val()?.into(),
             "--work" => o.work = Some(val()?.into()),
+            "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
             "--modes" => {
                 o.modes = val()?
                     .split(',')
@@ -273,7 +278,8 @@ fn start_sim(
     Ok((Proc(child), out, addrs))
 }
 
-fn config(mode: Mode, dir: &Path, addrs: &[String], brokers: &Brokers) -> String {
+fn config(mode: Mode, names: &RunNames, addrs: &[String], brokers: &Brokers) -> String {
+    let dir = names.dir.as_path();
     let nats = &brokers.nats;
     let mut c = String::new();
     for (i, a) in addrs.iter().enumerate() {
@@ -295,8 +301,8 @@ fn config(mode: Mode, dir: &Path, addrs: &[String], brokers: &Brokers) -> String
             "[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{nats}\"]\nmode = \"jetstream\"\nsubject = \"js.{{server}}.{{event}}\"\n[sink.nats.stream]\nname = \"BENCH_JS\"\n"
         )),
         Mode::Kafka => c.push_str(&format!(
-            "[sink]\nkind = \"kafka\"\n[sink.kafka]\nbrokers = \"{}\"\ntopic = \"{KAFKA_TOPIC}\"\n",
-            brokers.kafka
+            "[sink]\nkind = \"kafka\"\n[sink.kafka]\nbrokers = \"{}\"\ntopic = \"{}\"\n",
+            brokers.kafka, names.topic
         )),
         Mode::File => c.push_str(&format!(
             "[pipeline]\nformat = \"json\"\n\n[sink]\nkind = \"file\"\n[sink.file]\npath = \"{}\"\n",
@@ -432,9 +438,27 @@ struct Brokers {
     kafka: String,
 }
 
-async fn run_mode(o: &Opts, mode: Mode, brokers: &Brokers, work: &Path) -> anyhow::Result<Row> {
+/// What one run uses: its own directory and Kafka topics, so repeated runs start empty.
+struct RunNames {
+    dir: PathBuf,
+    topic: String,
+    floor_topic: String,
+}
+
+async fn run_mode(
+    o: &Opts,
+    mode: Mode,
+    brokers: &Brokers,
+    work: &Path,
+    round: usize,
+) -> anyhow::Result<Row> {
     let nats = brokers.nats.as_str();
-    let dir = work.join(mode.name());
+    let names = RunNames {
+        dir: work.join(format!("{}-{round}", mode.name())),
+        topic: format!("bench.events.{round}"),
+        floor_topic: format!("bench.floor.{round}"),
+    };
+    let dir = names.dir.clone();
     std::fs::create_dir_all(&dir)?;
     let want = o.events / o.servers * o.servers;
     let prefix = match mode {
@@ -463,17 +487,21 @@ async fn run_mode(o: &Opts, mode: Mode, brokers: &Brokers, work: &Path) -> anyho
 
     // Kafka: the topic exists and the consumer reads it from the start before amibus runs.
     let kafka_consumer = if mode == Mode::Kafka {
-        create_topic(&brokers.kafka, KAFKA_TOPIC).await?;
+        create_topic(&brokers.kafka, &names.topic).await?;
         let bootstrap = brokers.kafka.clone();
-        Some(tokio::task::spawn_blocking(move || {
-            consume_kafka(&bootstrap, KAFKA_TOPIC, want, true)
-        }))
+        let topic = names.topic.clone();
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        let consumer = tokio::task::spawn_blocking(move || {
+            consume_kafka(&bootstrap, &topic, want, true, ready)
+        });
+        let _ = tokio::task::spawn_blocking(move || is_ready.recv()).await;
+        Some(consumer)
     } else {
         None
     };
     let (_sim, mut sim_out, addrs) = start_sim(o)?;
     let cfg_path = dir.join("amibus.toml");
-    std::fs::write(&cfg_path, config(mode, &dir, &addrs, brokers))?;
+    std::fs::write(&cfg_path, config(mode, &names, &addrs, brokers))?;
     let log = std::fs::File::create(dir.join("amibus.log"))?;
     let amibus = Proc(
         Command::new(&o.amibus)
@@ -521,7 +549,12 @@ async fn run_mode(o: &Opts, mode: Mode, brokers: &Brokers, work: &Path) -> anyho
     let (floor_rate, mean_payload) = match (mode, &client) {
         (Mode::File, _) => file_floor(&dir, want)?,
         (Mode::Kafka, _) => {
-            kafka_floor(&brokers.kafka, std::mem::take(&mut seen.kafka_messages)).await?
+            kafka_floor(
+                &brokers.kafka,
+                &names.floor_topic,
+                std::mem::take(&mut seen.kafka_messages),
+            )
+            .await?
         }
         (_, Some(c)) => nats_floor(c, mode, nats, std::mem::take(&mut seen.messages)).await?,
         _ => unreachable!("a NATS mode has a client"),
@@ -653,8 +686,6 @@ fn file_floor(dir: &Path, want: u64) -> anyhow::Result<(f64, f64)> {
     Ok((want as f64 / secs, bytes.len() as f64 / lines))
 }
 
-const KAFKA_TOPIC: &str = "bench.events";
-const KAFKA_FLOOR_TOPIC: &str = "bench.floor";
 const KAFKA_PARTITIONS: i32 = 4;
 
 /// `tansu` with memory storage on a free port: `$TANSU`, else on `PATH`, else
@@ -722,7 +753,13 @@ fn kafka_header<'a>(
 
 /// Read `topic` from the start until `want` simulated events arrived (`count_all`: until
 /// `want` messages of any kind arrived, for the floor). Blocking; run it on its own thread.
-fn consume_kafka(bootstrap: &str, topic: &str, want: u64, keep: bool) -> anyhow::Result<Seen> {
+fn consume_kafka(
+    bootstrap: &str,
+    topic: &str,
+    want: u64,
+    keep: bool,
+    ready: std::sync::mpsc::Sender<()>,
+) -> anyhow::Result<Seen> {
     let count_all = !keep;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -742,6 +779,9 @@ fn consume_kafka(bootstrap: &str, topic: &str, want: u64, keep: bool) -> anyhow:
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
+    // Fetching has started (offsets resolved) before the caller starts its clock.
+    let _ = consumer.poll(Duration::from_millis(200));
+    let _ = ready.send(());
     let mut seen = Seen::new();
     let deadline = Instant::now() + TIMEOUT;
     let mut last_message = Instant::now();
@@ -786,21 +826,29 @@ fn consume_kafka(bootstrap: &str, topic: &str, want: u64, keep: bool) -> anyhow:
 /// The same messages (keys, headers, payloads) from a bare rdkafka producer with amibus's
 /// producer settings (acks=all, idempotence, lz4, linger 5 ms) to a fresh topic, read by the
 /// same consumer.
-async fn kafka_floor(bootstrap: &str, messages: Vec<KafkaMessage>) -> anyhow::Result<(f64, f64)> {
+async fn kafka_floor(
+    bootstrap: &str,
+    floor_topic: &str,
+    messages: Vec<KafkaMessage>,
+) -> anyhow::Result<(f64, f64)> {
     let n = messages.len() as u64;
     let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
-    create_topic(bootstrap, KAFKA_FLOOR_TOPIC).await?;
+    create_topic(bootstrap, floor_topic).await?;
     let cc = amibus::sink::kafka::KafkaSinkConfig::new(bootstrap)
         .client_config()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let producer: FutureProducer = cc.create()?;
     let bootstrap = bootstrap.to_owned();
-    let consumer =
-        tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, KAFKA_FLOOR_TOPIC, n, false));
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let consumer = {
+        let topic = floor_topic.to_owned();
+        tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, &topic, n, false, ready))
+    };
+    let _ = tokio::task::spawn_blocking(move || is_ready.recv()).await;
     let t0 = now_ns();
     let mut in_flight = FuturesUnordered::new();
     for (key, headers, payload) in &messages {
-        let mut record = FutureRecord::to(KAFKA_FLOOR_TOPIC).payload(payload);
+        let mut record = FutureRecord::to(floor_topic).payload(payload);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -884,14 +932,18 @@ fn main() -> anyhow::Result<()> {
             kafka: kafka.as_ref().map_or("", |(_, b)| b.as_str()).to_owned(),
         };
         let mut rows = Vec::new();
-        for &mode in &o.modes {
-            eprintln!(
-                "bench-e2e: {} ({} events, {} servers)…",
-                mode.name(),
-                o.events,
-                o.servers
-            );
-            rows.push(run_mode(&o, mode, &brokers, &work).await?);
+        for round in 0..o.repeat {
+            for &mode in &o.modes {
+                eprintln!(
+                    "bench-e2e: {} ({} events, {} servers, run {} of {})…",
+                    mode.name(),
+                    o.events,
+                    o.servers,
+                    round + 1,
+                    o.repeat
+                );
+                rows.push(run_mode(&o, mode, &brokers, &work, round).await?);
+            }
         }
         anyhow::Ok(rows)
     })?;
@@ -936,10 +988,45 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // The machine is shared and noisy: with --repeat, the median ratio per mode.
+    let mut medians = BTreeMap::new();
+    for &mode in &o.modes {
+        let mut ratios: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.mode == mode.name())
+            .map(|r| r.ratio)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut us: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.mode == mode.name())
+            .map(|r| r.amibus_cpu_us_per_event)
+            .collect();
+        us.sort_by(f64::total_cmp);
+        if o.repeat > 1 && !ratios.is_empty() {
+            println!(
+                "{:<15} median ratio {:.2} (min {:.2}, max {:.2}) over {} runs; median {:.2} µs CPU/event",
+                mode.name(),
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1],
+                ratios.len(),
+                us[us.len() / 2]
+            );
+        }
+        if !ratios.is_empty() {
+            medians.insert(
+                mode.name(),
+                json!({"ratio": ratios[ratios.len() / 2], "cpu_us_per_event": us[us.len() / 2]}),
+            );
+        }
+    }
     let report = json!({
         "events_per_run": o.events,
         "servers": o.servers,
+        "repeat": o.repeat,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "medians": medians,
         "runs": rows,
     });
     std::fs::write(&o.out, serde_json::to_string_pretty(&report)?)?;
