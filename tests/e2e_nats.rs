@@ -885,3 +885,89 @@ async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
     }
     assert_eq!(second.left_in_spool, 0, "{ctx}");
 }
+
+/// The spool is full to the stop (broker down, drop_newest): the loss cannot be reported
+/// then, so it is written to the spool directory and the next start reports it first. The
+/// first run's epoch ends whole: every seq delivered or named by a gap, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
+    let mut nats = NatsServer::start();
+    let sim = Sim::start(sim_config(2, 500, None)).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = "max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"drop_newest\"";
+    let toml = config_toml(&sim, dir.path(), &nats, "E2E7", spool)
+        .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
+    let (stop, run) = spawn_run(config(&toml));
+    let mut reader = StreamReader::new(&nats, "E2E7").await;
+    reader
+        .wait_for("events from every server", |got| {
+            View::of(got).events.values().filter(|&&n| n > 20).count() == 2
+        })
+        .await;
+    // As in the spool cap tests: no record in flight when the broker stops.
+    quiesce(&sim, &mut reader, 2).await;
+    broker(|| nats.stop());
+    resume(&sim, 2);
+    let before = total(&sim_events(&sim));
+    within("the storm fills the spool", async {
+        while total(&sim_events(&sim)) < before + 2000 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let first = finish(stop, run).await;
+    let carried = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
+    assert!(
+        first.pipeline.dropped_newest > 0 && !carried.is_empty(),
+        "the loss waits in the spool directory: {first}\n{carried:?}"
+    );
+    for i in 0..2 {
+        sim.set_unresponsive(i, true);
+    }
+    broker(|| nats.restart());
+    let (stop, run) = spawn_run(config(&toml));
+    let first_epochs: BTreeMap<String, u64> = {
+        reader
+            .wait_for("the first epochs, whole", |got| {
+                let v = View::of(got);
+                (0..2).all(|i| {
+                    let id = server_id(i);
+                    // The epoch's last records (its ConnectionDown among them) were lost
+                    // to the full spool: a gap names them.
+                    v.epochs(&id).first().is_some_and(|e| {
+                        let key = (id.clone(), *e);
+                        v.gaps.get(&key).is_some_and(|g| !g.is_empty()) && v.cover(&key).is_ok()
+                    })
+                })
+            })
+            .await;
+        let v = View::of(&reader.got);
+        (0..2)
+            .map(|i| (server_id(i), v.epochs(&server_id(i))[0]))
+            .collect()
+    };
+    resume(&sim, 2);
+    let second = finish(stop, run).await;
+    sim.shutdown().await;
+    assert!(reader.catch_up().await);
+    let view = View::of(&reader.got);
+    let ctx = format!(
+        "{}\nfirst run: {first}\nsecond run: {second}\ncarried: {carried:?}",
+        view.summary()
+    );
+    for (id, epoch) in first_epochs {
+        let key = (id.clone(), epoch);
+        // 1..N, each seq delivered or in a gap, once; N is the last seq the first run read.
+        let n = view.cover(&key).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
+        assert!(n > 2000 / 2, "{id}: {ctx}");
+        assert!(
+            view.gaps.get(&key).is_some_and(|g| !g.is_empty()),
+            "{id}: {ctx}"
+        );
+    }
+    assert_eq!(view.duplicates, 0, "{ctx}");
+    assert!(
+        !dir.path().join("unreported-gaps").exists(),
+        "reported, so no longer carried: {ctx}"
+    );
+}

@@ -89,6 +89,60 @@ impl SharedStats {
 /// An inclusive range of sequence numbers.
 type SeqRange = (u64, u64);
 
+/// A loss not reported yet: server, epoch, first and last seq.
+pub type LostRange = (String, u64, u64, u64);
+
+/// The file in the spool directory that carries unreported loss from one run to the next. It
+/// is read at start and replaced only at a clean stop, so a crash in between reports the loss
+/// twice rather than never.
+pub const UNREPORTED_FILE: &str = "unreported-gaps";
+
+/// Write `lost` to [`UNREPORTED_FILE`] in `dir` (one `server epoch first last` line each), or
+/// remove the file when there is nothing.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn save_unreported(dir: &std::path::Path, lost: &[LostRange]) -> std::io::Result<()> {
+    let path = dir.join(UNREPORTED_FILE);
+    if lost.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let text: String = lost
+        .iter()
+        .map(|(server, epoch, first, last)| format!("{server} {epoch} {first} {last}\n"))
+        .collect();
+    let tmp = dir.join(format!("{UNREPORTED_FILE}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Read [`UNREPORTED_FILE`] from `dir`: the ranges, and the lines that are not ranges.
+///
+/// # Errors
+/// The file exists but cannot be read.
+pub fn load_unreported(dir: &std::path::Path) -> std::io::Result<(Vec<LostRange>, Vec<String>)> {
+    let text = match std::fs::read_to_string(dir.join(UNREPORTED_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    let (mut ranges, mut bad) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        match (f.first(), num(1), num(2), num(3), f.len()) {
+            (Some(server), Some(epoch), Some(first), Some(last), 4) if first <= last => {
+                ranges.push(((*server).to_owned(), epoch, first, last));
+            }
+            _ => bad.push(line.to_owned()),
+        }
+    }
+    Ok((ranges, bad))
+}
+
 /// See the module docs.
 pub struct Pipeline {
     spool: Spool,
@@ -208,6 +262,27 @@ impl Pipeline {
             self.remember_lost(r);
         }
         !lost.is_empty()
+    }
+
+    /// Loss not reported yet, to carry over to the next run ([`save_unreported`]).
+    pub fn unreported(&self) -> Vec<LostRange> {
+        self.lost
+            .iter()
+            .flat_map(|((server, epoch), ranges)| {
+                ranges
+                    .iter()
+                    .map(|&(first, last)| (server.to_string(), *epoch, first, last))
+            })
+            .collect()
+    }
+
+    /// Remember a loss to report (one an earlier run could not).
+    pub fn remember_range(&mut self, (server, epoch, first, last): &LostRange) {
+        let ranges = self
+            .lost
+            .entry((Arc::from(server.as_str()), *epoch))
+            .or_default();
+        add_range(ranges, (*first, *last));
     }
 
     /// Whether some loss is not yet reported (the spool had no room for its gap record, or no
@@ -466,6 +541,49 @@ mod tests {
             }
         }
         assert_eq!(gaps, vec![(3, 5, 7)]);
+    }
+
+    #[test]
+    fn unreported_loss_survives_a_restart_in_the_spool_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lost = vec![("pbx1".to_owned(), 3, 5, 9), ("pbx-2".to_owned(), 4, 1, 1)];
+        save_unreported(dir.path(), &lost).expect("save");
+        let (back, bad) = load_unreported(dir.path()).expect("load");
+        assert_eq!((back, bad.len()), (lost.clone(), 0));
+        // A damaged line is reported, not guessed at; the good ones still count.
+        let path = dir.path().join(UNREPORTED_FILE);
+        std::fs::write(&path, "pbx1 3 5 9\npbx1 x 1 2\npbx1 3 9 5\n\n").expect("write");
+        let (back, bad) = load_unreported(dir.path()).expect("load");
+        assert_eq!(back, vec![("pbx1".to_owned(), 3, 5, 9)]);
+        assert_eq!(bad, vec!["pbx1 x 1 2".to_owned(), "pbx1 3 9 5".to_owned()]);
+        // Nothing left to carry: no file.
+        save_unreported(dir.path(), &[]).expect("save");
+        assert!(!path.exists());
+        assert_eq!(load_unreported(dir.path()).expect("load").0, vec![]);
+        // A pipeline given the ranges reports them as gap records.
+        let (spool, _) = Spool::open(SpoolConfig::new(dir.path().join("spool"))).expect("open");
+        let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
+        for r in &lost {
+            p.remember_range(r);
+        }
+        assert_eq!(p.unreported().len(), 2);
+        p.report_unreported_gaps().expect("report");
+        assert!(!p.has_unreported_gaps());
+        let mut reader = spool.reader();
+        let mut gaps = Vec::new();
+        while let Some((_, r)) = reader.try_next().expect("read") {
+            if let Some(pb::envelope::Detail::Gap(g)) =
+                decode_payload(&r.payload).expect("env").detail
+            {
+                let env_server =
+                    String::from_utf8_lossy(r.header("server").expect("server")).into_owned();
+                gaps.push((env_server, g.epoch, g.first_seq, g.last_seq));
+            }
+        }
+        gaps.sort();
+        let mut want = lost.clone();
+        want.sort();
+        assert_eq!(gaps, want);
     }
 
     #[test]

@@ -33,7 +33,10 @@ use crate::sink::file::FileSink;
 use crate::sink::nats::NatsSink;
 use crate::spool::Spool;
 
-use super::pipeline::{Pipeline, PipelineStats, SharedStats};
+use super::pipeline::{
+    LostRange, Pipeline, PipelineStats, SharedStats, UNREPORTED_FILE, load_unreported,
+    save_unreported,
+};
 use crate::telemetry::{self, Sources};
 
 /// The embedded default: an in-process simulator with two servers, read like real ones, written
@@ -267,11 +270,31 @@ pub async fn run_with(
     let workers = cfg.pipeline.workers;
     let mut txs = Vec::with_capacity(workers);
     let mut pipeline_tasks = Vec::with_capacity(workers);
+    // Loss an earlier run could not report: the first pipeline reports it.
+    let (mut carried, bad) = load_unreported(&cfg.spool.dir).with_context(|| {
+        format!(
+            "cannot read {UNREPORTED_FILE} in {}",
+            cfg.spool.dir.display()
+        )
+    })?;
+    for line in &bad {
+        tracing::error!(line, "{UNREPORTED_FILE}: not a loss range; ignored");
+    }
+    if !carried.is_empty() {
+        tracing::info!(
+            ranges = carried.len(),
+            "reporting loss an earlier run could not"
+        );
+    }
     for _ in 0..workers {
         let (tx, rx) = mpsc::channel::<Stamped>((cfg.pipeline.handoff_queue / workers).max(1));
         txs.push(tx);
+        let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format);
+        for range in carried.drain(..) {
+            pipeline.remember_range(&range);
+        }
         pipeline_tasks.push(tokio::spawn(run_pipeline(
-            Pipeline::new(spool.clone(), cfg.pipeline.format),
+            pipeline,
             rx,
             shared_stats.clone(),
             events_seen.clone(),
@@ -377,9 +400,11 @@ pub async fn run_with(
     let mut pipeline_stats = PipelineStats::default();
     let mut events_by_server: HashMap<String, u64> = HashMap::new();
     let mut pipeline_error = None;
+    let mut unreported = Vec::new();
     for task in pipeline_tasks {
         match task.await {
-            Ok(Ok((stats, events))) => {
+            Ok(Ok((stats, events, lost))) => {
+                unreported.extend(lost);
                 pipeline_stats.merge(&stats);
                 for (server, n) in events {
                     *events_by_server.entry(server).or_default() += n;
@@ -392,6 +417,20 @@ pub async fn run_with(
     if let Some(e) = pipeline_error {
         return Err(e);
     }
+    // Loss the spool had no room to report (it was over half full to the end) goes to the
+    // next run, which reports it first.
+    if !unreported.is_empty() {
+        tracing::warn!(
+            ranges = unreported.len(),
+            "lost records not yet reported (the spool is too full); the next start reports them"
+        );
+    }
+    save_unreported(&cfg.spool.dir, &unreported).with_context(|| {
+        format!(
+            "cannot write {UNREPORTED_FILE} in {}",
+            cfg.spool.dir.display()
+        )
+    })?;
     let deadline = Instant::now() + cfg.pipeline.drain_timeout;
     while spool.stats().records_held > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -502,7 +541,7 @@ impl Running {
 }
 
 type PipelineOutcome = Result<
-    (PipelineStats, HashMap<String, u64>),
+    (PipelineStats, HashMap<String, u64>, Vec<LostRange>),
     (
         crate::spool::SpoolError,
         PipelineStats,
@@ -565,7 +604,7 @@ async fn run_pipeline(
     }
     let now = pipeline.stats();
     published.publish(&before, &now);
-    Ok((now, by_name(events)))
+    Ok((now, by_name(events), pipeline.unreported()))
 }
 
 /// Subscribe to the request subject of every configured server and start the consumer.
