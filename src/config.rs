@@ -179,6 +179,7 @@ pub struct Config {
 ///
 /// ```toml
 /// [control]
+/// transport = "nats"                          # or "kafka" (then [control.kafka])
 /// nats_servers = ["nats://127.0.0.1:4222"]  # default: the [sink.nats] connection
 /// subject = "amibus.action.{server}"          # one subscription per server of this replica
 /// queue_group = "amibus-control"
@@ -191,15 +192,35 @@ pub struct Config {
 /// dedupe_max_bytes = "64MiB"
 /// rate = 50                                   # actions/s per server; 0 = unlimited
 /// burst = 100
+///
+/// [control.kafka]                             # with transport = "kafka"
+/// brokers = "kafka-0:9092"                    # default: the [sink.kafka] connection
+/// request_topic = "amibus.actions"
+/// result_topic = "amibus.results"             # when a request names no reply topic
+/// group = "amibus-control-{shard}"            # one consumer group per shard
+/// message_timeout = "30s"
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ControlSection {
+    pub transport: ControlTransport,
+    pub consumer: crate::control::ControlConfig,
+}
+
+/// Where action requests come from and results go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControlTransport {
+    Nats(NatsControl),
+    Kafka(crate::control::kafka::KafkaControlConfig),
+}
+
+/// The NATS transport of `[control]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NatsControl {
     /// Where to connect; from `[sink.nats]` unless `nats_servers` is given.
     pub nats: crate::sink::nats::NatsConnection,
     pub subject: String,
     pub queue_group: Option<String>,
     pub result_subject: String,
-    pub consumer: crate::control::ControlConfig,
 }
 
 /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -292,6 +313,8 @@ struct RawShard {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
+    transport: Option<String>,
+    kafka: Option<RawControlKafka>,
     nats_servers: Option<Vec<String>>,
     subject: Option<String>,
     queue_group: Option<String>,
@@ -304,6 +327,16 @@ struct RawControl {
     dedupe_max_bytes: Option<RawSize>,
     rate: Option<f64>,
     burst: Option<u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlKafka {
+    brokers: Option<String>,
+    request_topic: Option<String>,
+    result_topic: Option<String>,
+    group: Option<String>,
+    message_timeout: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -540,7 +573,7 @@ impl Config {
         let shard = validate_shard(raw.shard, env, &mut problems);
         let control = raw
             .control
-            .map(|r| validate_control(r, &sink, &mut problems));
+            .map(|r| validate_control(r, &sink, shard, &mut problems));
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -1622,60 +1655,56 @@ fn validate_sim(raw: RawSim, problems: &mut Vec<Problem>) -> DemoSim {
 }
 
 fn validate_control(
-    raw: RawControl,
+    mut raw: RawControl,
     sink: &SinkConfig,
+    shard: crate::shard::Shard,
     problems: &mut Vec<Problem>,
 ) -> ControlSection {
     let mut consumer = crate::control::ControlConfig::default();
-    let nats = match (raw.nats_servers, sink) {
-        (Some(servers), _) if servers.is_empty() => {
+    let transport = match raw.transport.as_deref() {
+        None | Some("nats") => {
+            if raw.kafka.is_some() {
+                problem(
+                    problems,
+                    "control.kafka",
+                    "only used with control.transport = \"kafka\"",
+                );
+            }
+            ControlTransport::Nats(validate_control_nats(&mut raw, sink, problems))
+        }
+        Some("kafka") => {
+            for (key, set) in [
+                ("nats_servers", raw.nats_servers.is_some()),
+                ("subject", raw.subject.is_some()),
+                ("queue_group", raw.queue_group.is_some()),
+                ("result_subject", raw.result_subject.is_some()),
+            ] {
+                if set {
+                    problem(
+                        problems,
+                        &format!("control.{key}"),
+                        "only used with control.transport = \"nats\"; see [control.kafka]",
+                    );
+                }
+            }
+            // Every replica must see every request: one consumer group per shard.
+            consumer.answer_not_owned = false;
+            ControlTransport::Kafka(validate_control_kafka(
+                raw.kafka.take().unwrap_or_default(),
+                sink,
+                shard,
+                problems,
+            ))
+        }
+        Some(other) => {
             problem(
                 problems,
-                "control.nats_servers",
-                "must list at least one server URL",
+                "control.transport",
+                format!("{other:?} is not a transport (\"nats\" or \"kafka\")"),
             );
-            crate::sink::nats::NatsConnection::default()
-        }
-        (Some(servers), _) => crate::sink::nats::NatsConnection {
-            servers,
-            ..crate::sink::nats::NatsConnection::default()
-        },
-        (None, SinkConfig::Nats(n)) => n.connection.clone(),
-        (None, _) => {
-            problem(
-                problems,
-                "control.nats_servers",
-                "required unless sink.kind = \"nats\" (whose connection is then used)",
-            );
-            crate::sink::nats::NatsConnection::default()
+            ControlTransport::Nats(validate_control_nats(&mut raw, sink, problems))
         }
     };
-    let template = |path: &str, v: Option<String>, default: &str, problems: &mut Vec<Problem>| {
-        let v = v.unwrap_or_else(|| default.to_owned());
-        if v.is_empty() || v.contains([' ', '\t', '\r', '\n']) {
-            problem(problems, path, format!("{v:?} is not a NATS subject"));
-        }
-        v
-    };
-    let subject = template(
-        "control.subject",
-        raw.subject,
-        "amibus.action.{server}",
-        problems,
-    );
-    if !subject.contains("{server}") {
-        problem(
-            problems,
-            "control.subject",
-            "must contain {server}: each replica subscribes to the subjects of its own servers",
-        );
-    }
-    let result_subject = template(
-        "control.result_subject",
-        raw.result_subject,
-        "amibus.result.{server}",
-        problems,
-    );
     set_positive(
         "control.max_in_flight",
         raw.max_in_flight,
@@ -1730,16 +1759,165 @@ fn validate_control(
     }
     set_positive("control.burst", raw.burst, &mut consumer.burst, problems);
     ControlSection {
+        transport,
+        consumer,
+    }
+}
+
+fn validate_control_nats(
+    raw: &mut RawControl,
+    sink: &SinkConfig,
+    problems: &mut Vec<Problem>,
+) -> NatsControl {
+    let nats = match (raw.nats_servers.take(), sink) {
+        (Some(servers), _) if servers.is_empty() => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "must list at least one server URL",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+        (Some(servers), _) => crate::sink::nats::NatsConnection {
+            servers,
+            ..crate::sink::nats::NatsConnection::default()
+        },
+        (None, SinkConfig::Nats(n)) => n.connection.clone(),
+        (None, _) => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "required unless sink.kind = \"nats\" (whose connection is then used)",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+    };
+    let template = |path: &str, v: Option<String>, default: &str, problems: &mut Vec<Problem>| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if v.is_empty() || v.contains([' ', '\t', '\r', '\n']) {
+            problem(problems, path, format!("{v:?} is not a NATS subject"));
+        }
+        v
+    };
+    let subject = template(
+        "control.subject",
+        raw.subject.take(),
+        "amibus.action.{server}",
+        problems,
+    );
+    if !subject.contains("{server}") {
+        problem(
+            problems,
+            "control.subject",
+            "must contain {server}: each replica subscribes to the subjects of its own servers",
+        );
+    }
+    let result_subject = template(
+        "control.result_subject",
+        raw.result_subject.take(),
+        "amibus.result.{server}",
+        problems,
+    );
+    NatsControl {
         nats,
         subject,
         queue_group: Some(
             raw.queue_group
+                .take()
                 .unwrap_or_else(|| "amibus-control".to_owned()),
         )
         .filter(|g| !g.is_empty()),
         result_subject,
-        consumer,
     }
+}
+
+fn validate_control_kafka(
+    raw: RawControlKafka,
+    sink: &SinkConfig,
+    shard: crate::shard::Shard,
+    problems: &mut Vec<Problem>,
+) -> crate::control::kafka::KafkaControlConfig {
+    use crate::control::kafka::KafkaControlConfig;
+    let mut cfg = match (raw.brokers, sink) {
+        (Some(b), _) if b.trim().is_empty() => {
+            problem(
+                problems,
+                "control.kafka.brokers",
+                "must list at least one host:port",
+            );
+            KafkaControlConfig::new(b)
+        }
+        (Some(b), _) => KafkaControlConfig::new(b),
+        (None, SinkConfig::Kafka(k)) => KafkaControlConfig {
+            connection: k.connection.clone(),
+            ..KafkaControlConfig::new("")
+        },
+        (None, _) => {
+            problem(
+                problems,
+                "control.kafka.brokers",
+                "required unless sink.kind = \"kafka\" (whose connection is then used)",
+            );
+            KafkaControlConfig::new("")
+        }
+    };
+    let topic = |path: &str, v: Option<String>, default: String, problems: &mut Vec<Problem>| {
+        let v = v.unwrap_or(default);
+        let ok = !v.is_empty()
+            && v.len() <= 249
+            && v != "."
+            && v != ".."
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            problem(
+                problems,
+                path,
+                format!("{v:?} is not a Kafka topic name (1 to 249 of [A-Za-z0-9._-])"),
+            );
+        }
+        v
+    };
+    cfg.request_topic = topic(
+        "control.kafka.request_topic",
+        raw.request_topic,
+        cfg.request_topic,
+        problems,
+    );
+    cfg.result_topic = topic(
+        "control.kafka.result_topic",
+        raw.result_topic,
+        cfg.result_topic,
+        problems,
+    );
+    if cfg.request_topic == cfg.result_topic {
+        problem(
+            problems,
+            "control.kafka.result_topic",
+            "must differ from control.kafka.request_topic (results would be read as requests)",
+        );
+    }
+    let group = raw
+        .group
+        .unwrap_or_else(|| "amibus-control-{shard}".to_owned());
+    if group.trim().is_empty() {
+        problem(problems, "control.kafka.group", "must not be empty");
+    } else if shard.count > 1 && !group.contains("{shard}") {
+        problem(
+            problems,
+            "control.kafka.group",
+            "must contain {shard} with more than one shard: every replica must read every \
+             request, so each shard needs its own consumer group",
+        );
+    }
+    cfg.group_id = group.replace("{shard}", &shard.index.to_string());
+    cfg.message_timeout = opt_duration(
+        "control.kafka.message_timeout",
+        raw.message_timeout,
+        cfg.message_timeout,
+        problems,
+    );
+    cfg
 }
 
 #[cfg(test)]
@@ -1826,10 +2004,14 @@ mod tests {
         );
         assert_eq!(cfg.servers[1].allow_actions, ["read-only"]);
         let c = cfg.control.unwrap();
-        assert_eq!(c.nats.servers, ["nats://10.0.0.1:4222"]);
-        assert_eq!(c.subject, "amibus.action.{server}");
-        assert_eq!(c.result_subject, "amibus.result.{server}");
-        assert_eq!(c.queue_group.as_deref(), Some("amibus-control"));
+        let ControlTransport::Nats(n) = &c.transport else {
+            panic!("nats is the default transport")
+        };
+        assert_eq!(n.nats.servers, ["nats://10.0.0.1:4222"]);
+        assert_eq!(n.subject, "amibus.action.{server}");
+        assert_eq!(n.result_subject, "amibus.result.{server}");
+        assert_eq!(n.queue_group.as_deref(), Some("amibus-control"));
+        assert!(c.consumer.answer_not_owned);
         assert_eq!(c.consumer.max_timeout, Duration::from_secs(30));
         assert_eq!(c.consumer.rate, 0.0);
         assert_eq!(c.consumer.dedupe_max_bytes, 1 << 20);
@@ -1861,6 +2043,72 @@ mod tests {
                 "control.default_timeout",
                 "control.rate",
             ]
+        );
+    }
+
+    #[test]
+    fn control_over_kafka() {
+        let base = r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            [sink]
+            kind = "kafka"
+            [sink.kafka]
+            brokers = "k1:9092"
+            [shard]
+            index = 2
+            count = 3
+        "#;
+        let cfg = Config::parse(
+            &format!("{base}[control]\ntransport = \"kafka\"\nrate = 5\n"),
+            &FakeEnv,
+        )
+        .unwrap();
+        let c = cfg.control.unwrap();
+        let ControlTransport::Kafka(k) = &c.transport else {
+            panic!("kafka transport")
+        };
+        assert_eq!(k.connection.brokers, "k1:9092", "from [sink.kafka]");
+        assert_eq!(k.request_topic, "amibus.actions");
+        assert_eq!(k.result_topic, "amibus.results");
+        assert_eq!(k.group_id, "amibus-control-2", "one group per shard");
+        assert!(!c.consumer.answer_not_owned, "skip what another shard owns");
+        assert_eq!(c.consumer.rate, 5.0);
+
+        let err = Config::parse(
+            &format!(
+                "{base}[control]\ntransport = \"kafka\"\nsubject = \"a.{{server}}\"\n\
+                 [control.kafka]\nbrokers = \" \"\nrequest_topic = \"a b\"\n\
+                 result_topic = \"\"\ngroup = \"fixed\"\nmessage_timeout = \"soon\"\n"
+            ),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "control.subject",
+                "control.kafka.brokers",
+                "control.kafka.request_topic",
+                "control.kafka.result_topic",
+                "control.kafka.group",
+                "control.kafka.message_timeout",
+            ]
+        );
+        let err = Config::parse(
+            &format!("{base}[control]\ntransport = \"mqtt\"\n[control.kafka]\n"),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["control.transport", "control.nats_servers"],
+            "{err}"
         );
     }
 

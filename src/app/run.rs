@@ -23,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ami::Stamped;
 use crate::ami::connection::{Connection, Options, StatsSnapshot};
-use crate::config::{Config, ControlSection, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
+use crate::config::{
+    Config, ControlSection, ControlTransport, DemoSim, ProcessEnv, ServerConfig, SinkConfig,
+};
+use crate::control::kafka::{KafkaRequestSource, KafkaResultPublisher};
 use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
 use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
 use crate::sim::{Sim, SimConfig, SimHandle};
@@ -514,7 +517,8 @@ impl Running {
     }
 }
 
-/// Subscribe to the request subject of every configured server and start the consumer.
+/// Start the action consumer on the configured transport: NATS (a subscription to the request
+/// subject of every configured server) or Kafka (a consumer group on the request topic).
 async fn start_control(
     ctl: &ControlSection,
     servers: &[ServerConfig],
@@ -522,7 +526,6 @@ async fn start_control(
     shard: crate::shard::Shard,
     stop: CancellationToken,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<ControlStats>)> {
-    let client = crate::sink::nats::connect(&ctl.nats).await?;
     let targets: HashMap<String, Target> = servers
         .iter()
         .filter_map(|s| {
@@ -537,20 +540,40 @@ async fn start_control(
             ))
         })
         .collect();
-    let subjects: Vec<String> = servers
-        .iter()
-        .map(|s| subject_for(&ctl.subject, &s.id))
-        .collect();
-    let source =
-        NatsRequestSource::subscribe(&client, &subjects, ctl.queue_group.as_deref()).await?;
     // Rendezvous hashing is defined for any id, so exactly one replica answers requests for
     // servers nobody configured.
     let owns: Owns = Arc::new(move |id: &str| shard.owns(id));
-    let publisher = NatsResultPublisher::new(client, ctl.result_subject.clone());
-    let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
-    let stats = controller.stats();
-    tracing::info!(subjects = subjects.len(), "control: taking action requests");
-    Ok((tokio::spawn(controller.run(source, stop)), stats))
+    match &ctl.transport {
+        ControlTransport::Nats(n) => {
+            let client = crate::sink::nats::connect(&n.nats).await?;
+            let publisher = NatsResultPublisher::new(client.clone(), n.result_subject.clone());
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let stats = controller.stats();
+            let subjects: Vec<String> = servers
+                .iter()
+                .map(|s| subject_for(&n.subject, &s.id))
+                .collect();
+            let source =
+                NatsRequestSource::subscribe(&client, &subjects, n.queue_group.as_deref()).await?;
+            tracing::info!(
+                subjects = subjects.len(),
+                "control: taking action requests from NATS"
+            );
+            Ok((tokio::spawn(controller.run(source, stop)), stats))
+        }
+        ControlTransport::Kafka(k) => {
+            let publisher = KafkaResultPublisher::new(k)?;
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let stats = controller.stats();
+            let source = KafkaRequestSource::new(k, stats.clone())?;
+            tracing::info!(
+                topic = %k.request_topic,
+                group = %k.group_id,
+                "control: taking action requests from Kafka"
+            );
+            Ok((tokio::spawn(controller.run(source, stop)), stats))
+        }
+    }
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {

@@ -7,10 +7,14 @@
 //! For each message, in the consumer task (no I/O, so one bad or slow request never holds up
 //! the next beyond an in-flight permit):
 //! 1. decode; required fields; header safety → `rejected` (`malformed`, `missing_field`,
-//!    `invalid_header`);
-//! 2. routing: a server this replica does not own → `rejected` (`not_owned`) or, for
-//!    transports where every replica sees every request (Kafka), skipped silently; owned but
-//!    not configured → `rejected` (`unknown_server`);
+//!    `invalid_header`). Where every replica sees every request (Kafka, JetStream:
+//!    `answer_not_owned = false`), a request for a server this replica does not own is
+//!    skipped silently (and acknowledged) before these checks, and a payload that does not
+//!    decode is answered only by the owner of the message's routing key ([`Incoming::key`]),
+//!    so exactly one replica answers anything;
+//! 2. routing: a server this replica does not own → `rejected` (`not_owned`) (NATS core,
+//!    where only misrouted requests arrive); owned but not configured → `rejected`
+//!    (`unknown_server`);
 //! 3. the server's allow-list → `rejected` (`not_allowed`);
 //! 4. idempotency: a `(server, request_id)` in flight gets the same result when it is ready;
 //!    one finished within the window gets that result again (`replayed`), never a second run;
@@ -55,14 +59,24 @@ pub struct Incoming {
     /// The transport's own reply address (the NATS reply subject of a request), which wins
     /// over the request's `reply_to`.
     pub reply: Option<String>,
-    /// Run after the result was published.
+    /// Run after the result was published (or could never be: see [`PublishError::Permanent`]).
     pub ack: Option<Ack>,
+    /// The transport's routing key (a Kafka record key: by convention the target server id).
+    /// Where every replica sees every request, it decides which one answers a payload that
+    /// does not decode (the owner of this id, or of `""` without a key), so exactly one does.
+    pub key: Option<String>,
 }
 
 /// Where requests come from (a NATS subscription, a Kafka consumer).
 pub trait Source: Send {
     /// The next message; `None` when the source has ended.
     fn next(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
+
+    /// Called once, after the last result was published (or the drain gave up): settle what
+    /// the acknowledgements left to do (commit the final Kafka offsets).
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why a result could not be published.
@@ -71,7 +85,10 @@ pub enum PublishError {
     /// The bus may take it later.
     #[error("cannot publish the result now: {0}")]
     Retriable(String),
-    /// It never will (bad subject or topic, too large).
+    /// It never will (bad subject or topic, too large). The message is acknowledged anyway:
+    /// leaving it unacknowledged would stall the Kafka partition's offsets (or have JetStream
+    /// redeliver it) for a result that can never be published, and would run the requests
+    /// behind it again after a restart.
     #[error("cannot publish the result: {0}")]
     Permanent(String),
 }
@@ -169,6 +186,8 @@ pub struct ControlStats {
     replayed: AtomicU64,
     skipped_not_owned: AtomicU64,
     publish_failures: AtomicU64,
+    receive_errors: AtomicU64,
+    ack_failures: AtomicU64,
     in_flight: AtomicU64,
 }
 
@@ -183,8 +202,14 @@ pub struct ControlSnapshot {
     pub replayed: u64,
     /// Requests for servers another replica owns, skipped without an answer.
     pub skipped_not_owned: u64,
-    /// Results that could not be published (their message is not acknowledged).
+    /// Results that could not be published (their message is not acknowledged unless the
+    /// failure was permanent).
     pub publish_failures: u64,
+    /// Errors reading requests from the transport (the source retries).
+    pub receive_errors: u64,
+    /// Acknowledgements the transport refused (Kafka offset commits, JetStream acks): the
+    /// request may be delivered again after a restart.
+    pub ack_failures: u64,
     pub in_flight: u64,
 }
 
@@ -234,8 +259,20 @@ impl ControlStats {
             replayed: AtomicU64::new(0),
             skipped_not_owned: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            receive_errors: AtomicU64::new(0),
+            ack_failures: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
         }
+    }
+
+    /// A source could not read a request (it retries); for transports.
+    pub fn receive_error(&self) {
+        self.receive_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A transport refused an acknowledgement (offset commit, JetStream ack); for transports.
+    pub fn ack_failure(&self) {
+        self.ack_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count(&self, result: &ActionResult) {
@@ -270,6 +307,8 @@ impl ControlStats {
             replayed: self.replayed.load(Ordering::Relaxed),
             skipped_not_owned: self.skipped_not_owned.load(Ordering::Relaxed),
             publish_failures: self.publish_failures.load(Ordering::Relaxed),
+            receive_errors: self.receive_errors.load(Ordering::Relaxed),
+            ack_failures: self.ack_failures.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
@@ -360,6 +399,7 @@ impl<P: Publisher> Controller<P> {
         {
             tracing::warn!("control: requests still in flight at shutdown; their results are lost");
         }
+        source.close().await;
     }
 
     /// Check one message and start its execution (or answer it) in a task holding `permit`.
@@ -369,32 +409,36 @@ impl<P: Publisher> Controller<P> {
             payload,
             reply,
             ack,
+            key,
         } = msg;
+        // Where every replica sees every request, only the owner of its server answers it,
+        // even when it is malformed: the others skip it before any check.
+        let answer_all = self.cfg.answer_not_owned;
         let req = match rules::parse_request(&payload) {
             Ok(r) => r,
             Err(rej) => {
+                if !answer_all && !(self.owns)(key.as_deref().unwrap_or("")) {
+                    return self.skip(ack);
+                }
                 let result = rejected(&ActionRequest::default(), received_ns, rej);
                 return self.answer(result, reply, ack, permit);
             }
         };
+        let owned = (self.owns)(&req.server);
+        if !owned && !answer_all {
+            return self.skip(ack);
+        }
         let to = reply.or_else(|| (!req.reply_to.is_empty()).then(|| req.reply_to.clone()));
         let action = match rules::check_request(&req) {
             Ok(a) => a,
             Err(rej) => return self.answer(rejected(&req, received_ns, rej), to, ack, permit),
         };
-        if !(self.owns)(&req.server) {
-            if self.cfg.answer_not_owned {
-                let rej = Rejection::new(
-                    RejectCode::NotOwned,
-                    format!("server {} is served by another amibus replica", req.server),
-                );
-                return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
-            }
-            self.stats.skipped_not_owned.fetch_add(1, Ordering::Relaxed);
-            if let Some(ack) = ack {
-                ack();
-            }
-            return;
+        if !owned {
+            let rej = Rejection::new(
+                RejectCode::NotOwned,
+                format!("server {} is served by another amibus replica", req.server),
+            );
+            return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
         }
         let Some(target) = self.targets.get(&req.server) else {
             let rej = Rejection::new(
@@ -484,6 +528,15 @@ impl<P: Publisher> Controller<P> {
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             finish(&req, result, &memory, &*publisher, &stats).await;
         });
+    }
+
+    /// Leave a request to the replica that owns its server: no answer, but acknowledged, so
+    /// the transport moves on.
+    fn skip(&self, ack: Option<Ack>) {
+        self.stats.skipped_not_owned.fetch_add(1, Ordering::Relaxed);
+        if let Some(ack) = ack {
+            ack();
+        }
     }
 
     /// Answer a request that never reached the idempotency memory.
@@ -581,9 +634,16 @@ async fn deliver<P: Publisher>(
                 ack();
             }
         }
-        Err(e) => {
+        Err(e) if e.is_retriable() => {
             stats.publish_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(server = %result.server, error = %e, "control: result not published; the request stays unacknowledged");
+        }
+        Err(e) => {
+            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(server = %result.server, error = %e, "control: result can never be published; acknowledging the request so the transport moves on");
+            if let Some(ack) = ack {
+                ack();
+            }
         }
     }
 }

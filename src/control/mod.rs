@@ -3,7 +3,7 @@
 //! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
 //! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]), the
 //! per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
-//! implements, and the NATS transport ([`nats`]).
+//! implements, and the transports: NATS ([`nats`]) and Kafka ([`kafka`]).
 //!
 //! ```text
 //! bus ──▶ Source ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
@@ -23,6 +23,7 @@
 
 pub mod consumer;
 pub mod dedupe;
+pub mod kafka;
 pub mod nats;
 pub mod rate;
 pub mod rules;

@@ -94,6 +94,7 @@ impl Source for NatsRequestSource {
             payload: m.payload,
             reply: m.reply.map(|s| s.to_string()),
             ack: None,
+            key: None,
         })
     }
 }
