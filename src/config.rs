@@ -199,6 +199,13 @@ pub struct Config {
 /// result_topic = "amibus.results"             # when a request names no reply topic
 /// group = "amibus-control-{shard}"            # one consumer group per shard
 /// message_timeout = "30s"
+///
+/// [control.jetstream]                         # optional with transport = "nats"
+/// stream = "AMIBUS_ACTIONS"
+/// durable = "amibus-control-{shard}"          # one durable pull consumer per shard
+/// create_stream = true
+/// ack_wait = "90s"                            # default: max_timeout + 30s
+/// max_ack_pending = 1024                      # default: max_in_flight
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ControlSection {
@@ -221,6 +228,8 @@ pub struct NatsControl {
     pub subject: String,
     pub queue_group: Option<String>,
     pub result_subject: String,
+    /// Read requests from a JetStream stream instead of core subscriptions.
+    pub jetstream: Option<crate::control::nats::JetStreamRequests>,
 }
 
 /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -315,6 +324,7 @@ struct RawShard {
 struct RawControl {
     transport: Option<String>,
     kafka: Option<RawControlKafka>,
+    jetstream: Option<RawControlJetStream>,
     nats_servers: Option<Vec<String>>,
     subject: Option<String>,
     queue_group: Option<String>,
@@ -327,6 +337,16 @@ struct RawControl {
     dedupe_max_bytes: Option<RawSize>,
     rate: Option<f64>,
     burst: Option<u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlJetStream {
+    stream: Option<String>,
+    durable: Option<String>,
+    create_stream: Option<bool>,
+    ack_wait: Option<String>,
+    max_ack_pending: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1670,10 +1690,14 @@ fn validate_control(
                     "only used with control.transport = \"kafka\"",
                 );
             }
-            ControlTransport::Nats(validate_control_nats(&mut raw, sink, problems))
+            let n = validate_control_nats(&mut raw, sink, shard, problems);
+            // A durable consumer per shard sees every request subject.
+            consumer.answer_not_owned = n.jetstream.is_none();
+            ControlTransport::Nats(n)
         }
         Some("kafka") => {
             for (key, set) in [
+                ("jetstream", raw.jetstream.is_some()),
                 ("nats_servers", raw.nats_servers.is_some()),
                 ("subject", raw.subject.is_some()),
                 ("queue_group", raw.queue_group.is_some()),
@@ -1702,7 +1726,7 @@ fn validate_control(
                 "control.transport",
                 format!("{other:?} is not a transport (\"nats\" or \"kafka\")"),
             );
-            ControlTransport::Nats(validate_control_nats(&mut raw, sink, problems))
+            ControlTransport::Nats(validate_control_nats(&mut raw, sink, shard, problems))
         }
     };
     set_positive(
@@ -1758,6 +1782,27 @@ fn validate_control(
         None => {}
     }
     set_positive("control.burst", raw.burst, &mut consumer.burst, problems);
+    let mut transport = transport;
+    if let ControlTransport::Nats(NatsControl {
+        jetstream: Some(js),
+        ..
+    }) = &mut transport
+    {
+        // Defaults that follow the consumer's settings.
+        if js.ack_wait.is_zero() {
+            js.ack_wait = consumer.max_timeout + Duration::from_secs(30);
+        } else if js.ack_wait <= consumer.max_timeout {
+            problem(
+                problems,
+                "control.jetstream.ack_wait",
+                "must be longer than control.max_timeout, or requests still running are \
+                 delivered again",
+            );
+        }
+        if js.max_ack_pending == 0 {
+            js.max_ack_pending = i64::try_from(consumer.max_in_flight).unwrap_or(i64::MAX);
+        }
+    }
     ControlSection {
         transport,
         consumer,
@@ -1767,6 +1812,7 @@ fn validate_control(
 fn validate_control_nats(
     raw: &mut RawControl,
     sink: &SinkConfig,
+    shard: crate::shard::Shard,
     problems: &mut Vec<Problem>,
 ) -> NatsControl {
     let nats = match (raw.nats_servers.take(), sink) {
@@ -1818,7 +1864,80 @@ fn validate_control_nats(
         "amibus.result.{server}",
         problems,
     );
+    let jetstream = raw.jetstream.take().map(|js| {
+        if raw.queue_group.is_some() {
+            problem(
+                problems,
+                "control.queue_group",
+                "not used with [control.jetstream] (a durable consumer per shard instead)",
+            );
+        }
+        let stream = js.stream.unwrap_or_else(|| "AMIBUS_ACTIONS".to_owned());
+        if stream.is_empty()
+            || !stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problem(
+                problems,
+                "control.jetstream.stream",
+                format!("{stream:?} is not a stream name ([A-Za-z0-9_-])"),
+            );
+        }
+        let durable = js
+            .durable
+            .unwrap_or_else(|| "amibus-control-{shard}".to_owned());
+        if shard.count > 1 && !durable.contains("{shard}") {
+            problem(
+                problems,
+                "control.jetstream.durable",
+                "must contain {shard} with more than one shard: each shard needs its own \
+                 durable consumer to see every request",
+            );
+        }
+        let durable = durable.replace("{shard}", &shard.index.to_string());
+        if durable.is_empty()
+            || !durable
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problem(
+                problems,
+                "control.jetstream.durable",
+                format!("{durable:?} is not a consumer name ([A-Za-z0-9_-])"),
+            );
+        }
+        let ack_wait = match js.ack_wait {
+            None => Duration::ZERO, // filled in from max_timeout
+            Some(v) => opt_duration(
+                "control.jetstream.ack_wait",
+                Some(v),
+                Duration::ZERO,
+                problems,
+            ),
+        };
+        let max_ack_pending = match js.max_ack_pending {
+            Some(n) if n < 1 => {
+                problem(
+                    problems,
+                    "control.jetstream.max_ack_pending",
+                    "must be at least 1",
+                );
+                0
+            }
+            Some(n) => n,
+            None => 0, // filled in from max_in_flight
+        };
+        crate::control::nats::JetStreamRequests {
+            stream,
+            durable,
+            create_stream: js.create_stream.unwrap_or(true),
+            ack_wait,
+            max_ack_pending,
+        }
+    });
     NatsControl {
+        jetstream,
         nats,
         subject,
         queue_group: Some(
@@ -2108,6 +2227,59 @@ mod tests {
         assert_eq!(
             paths,
             ["control.transport", "control.nats_servers"],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn control_over_jetstream() {
+        let base = r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            [shard]
+            index = 1
+            count = 2
+            [control]
+            nats_servers = ["nats://n:4222"]
+            max_timeout = "20s"
+        "#;
+        let cfg = Config::parse(&format!("{base}[control.jetstream]\n"), &FakeEnv).unwrap();
+        let c = cfg.control.unwrap();
+        let ControlTransport::Nats(n) = &c.transport else {
+            panic!("nats transport")
+        };
+        let js = n.jetstream.as_ref().expect("jetstream");
+        assert_eq!(js.stream, "AMIBUS_ACTIONS");
+        assert_eq!(js.durable, "amibus-control-1", "one durable per shard");
+        assert!(js.create_stream);
+        assert_eq!(js.ack_wait, Duration::from_secs(50), "max_timeout + 30s");
+        assert_eq!(js.max_ack_pending, 1024, "max_in_flight");
+        assert!(
+            !c.consumer.answer_not_owned,
+            "every shard sees every request"
+        );
+
+        let err = Config::parse(
+            &format!(
+                "{base}queue_group = \"q\"\n[control.jetstream]\nstream = \"a.b\"\n\
+                 durable = \"fixed\"\nack_wait = \"10s\"\nmax_ack_pending = 0\n"
+            ),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "control.queue_group",
+                "control.jetstream.stream",
+                "control.jetstream.durable",
+                "control.jetstream.max_ack_pending",
+                "control.jetstream.ack_wait",
+            ],
             "{err}"
         );
     }

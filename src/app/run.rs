@@ -27,7 +27,9 @@ use crate::config::{
     Config, ControlSection, ControlTransport, DemoSim, ProcessEnv, ServerConfig, SinkConfig,
 };
 use crate::control::kafka::{KafkaRequestSource, KafkaResultPublisher};
-use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
+use crate::control::nats::{
+    JetStreamRequestSource, NatsRequestSource, NatsResultPublisher, subject_for,
+};
 use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
 use crate::sim::{Sim, SimConfig, SimHandle};
 use crate::sink::Sink;
@@ -549,6 +551,16 @@ async fn start_control(
             let publisher = NatsResultPublisher::new(client.clone(), n.result_subject.clone());
             let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
             let stats = controller.stats();
+            if let Some(js) = &n.jetstream {
+                let source =
+                    JetStreamRequestSource::new(&client, &n.subject, js, stats.clone()).await?;
+                tracing::info!(
+                    stream = %js.stream,
+                    durable = %js.durable,
+                    "control: taking action requests from JetStream"
+                );
+                return Ok((tokio::spawn(controller.run(source, stop)), stats));
+            }
             let subjects: Vec<String> = servers
                 .iter()
                 .map(|s| subject_for(&n.subject, &s.id))
