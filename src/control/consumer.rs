@@ -32,7 +32,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -158,6 +158,35 @@ pub struct Target {
     pub allow: AllowList,
 }
 
+/// The servers a running consumer acts on, shared with whoever reloads them (SIGHUP): the
+/// whole map is replaced at once, and each request sees one version of it.
+#[derive(Clone, Debug, Default)]
+pub struct Targets {
+    map: Arc<RwLock<Arc<HashMap<String, Target>>>>,
+    stats: Option<Arc<ControlStats>>,
+}
+
+impl Targets {
+    /// Replace the servers: requests taken from now on see `targets` (a removed server is
+    /// answered `unknown_server`); requests already running finish on their handle.
+    pub fn replace(&self, targets: HashMap<String, Target>) {
+        if let Some(stats) = &self.stats {
+            for id in targets.keys() {
+                stats.add_server(id);
+            }
+        }
+        *self.map.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(targets);
+    }
+
+    /// The current servers.
+    pub fn current(&self) -> Arc<HashMap<String, Target>> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Whether this replica owns a server id (rendezvous hashing lives elsewhere).
 pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -179,9 +208,9 @@ pub const OTHER_SERVER: &str = "-";
 /// Counters of the consumer; exported by `telemetry`.
 #[derive(Debug)]
 pub struct ControlStats {
-    index: HashMap<String, usize>,
-    names: Vec<String>,
-    results: Vec<[AtomicU64; 7]>,
+    /// Rows by server; servers added by a reload get a row (rows are never removed, so
+    /// counters stay monotonic).
+    rows: RwLock<Rows>,
     rejected: [AtomicU64; RejectCode::ALL.len()],
     replayed: AtomicU64,
     skipped_not_owned: AtomicU64,
@@ -241,20 +270,35 @@ impl ControlSnapshot {
     }
 }
 
+#[derive(Debug, Default)]
+struct Rows {
+    index: HashMap<String, usize>,
+    names: Vec<String>,
+    results: Vec<[AtomicU64; 7]>,
+}
+
+impl Rows {
+    fn add(&mut self, server: &str) {
+        if !self.index.contains_key(server) {
+            self.index.insert(server.to_owned(), self.names.len());
+            self.names.push(server.to_owned());
+            self.results.push(Default::default());
+        }
+    }
+}
+
 impl ControlStats {
     pub fn new<'a>(servers: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut names = vec![OTHER_SERVER.to_owned()];
-        names.extend(servers.into_iter().map(str::to_owned));
-        let index = names
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
+        let mut rows = Rows {
+            index: HashMap::new(),
+            names: vec![OTHER_SERVER.to_owned()],
+            results: vec![Default::default()],
+        };
+        for s in servers {
+            rows.add(s);
+        }
         ControlStats {
-            index,
-            results: names.iter().map(|_| Default::default()).collect(),
-            names,
+            rows: RwLock::new(rows),
             rejected: Default::default(),
             replayed: AtomicU64::new(0),
             skipped_not_owned: AtomicU64::new(0),
@@ -275,10 +319,19 @@ impl ControlStats {
         self.ack_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Give `server` its own row of result counters (a server added by a reload).
+    pub fn add_server(&self, server: &str) {
+        self.rows
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(server);
+    }
+
     fn count(&self, result: &ActionResult) {
-        let i = self.index.get(&result.server).copied().unwrap_or(0);
+        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
+        let i = rows.index.get(&result.server).copied().unwrap_or(0);
         let status = usize::try_from(result.status).unwrap_or(0).min(6);
-        if let Some(row) = self.results.get(i) {
+        if let Some(row) = rows.results.get(i) {
             row[status].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -289,7 +342,8 @@ impl ControlStats {
 
     pub fn snapshot(&self) -> ControlSnapshot {
         let mut results = Vec::new();
-        for (name, row) in self.names.iter().zip(&self.results) {
+        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
+        for (name, row) in rows.names.iter().zip(&rows.results) {
             for (label, n) in STATUS_LABELS.iter().zip(row) {
                 let n = n.load(Ordering::Relaxed);
                 if n > 0 {
@@ -325,7 +379,7 @@ type Memory = Dedupe<ActionResult, Waiter>;
 
 /// See the module docs.
 pub struct Controller<P> {
-    targets: Arc<HashMap<String, Target>>,
+    targets: Targets,
     owns: Owns,
     cfg: ControlConfig,
     publisher: Arc<P>,
@@ -355,7 +409,10 @@ impl<P: Publisher> Controller<P> {
                 cfg.dedupe_max_bytes,
             ))),
             permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
-            targets: Arc::new(targets),
+            targets: Targets {
+                map: Arc::new(RwLock::new(Arc::new(targets))),
+                stats: Some(stats.clone()),
+            },
             owns,
             cfg,
             publisher: Arc::new(publisher),
@@ -367,6 +424,11 @@ impl<P: Publisher> Controller<P> {
     /// The counters, for telemetry and tests.
     pub fn stats(&self) -> Arc<ControlStats> {
         self.stats.clone()
+    }
+
+    /// The handle that replaces the servers while the consumer runs.
+    pub fn targets(&self) -> Targets {
+        self.targets.clone()
     }
 
     /// Take requests from `source` until it ends or `shutdown` is cancelled, then wait (up to
@@ -440,7 +502,8 @@ impl<P: Publisher> Controller<P> {
             );
             return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
         }
-        let Some(target) = self.targets.get(&req.server) else {
+        let targets = self.targets.current();
+        let Some(target) = targets.get(&req.server) else {
             let rej = Rejection::new(
                 RejectCode::UnknownServer,
                 format!("no server {} is configured", req.server),

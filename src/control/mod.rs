@@ -30,6 +30,6 @@ pub mod rules;
 
 pub use consumer::{
     Ack, ControlConfig, ControlSnapshot, ControlStats, Controller, Incoming, Owns, PublishError,
-    Publisher, Source, Target,
+    Publisher, Source, Target, Targets,
 };
 pub use rules::{AllowList, READ_ONLY_ACTIONS, RejectCode, Rejection};

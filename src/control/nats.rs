@@ -31,6 +31,7 @@ use async_nats::{Client, Subscriber};
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use prost::Message;
+use tokio::sync::{mpsc, oneshot};
 
 use super::consumer::{ControlStats, Incoming, PublishError, Publisher, Source};
 use crate::model::pb::ActionResult;
@@ -62,9 +63,53 @@ pub fn subject_for(template: &str, server: &str) -> String {
     template.replace("{server}", &token)
 }
 
-/// Requests from core NATS subscriptions.
+/// Requests from core NATS subscriptions, one per subject; the subjects can change while it
+/// runs (see [`NatsRequestSource::resubscriber`]).
 pub struct NatsRequestSource {
-    subs: SelectAll<Subscriber>,
+    client: Client,
+    queue_group: Option<String>,
+    subs: SelectAll<Sub>,
+    changes: Option<mpsc::Receiver<Change>>,
+}
+
+type Change = (Vec<String>, oneshot::Sender<Result<(), NatsError>>);
+
+/// One subscription and its subject.
+struct Sub {
+    subject: String,
+    inner: Subscriber,
+}
+
+impl futures_util::Stream for Sub {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// Changes the subjects of a running [`NatsRequestSource`] (a SIGHUP reload).
+#[derive(Clone, Debug)]
+pub struct Resubscriber(mpsc::Sender<Change>);
+
+impl Resubscriber {
+    /// Subscribe to `subjects` and unsubscribe from every other; returns once the server has
+    /// the new subscriptions.
+    ///
+    /// # Errors
+    /// A subject cannot be subscribed, or the source has ended.
+    pub async fn set(&self, subjects: Vec<String>) -> Result<(), NatsError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || NatsError::Subscribe {
+            subject: "-".into(),
+            reason: "the request source has ended".into(),
+        };
+        self.0.send((subjects, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
 }
 
 impl NatsRequestSource {
@@ -78,36 +123,99 @@ impl NatsRequestSource {
         subjects: &[String],
         queue_group: Option<&str>,
     ) -> Result<NatsRequestSource, NatsError> {
-        let mut subs = SelectAll::new();
+        let mut source = NatsRequestSource {
+            client: client.clone(),
+            queue_group: queue_group.map(str::to_owned),
+            subs: SelectAll::new(),
+            changes: None,
+        };
+        source.apply(subjects.to_vec()).await?;
+        Ok(source)
+    }
+
+    /// A handle that changes the subjects while the source runs. The source then no longer
+    /// ends when its last subscription does (it waits for new subjects).
+    pub fn resubscriber(&mut self) -> Resubscriber {
+        let (tx, rx) = mpsc::channel(4);
+        self.changes = Some(rx);
+        Resubscriber(tx)
+    }
+
+    /// Keep the subscriptions to `subjects` that exist, drop the others (unsubscribing),
+    /// add the missing ones, and flush.
+    async fn apply(&mut self, subjects: Vec<String>) -> Result<(), NatsError> {
+        let mut kept = SelectAll::new();
+        let mut have = std::collections::HashSet::new();
+        for sub in std::mem::take(&mut self.subs) {
+            if subjects.contains(&sub.subject) {
+                have.insert(sub.subject.clone());
+                kept.push(sub);
+            }
+        }
+        self.subs = kept;
         for subject in subjects {
+            if have.contains(&subject) {
+                continue;
+            }
             let err = |e: &dyn std::fmt::Display| NatsError::Subscribe {
                 subject: subject.clone(),
                 reason: e.to_string(),
             };
-            let sub = match queue_group {
-                Some(g) => client.queue_subscribe(subject.clone(), g.to_owned()).await,
-                None => client.subscribe(subject.clone()).await,
+            let inner = match &self.queue_group {
+                Some(g) => {
+                    self.client
+                        .queue_subscribe(subject.clone(), g.clone())
+                        .await
+                }
+                None => self.client.subscribe(subject.clone()).await,
             }
             .map_err(|e| err(&e))?;
-            subs.push(sub);
+            have.insert(subject.clone());
+            self.subs.push(Sub { subject, inner });
         }
-        client.flush().await.map_err(|e| NatsError::Subscribe {
-            subject: subjects.join(","),
+        self.client.flush().await.map_err(|e| NatsError::Subscribe {
+            subject: have.into_iter().collect::<Vec<_>>().join(","),
             reason: e.to_string(),
-        })?;
-        Ok(NatsRequestSource { subs })
+        })
     }
 }
 
 impl Source for NatsRequestSource {
     async fn next(&mut self) -> Option<Incoming> {
-        let m = self.subs.next().await?;
-        Some(Incoming {
-            payload: m.payload,
-            reply: m.reply.map(|s| s.to_string()),
-            ack: None,
-            key: None,
-        })
+        loop {
+            let change = match &mut self.changes {
+                Some(changes) => {
+                    tokio::select! {
+                        m = self.subs.next(), if !self.subs.is_empty() => match m {
+                            Some(m) => return Some(incoming(m)),
+                            None => continue,
+                        },
+                        c = changes.recv() => c,
+                    }
+                }
+                None => return self.subs.next().await.map(incoming),
+            };
+            match change {
+                Some((subjects, done)) => {
+                    let r = self.apply(subjects).await;
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %e, "control: changing the request subscriptions failed");
+                    }
+                    let _ = done.send(r);
+                }
+                // Nobody can change the subjects any more.
+                None => self.changes = None,
+            }
+        }
+    }
+}
+
+fn incoming(m: async_nats::Message) -> Incoming {
+    Incoming {
+        payload: m.payload,
+        reply: m.reply.map(|s| s.to_string()),
+        ack: None,
+        key: None,
     }
 }
 
