@@ -1,11 +1,13 @@
 //! `amibus run` with a `[control]` section, end to end: `run_with` on simulator servers and a
-//! real nats-server, requests from a NATS client, results read back; then a reload of the
-//! server list (what SIGHUP hands to the running job) and requests for the added and the
-//! removed servers.
+//! real nats-server (or tansu, for the Kafka transport), requests from a client, results read
+//! back; then a reload of the server list (what SIGHUP hands to the running job) and requests
+//! for the added and the removed servers.
 //!
 //! No assertion depends on timing: waits only guard against hangs (a retried request is a
 //! new request id, so a retry never counts as a duplicate).
 
+#[path = "support/kafka.rs"]
+mod kafka_support;
 #[path = "support/nats.rs"]
 mod nats_support;
 
@@ -293,6 +295,76 @@ async fn after_a_reload_jetstream_requests_for_a_removed_server_are_unknown_serv
         (ActionStatus::Rejected, "unknown_server"),
         "a removed server"
     );
+    amibus.stop().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amibus_run_answers_actions_from_a_kafka_topic() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = kafka_support::Broker::start().await;
+    broker.create_topic("amibus.actions", 2).await;
+    broker.create_topic("amibus.results", 1).await;
+    let sim = Sim::start(SimConfig {
+        servers: 1,
+        rate: 100,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = format!(
+        "[control]\ntransport = \"kafka\"\nrate = 0\n[control.kafka]\nbrokers = \"{}\"\n",
+        broker.bootstrap()
+    );
+    let amibus = Running::start(config(dir.path(), &server_block("a", &sim, 0), &control));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .expect("producer");
+    for (id, server, action) in [
+        ("k-ping", "a", "Ping"),
+        ("k-csc", "a", "CoreShowChannels"),
+        ("k-unknown", "zz", "Ping"),
+    ] {
+        let payload = request(id, server, action).encode_to_vec();
+        producer
+            .send(
+                FutureRecord::to("amibus.actions")
+                    .key(server)
+                    .payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produced");
+    }
+    let mut reader = amibus::sink::kafka::KafkaSourceConfig::new(broker.bootstrap(), "reader");
+    reader.topics = vec!["amibus.results".into()];
+    let reader = amibus::sink::kafka::KafkaSource::new(&reader).expect("reader");
+    let mut got = std::collections::HashMap::new();
+    while got.len() < 3 {
+        let r = tokio::time::timeout(T, reader.recv())
+            .await
+            .expect("a result in time")
+            .expect("a result");
+        let result = ActionResult::decode(r.record.payload.clone()).expect("an ActionResult");
+        assert_eq!(r.record.key.as_ref(), result.request_id.as_bytes());
+        assert!(
+            got.insert(result.request_id.clone(), result).is_none(),
+            "one result per request"
+        );
+    }
+    assert_eq!(status(&got["k-ping"]), ActionStatus::Success);
+    let csc = &got["k-csc"];
+    assert_eq!(status(csc), ActionStatus::Success, "{csc:?}");
+    assert_eq!(
+        get(csc.events.last().expect("completion"), "Event"),
+        Some(&b"CoreShowChannelsComplete"[..])
+    );
+    assert_eq!(got["k-unknown"].reject_code, "unknown_server");
     amibus.stop().await;
     sim.shutdown().await;
 }

@@ -448,7 +448,10 @@ impl<P: Publisher> Controller<P> {
                 _ = shutdown.cancelled() => break,
                 m = source.next() => match m {
                     Some(m) => m,
-                    None => break,
+                    None => {
+                        tracing::error!("control: the request source ended; no more actions are taken until amibus restarts");
+                        break;
+                    }
                 },
             };
             self.accept(msg, permit);

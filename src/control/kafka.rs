@@ -4,7 +4,12 @@
 //! Owns: the consumer (its group, rebalances, offset commits), the per-partition offset
 //! [`Offsets`] that turns out-of-order acknowledgements into in-order commits, and where
 //! results go: the request's `reply_to` when it names an existing topic, else the result
-//! topic, keyed by request id either way.
+//! topic, keyed by request id either way, with the headers `amibus-server` and
+//! `amibus-request-id`. A `reply_to` that is not a topic name or names no existing topic is a
+//! permanent publish failure (counted; the request is settled so its partition moves on).
+//!
+//! A new group starts at the earliest offset: requests stored while no amibus read them are
+//! answered, and those past their deadline only with `expired`.
 //!
 //! Commits: a message's offset counts as done when its result was published (the consumer
 //! calls [`Incoming::ack`]). Results finish out of order; the committed offset of a partition
