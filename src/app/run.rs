@@ -59,6 +59,9 @@ kind = "file"
 path = "-"
 "#;
 
+/// How long a reload waits for the core NATS source to change its subscriptions.
+const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
 /// How often the pipeline retries reporting a loss while no record arrives.
 const GAP_RETRY: Duration = Duration::from_millis(200);
 
@@ -553,8 +556,16 @@ impl Control {
                 .iter()
                 .map(|s| subject_for(template, &s.id))
                 .collect();
-            if let Err(e) = resubscriber.set(subjects).await {
-                tracing::error!(error = %e, "control: the request subscriptions do not follow the reload");
+            // The source applies the change when it next looks for a request, which waits
+            // while every in-flight slot is taken; the main loop must not wait that long.
+            match tokio::time::timeout(RESUBSCRIBE_WAIT, resubscriber.set(subjects)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "control: the request subscriptions do not follow the reload")
+                }
+                Err(_) => tracing::warn!(
+                    "control: the request subscriptions change once a request slot is free"
+                ),
             }
         }
     }

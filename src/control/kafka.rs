@@ -427,6 +427,8 @@ pub struct KafkaResultPublisher {
     result_topic: String,
     /// Reply topics seen to exist.
     known: Arc<Mutex<HashSet<String>>>,
+    /// Never a reply topic: results there would be read as requests.
+    request_topic: String,
 }
 
 impl KafkaResultPublisher {
@@ -457,6 +459,7 @@ impl KafkaResultPublisher {
             producer,
             known: Arc::new(Mutex::new(HashSet::from([cfg.result_topic.clone()]))),
             result_topic: cfg.result_topic.clone(),
+            request_topic: cfg.request_topic.clone(),
         })
     }
 
@@ -469,6 +472,11 @@ impl KafkaResultPublisher {
             .contains(topic)
         {
             return Ok(());
+        }
+        if topic == self.request_topic {
+            return Err(PublishError::Permanent(format!(
+                "reply_to {topic:?} is the request topic"
+            )));
         }
         if !is_topic_name(topic) {
             return Err(PublishError::Permanent(format!(
