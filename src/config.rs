@@ -204,6 +204,7 @@ pub struct Config {
 /// stream = "AMIBUS_ACTIONS"
 /// durable = "amibus-control-{shard}"          # one durable pull consumer per shard
 /// create_stream = true
+/// max_age = "24h"                             # how long a created stream keeps a request
 /// ack_wait = "90s"                            # default: max_timeout + 30s
 /// max_ack_pending = 1024                      # default: max_in_flight
 /// ```
@@ -345,6 +346,7 @@ struct RawControlJetStream {
     stream: Option<String>,
     durable: Option<String>,
     create_stream: Option<bool>,
+    max_age: Option<String>,
     ack_wait: Option<String>,
     max_ack_pending: Option<i64>,
 }
@@ -1932,6 +1934,12 @@ fn validate_control_nats(
             stream,
             durable,
             create_stream: js.create_stream.unwrap_or(true),
+            max_age: opt_duration(
+                "control.jetstream.max_age",
+                js.max_age,
+                Duration::from_secs(24 * 3600),
+                problems,
+            ),
             ack_wait,
             max_ack_pending,
         }
@@ -2255,6 +2263,7 @@ mod tests {
         assert_eq!(js.stream, "AMIBUS_ACTIONS");
         assert_eq!(js.durable, "amibus-control-1", "one durable per shard");
         assert!(js.create_stream);
+        assert_eq!(js.max_age, Duration::from_secs(24 * 3600));
         assert_eq!(js.ack_wait, Duration::from_secs(50), "max_timeout + 30s");
         assert_eq!(js.max_ack_pending, 1024, "max_in_flight");
         assert!(

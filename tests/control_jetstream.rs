@@ -76,6 +76,7 @@ impl Amibus {
                     stream: STREAM.into(),
                     durable: DURABLE.into(),
                     create_stream: true,
+                    max_age: Duration::from_secs(3600),
                     ack_wait,
                     max_ack_pending: 100,
                 };

@@ -18,8 +18,15 @@
 //! Must never: send an action twice, send one past its deadline, send one that is not on its
 //! server's allow-list, crash or stall on anything a client publishes.
 //!
+//! Delivery: core NATS is at-most-once (a request lost with amibus gets no answer). Kafka and
+//! JetStream are at-least-once: a request is acknowledged (offset committed, message acked)
+//! only once its result is published, so one whose result was lost to a crash is read again.
+//!
 //! Limits (as built): the idempotency memory lives in the process, so a request redelivered
 //! after a restart (or to another replica after a re-shard) within the window can run again.
+//! A result whose publish fails retriably is not retried by amibus: its Kafka partition's
+//! offset stays before it until a restart re-reads it (JetStream redelivers it after
+//! `ack_wait`, and the replayed result is published then).
 
 pub mod consumer;
 pub mod dedupe;

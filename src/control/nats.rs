@@ -271,6 +271,10 @@ pub struct JetStreamRequests {
     pub durable: String,
     /// Create the stream (file storage, the request subjects) when it does not exist.
     pub create_stream: bool,
+    /// How long a created stream keeps a request (its bound: requests are useless past their
+    /// deadline, and every shard's consumer reads the same messages, so none is removed on
+    /// acknowledgement).
+    pub max_age: Duration,
     /// How long a delivered request may stay unacknowledged before JetStream delivers it
     /// again; longer than the longest action, so only a lost result causes a redelivery.
     pub ack_wait: Duration,
@@ -308,6 +312,7 @@ impl JetStreamRequestSource {
                 name: cfg.stream.clone(),
                 subjects: vec![subjects.clone()],
                 storage: stream::StorageType::File,
+                max_age: cfg.max_age,
                 ..Default::default()
             })
             .await
