@@ -246,7 +246,8 @@ type ControlConsumer = StreamConsumer<ControlContext>;
 
 /// Requests from a Kafka consumer group; see the module docs.
 pub struct KafkaRequestSource {
-    consumer: Arc<ControlConsumer>,
+    /// Taken by `drop`, which leaves the group on a blocking thread.
+    consumer: Option<Arc<ControlConsumer>>,
     offsets: Arc<Mutex<Offsets>>,
     wake: Arc<Notify>,
     stats: Arc<ControlStats>,
@@ -303,7 +304,7 @@ impl KafkaRequestSource {
             stop.clone(),
         ));
         Ok(KafkaRequestSource {
-            consumer,
+            consumer: Some(consumer),
             offsets,
             wake,
             stats,
@@ -367,7 +368,8 @@ async fn commit_loop(
 impl Source for KafkaRequestSource {
     async fn next(&mut self) -> Option<Incoming> {
         loop {
-            let m = match self.consumer.recv().await {
+            let consumer = self.consumer.clone()?;
+            let m = match consumer.recv().await {
                 Ok(m) => m,
                 Err(e) => {
                     self.stats.receive_error();
@@ -401,8 +403,11 @@ impl Source for KafkaRequestSource {
             stop.cancel();
             let _ = task.await;
         }
+        let Some(consumer) = self.consumer.clone() else {
+            return;
+        };
         for _ in 0..3 {
-            if commit_now(&self.consumer, &self.offsets, &self.stats).await {
+            if commit_now(&consumer, &self.offsets, &self.stats).await {
                 return;
             }
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -417,6 +422,17 @@ impl Drop for KafkaRequestSource {
     fn drop(&mut self) {
         if let Some((stop, _)) = &self.committer {
             stop.cancel();
+        }
+        // Dropping the consumer leaves the group: it commits the revoked partitions' floors
+        // and waits for the coordinator, which can take long with the broker down. Not on a
+        // runtime thread (a runtime waits for its blocking tasks when it shuts down).
+        if let Some(consumer) = self.consumer.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(consumer));
+                }
+                Err(_) => drop(consumer),
+            }
         }
     }
 }
