@@ -687,6 +687,18 @@ async fn finish<P: Publisher>(
     }
 }
 
+/// Publishes of one result, at most, while the bus refuses it retriably.
+const PUBLISH_ATTEMPTS: u32 = 5;
+
+/// The pause after the first retriable publish failure; it doubles after each.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Publish `result` and acknowledge its message. A retriable failure is retried (the task
+/// keeps its in-flight slot meanwhile, so a bus that refuses results also stops the intake);
+/// after the last attempt the message stays unacknowledged (Kafka: its partition's offset
+/// stays before it until a restart reads it again; JetStream delivers it again after
+/// `ack_wait`). A permanent failure acknowledges it (see [`PublishError::Permanent`]). Every
+/// failed attempt is counted.
 async fn deliver<P: Publisher>(
     publisher: &P,
     stats: &ControlStats,
@@ -694,21 +706,32 @@ async fn deliver<P: Publisher>(
     result: &ActionResult,
     ack: Option<Ack>,
 ) {
-    match publisher.publish(to, result).await {
-        Ok(()) => {
-            if let Some(ack) = ack {
-                ack();
+    let mut pause = PUBLISH_RETRY_PAUSE;
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match publisher.publish(to, result).await {
+            Ok(()) => {
+                if let Some(ack) = ack {
+                    ack();
+                }
+                return;
             }
-        }
-        Err(e) if e.is_retriable() => {
-            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(server = %result.server, error = %e, "control: result not published; the request stays unacknowledged");
-        }
-        Err(e) => {
-            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(server = %result.server, error = %e, "control: result can never be published; acknowledging the request so the transport moves on");
-            if let Some(ack) = ack {
-                ack();
+            Err(e) if e.is_retriable() => {
+                stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                if attempt == PUBLISH_ATTEMPTS {
+                    tracing::warn!(server = %result.server, error = %e, attempts = attempt, "control: result not published; the request stays unacknowledged");
+                    return;
+                }
+                tracing::debug!(server = %result.server, error = %e, attempt, "control: result not published; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(server = %result.server, error = %e, "control: result can never be published; acknowledging the request so the transport moves on");
+                if let Some(ack) = ack {
+                    ack();
+                }
+                return;
             }
         }
     }
@@ -846,4 +869,208 @@ fn expired(req: &ActionRequest, received_ns: i64, why: &str) -> ActionResult {
     r.status = ActionStatus::Expired as i32;
     r.reason = why.to_owned();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use tokio::sync::mpsc;
+
+    /// Requests from a channel.
+    struct Chan(mpsc::Receiver<Incoming>);
+
+    impl Source for Chan {
+        async fn next(&mut self) -> Option<Incoming> {
+            self.0.recv().await
+        }
+    }
+
+    /// Fails the first `fail` publishes (retriably or not), then records what it publishes.
+    struct Flaky {
+        fail: AtomicU32,
+        permanent: bool,
+        out: mpsc::UnboundedSender<(Option<String>, ActionResult)>,
+    }
+
+    impl Publisher for Flaky {
+        async fn publish(
+            &self,
+            to: Option<&str>,
+            result: &ActionResult,
+        ) -> Result<(), PublishError> {
+            if self
+                .fail
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(if self.permanent {
+                    PublishError::Permanent("no such topic".into())
+                } else {
+                    PublishError::Retriable("broker down".into())
+                });
+            }
+            let _ = self.out.send((to.map(str::to_owned), result.clone()));
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        tx: mpsc::Sender<Incoming>,
+        out: mpsc::UnboundedReceiver<(Option<String>, ActionResult)>,
+        acks: mpsc::UnboundedReceiver<&'static str>,
+        ack_tx: mpsc::UnboundedSender<&'static str>,
+        stats: Arc<ControlStats>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn rig(fail: u32, permanent: bool, answer_not_owned: bool, owns: Owns) -> Rig {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, out) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let publisher = Flaky {
+            fail: AtomicU32::new(fail),
+            permanent,
+            out: out_tx,
+        };
+        let cfg = ControlConfig {
+            answer_not_owned,
+            ..ControlConfig::default()
+        };
+        let controller = Controller::new(HashMap::new(), owns, cfg, publisher);
+        let stats = controller.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
+        Rig {
+            tx,
+            out,
+            acks,
+            ack_tx,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    impl Rig {
+        async fn send(&self, name: &'static str, payload: Vec<u8>, key: Option<&str>) {
+            let ack_tx = self.ack_tx.clone();
+            let msg = Incoming {
+                payload: payload.into(),
+                reply: None,
+                ack: Some(Box::new(move || {
+                    let _ = ack_tx.send(name);
+                })),
+                key: key.map(str::to_owned),
+            };
+            assert!(self.tx.send(msg).await.is_ok());
+        }
+
+        /// Until the consumer has taken everything sent, finished it, and stopped.
+        async fn finish(self) -> (Vec<ActionResult>, Vec<&'static str>, ControlSnapshot) {
+            let Rig {
+                tx,
+                mut out,
+                mut acks,
+                ack_tx,
+                stats,
+                stop,
+                task,
+            } = self;
+            drop(tx);
+            drop(ack_tx);
+            let _ = task.await;
+            drop(stop);
+            let mut results = Vec::new();
+            while let Ok((_, r)) = out.try_recv() {
+                results.push(r);
+            }
+            let mut acked = Vec::new();
+            while let Some(a) = acks.recv().await {
+                acked.push(a);
+            }
+            (results, acked, stats.snapshot())
+        }
+    }
+
+    fn unknown(id: &str, server: &str) -> Vec<u8> {
+        ActionRequest {
+            request_id: id.into(),
+            server: server.into(),
+            action: "Ping".into(),
+            deadline_ns: now_ns() + 60_000_000_000,
+            ..ActionRequest::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_retriable_publish_failure_is_retried_and_acked_once_published() {
+        let rig = rig(2, false, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].reject_code, "unknown_server");
+        assert_eq!(acked, ["a"]);
+        assert_eq!(snap.publish_failures, 2);
+    }
+
+    #[tokio::test]
+    async fn a_result_the_bus_keeps_refusing_stays_unacknowledged() {
+        let rig = rig(u32::MAX, false, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert!(results.is_empty());
+        assert!(acked.is_empty(), "never published, never acknowledged");
+        assert_eq!(snap.publish_failures, u64::from(PUBLISH_ATTEMPTS));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_publish_failure_settles_the_message() {
+        let rig = rig(1, true, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        rig.send("b", unknown("b", "pbx9"), None).await;
+        let (results, mut acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1, "the second is published");
+        acked.sort();
+        assert_eq!(acked, ["a", "b"], "both settled");
+        assert_eq!(snap.publish_failures, 1);
+    }
+
+    #[tokio::test]
+    async fn where_every_replica_sees_every_request_only_the_owner_answers() {
+        // This replica owns "mine" and the empty key, nothing else.
+        let owns: Owns = Arc::new(|id: &str| id == "mine" || id.is_empty());
+        let rig = rig(0, false, false, owns);
+        let bad = vec![0xff, 0xff, 0xff];
+        rig.send("bad-theirs", bad.clone(), Some("theirs")).await;
+        rig.send("bad-mine", bad.clone(), Some("mine")).await;
+        rig.send("bad-nokey", bad, None).await;
+        rig.send("req-theirs", unknown("t", "theirs"), Some("mine"))
+            .await;
+        rig.send("req-mine", unknown("m", "mine"), Some("theirs"))
+            .await;
+        // Fails its checks, but is not ours: skipped before them.
+        rig.send("invalid-theirs", unknown("", "theirs"), None)
+            .await;
+        let (results, mut acked, snap) = rig.finish().await;
+        let mut answered: Vec<_> = results
+            .iter()
+            .map(|r| (r.request_id.as_str(), r.reject_code.as_str()))
+            .collect();
+        answered.sort();
+        assert_eq!(
+            answered,
+            [
+                ("", "malformed"),
+                ("", "malformed"),
+                ("m", "unknown_server")
+            ],
+            "the request decides over the key once it decodes"
+        );
+        acked.sort();
+        assert_eq!(acked.len(), 6, "everything is acknowledged: {acked:?}");
+        assert_eq!(snap.skipped_not_owned, 3);
+    }
 }

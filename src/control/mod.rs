@@ -24,9 +24,10 @@
 //!
 //! Limits (as built): the idempotency memory lives in the process, so a request redelivered
 //! after a restart (or to another replica after a re-shard) within the window can run again.
-//! A result whose publish fails retriably is not retried by amibus: its Kafka partition's
-//! offset stays before it until a restart re-reads it (JetStream redelivers it after
-//! `ack_wait`, and the replayed result is published then).
+//! A result the bus keeps refusing (retried a few times, holding its in-flight slot) stays
+//! unacknowledged: its Kafka partition's offset stays before it until a restart reads it
+//! again (JetStream delivers it again after `ack_wait`, and the remembered result is
+//! published then).
 
 pub mod consumer;
 pub mod dedupe;
