@@ -533,3 +533,67 @@ async fn two_shards_each_answer_only_their_servers_and_anything_else_once() {
     }
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_requests_across_ten_servers_each_answered_once_and_committed() {
+    let broker = Broker::start().await;
+    broker.create_topic(REQUESTS, 4).await;
+    broker.create_topic(RESULTS, 2).await;
+    let sim = Sim::start(SimConfig {
+        servers: 10,
+        rate: 20,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let list = sim
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            (
+                server(&format!("sim-{i}"), a.port(), "admin", "amp111"),
+                vec!["read-only"],
+            )
+        })
+        .collect();
+    let servers = Servers::start(list).await;
+    let results = Results::new(&broker, RESULTS);
+    let consumer = Consumer::start(&broker, &servers, "g-load", everything());
+    let p = producer(&broker);
+    let n = 2000;
+    let sends = (0..n).map(|i| {
+        let server = format!("sim-{}", i % 10);
+        let payload = request(&format!("r{i}"), &server, "Ping").encode_to_vec();
+        let p = p.clone();
+        async move { produce(&p, &server, payload).await }
+    });
+    futures_util::future::join_all(sends).await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        let r = results.next().await;
+        assert_eq!(status(&r), ActionStatus::Success, "{r:?}");
+        assert!(seen.insert(r.request_id.clone()), "{} twice", r.request_id);
+    }
+    consumer.shutdown().await;
+
+    // Everything was committed: after a restart only the marker is read.
+    let consumer = Consumer::start(&broker, &servers, "g-load", everything());
+    for i in 0..10 {
+        let server = format!("sim-{i}");
+        let id = format!("marker-{i}");
+        produce(&p, &server, request(&id, &server, "Ping").encode_to_vec()).await;
+    }
+    for _ in 0..10 {
+        let r = results.next().await;
+        assert!(
+            r.request_id.starts_with("marker-"),
+            "{} read again",
+            r.request_id
+        );
+    }
+    assert_eq!(consumer.stats.snapshot().total("success"), 10);
+    consumer.shutdown().await;
+    servers.stop().await;
+    sim.shutdown().await;
+}
