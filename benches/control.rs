@@ -140,6 +140,7 @@ fn main() {
                     payload,
                     reply: None,
                     ack: None,
+                    key: None,
                 })
                 .await;
             let (at, _) = out_rx.recv().await.expect("result");
@@ -156,6 +157,7 @@ fn main() {
                             payload,
                             reply: None,
                             ack: None,
+                            key: None,
                         })
                         .await;
                 }

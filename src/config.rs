@@ -179,6 +179,7 @@ pub struct Config {
 ///
 /// ```toml
 /// [control]
+/// transport = "nats"                          # or "kafka" (then [control.kafka])
 /// nats_servers = ["nats://127.0.0.1:4222"]  # default: the [sink.nats] connection
 /// subject = "amibus.action.{server}"          # one subscription per server of this replica
 /// queue_group = "amibus-control"
@@ -191,15 +192,45 @@ pub struct Config {
 /// dedupe_max_bytes = "64MiB"
 /// rate = 50                                   # actions/s per server; 0 = unlimited
 /// burst = 100
+///
+/// [control.kafka]                             # with transport = "kafka"
+/// brokers = "kafka-0:9092"                    # default: the [sink.kafka] connection
+/// request_topic = "amibus.actions"
+/// result_topic = "amibus.results"             # when a request names no reply topic
+/// group = "amibus-control-{shard}"            # one consumer group per shard
+/// message_timeout = "30s"
+///
+/// [control.jetstream]                         # optional with transport = "nats"
+/// stream = "AMIBUS_ACTIONS"
+/// durable = "amibus-control-{shard}"          # one durable pull consumer per shard
+/// create_stream = true
+/// max_age = "24h"                             # how long a created stream keeps a request
+/// ack_wait = "90s"                            # default: max_timeout + 30s
+/// max_ack_pending = 1024                      # default: max_in_flight
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ControlSection {
+    pub transport: ControlTransport,
+    pub consumer: crate::control::ControlConfig,
+}
+
+/// Where action requests come from and results go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControlTransport {
+    Nats(NatsControl),
+    Kafka(crate::control::kafka::KafkaControlConfig),
+}
+
+/// The NATS transport of `[control]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NatsControl {
     /// Where to connect; from `[sink.nats]` unless `nats_servers` is given.
     pub nats: crate::sink::nats::NatsConnection,
     pub subject: String,
     pub queue_group: Option<String>,
     pub result_subject: String,
-    pub consumer: crate::control::ControlConfig,
+    /// Read requests from a JetStream stream instead of core subscriptions.
+    pub jetstream: Option<crate::control::nats::JetStreamRequests>,
 }
 
 /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -292,6 +323,9 @@ struct RawShard {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
+    transport: Option<String>,
+    kafka: Option<RawControlKafka>,
+    jetstream: Option<RawControlJetStream>,
     nats_servers: Option<Vec<String>>,
     subject: Option<String>,
     queue_group: Option<String>,
@@ -304,6 +338,27 @@ struct RawControl {
     dedupe_max_bytes: Option<RawSize>,
     rate: Option<f64>,
     burst: Option<u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlJetStream {
+    stream: Option<String>,
+    durable: Option<String>,
+    create_stream: Option<bool>,
+    max_age: Option<String>,
+    ack_wait: Option<String>,
+    max_ack_pending: Option<i64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlKafka {
+    brokers: Option<String>,
+    request_topic: Option<String>,
+    result_topic: Option<String>,
+    group: Option<String>,
+    message_timeout: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -540,7 +595,7 @@ impl Config {
         let shard = validate_shard(raw.shard, env, &mut problems);
         let control = raw
             .control
-            .map(|r| validate_control(r, &sink, &mut problems));
+            .map(|r| validate_control(r, &sink, shard, &mut problems));
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -1641,60 +1696,60 @@ fn validate_sim(raw: RawSim, problems: &mut Vec<Problem>) -> DemoSim {
 }
 
 fn validate_control(
-    raw: RawControl,
+    mut raw: RawControl,
     sink: &SinkConfig,
+    shard: crate::shard::Shard,
     problems: &mut Vec<Problem>,
 ) -> ControlSection {
     let mut consumer = crate::control::ControlConfig::default();
-    let nats = match (raw.nats_servers, sink) {
-        (Some(servers), _) if servers.is_empty() => {
+    let transport = match raw.transport.as_deref() {
+        None | Some("nats") => {
+            if raw.kafka.is_some() {
+                problem(
+                    problems,
+                    "control.kafka",
+                    "only used with control.transport = \"kafka\"",
+                );
+            }
+            let n = validate_control_nats(&mut raw, sink, shard, problems);
+            // A durable consumer per shard sees every request subject.
+            consumer.answer_not_owned = n.jetstream.is_none();
+            ControlTransport::Nats(n)
+        }
+        Some("kafka") => {
+            for (key, set) in [
+                ("jetstream", raw.jetstream.is_some()),
+                ("nats_servers", raw.nats_servers.is_some()),
+                ("subject", raw.subject.is_some()),
+                ("queue_group", raw.queue_group.is_some()),
+                ("result_subject", raw.result_subject.is_some()),
+            ] {
+                if set {
+                    problem(
+                        problems,
+                        &format!("control.{key}"),
+                        "only used with control.transport = \"nats\"; see [control.kafka]",
+                    );
+                }
+            }
+            // Every replica must see every request: one consumer group per shard.
+            consumer.answer_not_owned = false;
+            ControlTransport::Kafka(validate_control_kafka(
+                raw.kafka.take().unwrap_or_default(),
+                sink,
+                shard,
+                problems,
+            ))
+        }
+        Some(other) => {
             problem(
                 problems,
-                "control.nats_servers",
-                "must list at least one server URL",
+                "control.transport",
+                format!("{other:?} is not a transport (\"nats\" or \"kafka\")"),
             );
-            crate::sink::nats::NatsConnection::default()
-        }
-        (Some(servers), _) => crate::sink::nats::NatsConnection {
-            servers,
-            ..crate::sink::nats::NatsConnection::default()
-        },
-        (None, SinkConfig::Nats(n)) => n.connection.clone(),
-        (None, _) => {
-            problem(
-                problems,
-                "control.nats_servers",
-                "required unless sink.kind = \"nats\" (whose connection is then used)",
-            );
-            crate::sink::nats::NatsConnection::default()
+            ControlTransport::Nats(validate_control_nats(&mut raw, sink, shard, problems))
         }
     };
-    let template = |path: &str, v: Option<String>, default: &str, problems: &mut Vec<Problem>| {
-        let v = v.unwrap_or_else(|| default.to_owned());
-        if v.is_empty() || v.contains([' ', '\t', '\r', '\n']) {
-            problem(problems, path, format!("{v:?} is not a NATS subject"));
-        }
-        v
-    };
-    let subject = template(
-        "control.subject",
-        raw.subject,
-        "amibus.action.{server}",
-        problems,
-    );
-    if !subject.contains("{server}") {
-        problem(
-            problems,
-            "control.subject",
-            "must contain {server}: each replica subscribes to the subjects of its own servers",
-        );
-    }
-    let result_subject = template(
-        "control.result_subject",
-        raw.result_subject,
-        "amibus.result.{server}",
-        problems,
-    );
     set_positive(
         "control.max_in_flight",
         raw.max_in_flight,
@@ -1748,17 +1803,267 @@ fn validate_control(
         None => {}
     }
     set_positive("control.burst", raw.burst, &mut consumer.burst, problems);
+    let mut transport = transport;
+    if let ControlTransport::Nats(NatsControl {
+        jetstream: Some(js),
+        ..
+    }) = &mut transport
+    {
+        // Defaults that follow the consumer's settings.
+        if js.ack_wait.is_zero() {
+            js.ack_wait = consumer.max_timeout + Duration::from_secs(30);
+        } else if js.ack_wait <= consumer.max_timeout {
+            problem(
+                problems,
+                "control.jetstream.ack_wait",
+                "must be longer than control.max_timeout, or requests still running are \
+                 delivered again",
+            );
+        }
+        if js.max_ack_pending == 0 {
+            js.max_ack_pending = i64::try_from(consumer.max_in_flight).unwrap_or(i64::MAX);
+        }
+    }
     ControlSection {
+        transport,
+        consumer,
+    }
+}
+
+fn validate_control_nats(
+    raw: &mut RawControl,
+    sink: &SinkConfig,
+    shard: crate::shard::Shard,
+    problems: &mut Vec<Problem>,
+) -> NatsControl {
+    let nats = match (raw.nats_servers.take(), sink) {
+        (Some(servers), _) if servers.is_empty() => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "must list at least one server URL",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+        (Some(servers), _) => crate::sink::nats::NatsConnection {
+            servers,
+            ..crate::sink::nats::NatsConnection::default()
+        },
+        (None, SinkConfig::Nats(n)) => n.connection.clone(),
+        (None, _) => {
+            problem(
+                problems,
+                "control.nats_servers",
+                "required unless sink.kind = \"nats\" (whose connection is then used)",
+            );
+            crate::sink::nats::NatsConnection::default()
+        }
+    };
+    let template = |path: &str, v: Option<String>, default: &str, problems: &mut Vec<Problem>| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if v.is_empty() || v.contains([' ', '\t', '\r', '\n']) {
+            problem(problems, path, format!("{v:?} is not a NATS subject"));
+        }
+        v
+    };
+    let subject = template(
+        "control.subject",
+        raw.subject.take(),
+        "amibus.action.{server}",
+        problems,
+    );
+    if !subject.contains("{server}") {
+        problem(
+            problems,
+            "control.subject",
+            "must contain {server}: each replica subscribes to the subjects of its own servers",
+        );
+    }
+    let result_subject = template(
+        "control.result_subject",
+        raw.result_subject.take(),
+        "amibus.result.{server}",
+        problems,
+    );
+    let jetstream = raw.jetstream.take().map(|js| {
+        if raw.queue_group.is_some() {
+            problem(
+                problems,
+                "control.queue_group",
+                "not used with [control.jetstream] (a durable consumer per shard instead)",
+            );
+        }
+        let stream = js.stream.unwrap_or_else(|| "AMIBUS_ACTIONS".to_owned());
+        if stream.is_empty()
+            || !stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problem(
+                problems,
+                "control.jetstream.stream",
+                format!("{stream:?} is not a stream name ([A-Za-z0-9_-])"),
+            );
+        }
+        let durable = js
+            .durable
+            .unwrap_or_else(|| "amibus-control-{shard}".to_owned());
+        if shard.count > 1 && !durable.contains("{shard}") {
+            problem(
+                problems,
+                "control.jetstream.durable",
+                "must contain {shard} with more than one shard: each shard needs its own \
+                 durable consumer to see every request",
+            );
+        }
+        let durable = durable.replace("{shard}", &shard.index.to_string());
+        if durable.is_empty()
+            || !durable
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problem(
+                problems,
+                "control.jetstream.durable",
+                format!("{durable:?} is not a consumer name ([A-Za-z0-9_-])"),
+            );
+        }
+        let ack_wait = match js.ack_wait {
+            None => Duration::ZERO, // filled in from max_timeout
+            Some(v) => opt_duration(
+                "control.jetstream.ack_wait",
+                Some(v),
+                Duration::ZERO,
+                problems,
+            ),
+        };
+        let max_ack_pending = match js.max_ack_pending {
+            Some(n) if n < 1 => {
+                problem(
+                    problems,
+                    "control.jetstream.max_ack_pending",
+                    "must be at least 1",
+                );
+                0
+            }
+            Some(n) => n,
+            None => 0, // filled in from max_in_flight
+        };
+        crate::control::nats::JetStreamRequests {
+            stream,
+            durable,
+            create_stream: js.create_stream.unwrap_or(true),
+            max_age: opt_duration(
+                "control.jetstream.max_age",
+                js.max_age,
+                Duration::from_secs(24 * 3600),
+                problems,
+            ),
+            ack_wait,
+            max_ack_pending,
+        }
+    });
+    NatsControl {
+        jetstream,
         nats,
         subject,
         queue_group: Some(
             raw.queue_group
+                .take()
                 .unwrap_or_else(|| "amibus-control".to_owned()),
         )
         .filter(|g| !g.is_empty()),
         result_subject,
-        consumer,
     }
+}
+
+fn validate_control_kafka(
+    raw: RawControlKafka,
+    sink: &SinkConfig,
+    shard: crate::shard::Shard,
+    problems: &mut Vec<Problem>,
+) -> crate::control::kafka::KafkaControlConfig {
+    use crate::control::kafka::KafkaControlConfig;
+    let mut cfg = match (raw.brokers, sink) {
+        (Some(b), _) if b.trim().is_empty() => {
+            problem(
+                problems,
+                "control.kafka.brokers",
+                "must list at least one host:port",
+            );
+            KafkaControlConfig::new(b)
+        }
+        (Some(b), _) => KafkaControlConfig::new(b),
+        (None, SinkConfig::Kafka(k)) => KafkaControlConfig {
+            connection: k.connection.clone(),
+            ..KafkaControlConfig::new("")
+        },
+        (None, _) => {
+            problem(
+                problems,
+                "control.kafka.brokers",
+                "required unless sink.kind = \"kafka\" (whose connection is then used)",
+            );
+            KafkaControlConfig::new("")
+        }
+    };
+    let topic = |path: &str, v: Option<String>, default: String, problems: &mut Vec<Problem>| {
+        let v = v.unwrap_or(default);
+        let ok = !v.is_empty()
+            && v.len() <= 249
+            && v != "."
+            && v != ".."
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            problem(
+                problems,
+                path,
+                format!("{v:?} is not a Kafka topic name (1 to 249 of [A-Za-z0-9._-])"),
+            );
+        }
+        v
+    };
+    cfg.request_topic = topic(
+        "control.kafka.request_topic",
+        raw.request_topic,
+        cfg.request_topic,
+        problems,
+    );
+    cfg.result_topic = topic(
+        "control.kafka.result_topic",
+        raw.result_topic,
+        cfg.result_topic,
+        problems,
+    );
+    if cfg.request_topic == cfg.result_topic {
+        problem(
+            problems,
+            "control.kafka.result_topic",
+            "must differ from control.kafka.request_topic (results would be read as requests)",
+        );
+    }
+    let group = raw
+        .group
+        .unwrap_or_else(|| "amibus-control-{shard}".to_owned());
+    if group.trim().is_empty() {
+        problem(problems, "control.kafka.group", "must not be empty");
+    } else if shard.count > 1 && !group.contains("{shard}") {
+        problem(
+            problems,
+            "control.kafka.group",
+            "must contain {shard} with more than one shard: every replica must read every \
+             request, so each shard needs its own consumer group",
+        );
+    }
+    cfg.group_id = group.replace("{shard}", &shard.index.to_string());
+    cfg.message_timeout = opt_duration(
+        "control.kafka.message_timeout",
+        raw.message_timeout,
+        cfg.message_timeout,
+        problems,
+    );
+    cfg
 }
 
 #[cfg(test)]
@@ -1845,10 +2150,14 @@ mod tests {
         );
         assert_eq!(cfg.servers[1].allow_actions, ["read-only"]);
         let c = cfg.control.unwrap();
-        assert_eq!(c.nats.servers, ["nats://10.0.0.1:4222"]);
-        assert_eq!(c.subject, "amibus.action.{server}");
-        assert_eq!(c.result_subject, "amibus.result.{server}");
-        assert_eq!(c.queue_group.as_deref(), Some("amibus-control"));
+        let ControlTransport::Nats(n) = &c.transport else {
+            panic!("nats is the default transport")
+        };
+        assert_eq!(n.nats.servers, ["nats://10.0.0.1:4222"]);
+        assert_eq!(n.subject, "amibus.action.{server}");
+        assert_eq!(n.result_subject, "amibus.result.{server}");
+        assert_eq!(n.queue_group.as_deref(), Some("amibus-control"));
+        assert!(c.consumer.answer_not_owned);
         assert_eq!(c.consumer.max_timeout, Duration::from_secs(30));
         assert_eq!(c.consumer.rate, 0.0);
         assert_eq!(c.consumer.dedupe_max_bytes, 1 << 20);
@@ -1880,6 +2189,126 @@ mod tests {
                 "control.default_timeout",
                 "control.rate",
             ]
+        );
+    }
+
+    #[test]
+    fn control_over_kafka() {
+        let base = r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            [sink]
+            kind = "kafka"
+            [sink.kafka]
+            brokers = "k1:9092"
+            [shard]
+            index = 2
+            count = 3
+        "#;
+        let cfg = Config::parse(
+            &format!("{base}[control]\ntransport = \"kafka\"\nrate = 5\n"),
+            &FakeEnv,
+        )
+        .unwrap();
+        let c = cfg.control.unwrap();
+        let ControlTransport::Kafka(k) = &c.transport else {
+            panic!("kafka transport")
+        };
+        assert_eq!(k.connection.brokers, "k1:9092", "from [sink.kafka]");
+        assert_eq!(k.request_topic, "amibus.actions");
+        assert_eq!(k.result_topic, "amibus.results");
+        assert_eq!(k.group_id, "amibus-control-2", "one group per shard");
+        assert!(!c.consumer.answer_not_owned, "skip what another shard owns");
+        assert_eq!(c.consumer.rate, 5.0);
+
+        let err = Config::parse(
+            &format!(
+                "{base}[control]\ntransport = \"kafka\"\nsubject = \"a.{{server}}\"\n\
+                 [control.kafka]\nbrokers = \" \"\nrequest_topic = \"a b\"\n\
+                 result_topic = \"\"\ngroup = \"fixed\"\nmessage_timeout = \"soon\"\n"
+            ),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "control.subject",
+                "control.kafka.brokers",
+                "control.kafka.request_topic",
+                "control.kafka.result_topic",
+                "control.kafka.group",
+                "control.kafka.message_timeout",
+            ]
+        );
+        let err = Config::parse(
+            &format!("{base}[control]\ntransport = \"mqtt\"\n[control.kafka]\n"),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["control.transport", "control.nats_servers"],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn control_over_jetstream() {
+        let base = r#"
+            [[server]]
+            id = "pbx1"
+            host = "h"
+            username = "u"
+            secret = "s"
+            [shard]
+            index = 1
+            count = 2
+            [control]
+            nats_servers = ["nats://n:4222"]
+            max_timeout = "20s"
+        "#;
+        let cfg = Config::parse(&format!("{base}[control.jetstream]\n"), &FakeEnv).unwrap();
+        let c = cfg.control.unwrap();
+        let ControlTransport::Nats(n) = &c.transport else {
+            panic!("nats transport")
+        };
+        let js = n.jetstream.as_ref().expect("jetstream");
+        assert_eq!(js.stream, "AMIBUS_ACTIONS");
+        assert_eq!(js.durable, "amibus-control-1", "one durable per shard");
+        assert!(js.create_stream);
+        assert_eq!(js.max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(js.ack_wait, Duration::from_secs(50), "max_timeout + 30s");
+        assert_eq!(js.max_ack_pending, 1024, "max_in_flight");
+        assert!(
+            !c.consumer.answer_not_owned,
+            "every shard sees every request"
+        );
+
+        let err = Config::parse(
+            &format!(
+                "{base}queue_group = \"q\"\n[control.jetstream]\nstream = \"a.b\"\n\
+                 durable = \"fixed\"\nack_wait = \"10s\"\nmax_ack_pending = 0\n"
+            ),
+            &FakeEnv,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "control.queue_group",
+                "control.jetstream.stream",
+                "control.jetstream.durable",
+                "control.jetstream.max_ack_pending",
+                "control.jetstream.ack_wait",
+            ],
+            "{err}"
         );
     }
 

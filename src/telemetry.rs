@@ -39,6 +39,8 @@
 //! | `amibus_control_replayed_total` | counter | | results published again for a duplicate request id |
 //! | `amibus_control_skipped_not_owned_total` | counter | | requests left to the replica that owns their server |
 //! | `amibus_control_publish_failures_total` | counter | | results that could not be published |
+//! | `amibus_control_receive_errors_total` | counter | | requests the transport could not read (the source retries) |
+//! | `amibus_control_ack_failures_total` | counter | | Kafka offset commits or JetStream acks refused (those requests may be delivered again) |
 //! | `amibus_control_in_flight` | gauge | | actions sent and not yet answered |
 
 use std::future::Future;
@@ -180,6 +182,14 @@ fn describe() {
         "amibus_control_publish_failures_total",
         "action results that could not be published"
     );
+    describe_counter!(
+        "amibus_control_receive_errors_total",
+        "errors reading action requests from the bus (retried)"
+    );
+    describe_counter!(
+        "amibus_control_ack_failures_total",
+        "Kafka offset commits or JetStream acks the bus refused"
+    );
     describe_gauge!(
         "amibus_control_in_flight",
         "actions sent to Asterisk and not yet answered"
@@ -269,6 +279,8 @@ impl Sources {
             counter!("amibus_control_replayed_total").absolute(s.replayed);
             counter!("amibus_control_skipped_not_owned_total").absolute(s.skipped_not_owned);
             counter!("amibus_control_publish_failures_total").absolute(s.publish_failures);
+            counter!("amibus_control_receive_errors_total").absolute(s.receive_errors);
+            counter!("amibus_control_ack_failures_total").absolute(s.ack_failures);
             gauge!("amibus_control_in_flight").set(s.in_flight as f64);
         }
     }

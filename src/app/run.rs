@@ -23,9 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ami::Stamped;
 use crate::ami::connection::{Connection, Options, StatsSnapshot};
-use crate::config::{Config, ControlSection, DemoSim, ProcessEnv, ServerConfig, SinkConfig};
-use crate::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
-use crate::control::{AllowList, ControlStats, Controller, Owns, Target};
+use crate::config::{
+    Config, ControlSection, ControlTransport, DemoSim, ProcessEnv, ServerConfig, SinkConfig,
+};
+use crate::control::kafka::{KafkaRequestSource, KafkaResultPublisher};
+use crate::control::nats::{
+    JetStreamRequestSource, NatsRequestSource, NatsResultPublisher, Resubscriber, subject_for,
+};
+use crate::control::{AllowList, ControlStats, Controller, Owns, Target, Targets};
 use crate::sim::{Sim, SimConfig, SimHandle};
 use crate::sink::Sink;
 use crate::sink::driver::{self, DriverConfig, DriverStats};
@@ -56,6 +61,9 @@ kind = "file"
 [sink.file]
 path = "-"
 "#;
+
+/// How long a reload waits for the core NATS source to change its subscriptions.
+const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the pipeline retries reporting a loss while no record arrives.
 const GAP_RETRY: Duration = Duration::from_millis(200);
@@ -207,7 +215,9 @@ pub async fn run_until(cfg: &mut Config, stop: CancellationToken) -> anyhow::Res
 
 /// [`run_until`], also taking new server lists (a SIGHUP reload): servers that appear are
 /// connected, servers that disappear or whose settings changed are logged off (and the changed
-/// ones reconnected), and every other connection is left alone.
+/// ones reconnected), and every other connection is left alone. The action consumer follows:
+/// requests for a removed server are answered `unknown_server` before its connection stops,
+/// and the added ones are controllable (and subscribed, with core NATS) once connected.
 ///
 /// # Errors
 /// The spool cannot be opened or written, the sink cannot be set up, or the simulator cannot
@@ -331,7 +341,7 @@ pub async fn run_with(
             spool: Some(spool.clone()),
             sink: Some((sink_name(&cfg.sink), stats.clone())),
             pipeline: Some(shared_stats.clone()),
-            control: control.as_ref().map(|(_, stats)| stats.clone()),
+            control: control.as_ref().map(|c| c.stats.clone()),
         };
         let handle = telemetry::install().context("cannot install the metrics recorder")?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -376,8 +386,15 @@ pub async fn run_with(
                 break;
             }
             Some(servers) = reloads.recv() => {
-                let owned = servers.into_iter().filter(|s| shard.owns(&s.id)).collect();
-                running.apply(owned).await;
+                let owned: Vec<ServerConfig> =
+                    servers.into_iter().filter(|s| shard.owns(&s.id)).collect();
+                if let Some(c) = &control {
+                    c.before_reload(&owned, &running);
+                }
+                running.apply(owned.clone()).await;
+                if let Some(c) = &control {
+                    c.after_reload(&owned, &running).await;
+                }
             }
         }
     }
@@ -386,8 +403,8 @@ pub async fn run_with(
 
     // Stop in reverse order: no new actions, answer those in flight, then stop reading AMI.
     control_stop.cancel();
-    if let Some((task, _)) = control {
-        let _ = task.await;
+    if let Some(c) = control {
+        let _ = c.task.await;
     }
     read_stop.cancel();
     let servers = running.tasks.len();
@@ -607,16 +624,49 @@ async fn run_pipeline(
     Ok((now, by_name(events), pipeline.unreported()))
 }
 
-/// Subscribe to the request subject of every configured server and start the consumer.
-async fn start_control(
-    ctl: &ControlSection,
-    servers: &[ServerConfig],
-    running: &Running,
-    shard: crate::shard::Shard,
-    stop: CancellationToken,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<ControlStats>)> {
-    let client = crate::sink::nats::connect(&ctl.nats).await?;
-    let targets: HashMap<String, Target> = servers
+/// A running action consumer, and what a reload changes in it.
+struct Control {
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<ControlStats>,
+    targets: Targets,
+    /// Core NATS: the request subjects follow the server list (subject template, handle).
+    subjects: Option<(String, Resubscriber)>,
+}
+
+impl Control {
+    /// Before the connections change: stop taking requests for servers that go (they are
+    /// answered `unknown_server` from now on).
+    fn before_reload(&self, servers: &[ServerConfig], running: &Running) {
+        self.targets.replace(control_targets(servers, running));
+    }
+
+    /// After the connections changed: act on the new servers (their handles are new) and
+    /// subscribe to their request subjects, unsubscribing from the removed ones'.
+    async fn after_reload(&self, servers: &[ServerConfig], running: &Running) {
+        self.targets.replace(control_targets(servers, running));
+        if let Some((template, resubscriber)) = &self.subjects {
+            let subjects = servers
+                .iter()
+                .map(|s| subject_for(template, &s.id))
+                .collect();
+            // The source applies the change when it next looks for a request, which waits
+            // while every in-flight slot is taken; the main loop must not wait that long.
+            match tokio::time::timeout(RESUBSCRIBE_WAIT, resubscriber.set(subjects)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "control: the request subscriptions do not follow the reload")
+                }
+                Err(_) => tracing::warn!(
+                    "control: the request subscriptions change once a request slot is free"
+                ),
+            }
+        }
+    }
+}
+
+/// The servers of `servers` that have a running connection, with their allow-lists.
+fn control_targets(servers: &[ServerConfig], running: &Running) -> HashMap<String, Target> {
+    servers
         .iter()
         .filter_map(|s| {
             let r = running.tasks.get(&s.id)?;
@@ -629,21 +679,83 @@ async fn start_control(
                 },
             ))
         })
-        .collect();
-    let subjects: Vec<String> = servers
-        .iter()
-        .map(|s| subject_for(&ctl.subject, &s.id))
-        .collect();
-    let source =
-        NatsRequestSource::subscribe(&client, &subjects, ctl.queue_group.as_deref()).await?;
+        .collect()
+}
+
+/// Start the action consumer on the configured transport: NATS (a subscription to the request
+/// subject of every configured server, or a JetStream consumer) or Kafka (a consumer group on
+/// the request topic).
+async fn start_control(
+    ctl: &ControlSection,
+    servers: &[ServerConfig],
+    running: &Running,
+    shard: crate::shard::Shard,
+    stop: CancellationToken,
+) -> anyhow::Result<Control> {
+    let targets = control_targets(servers, running);
     // Rendezvous hashing is defined for any id, so exactly one replica answers requests for
     // servers nobody configured.
     let owns: Owns = Arc::new(move |id: &str| shard.owns(id));
-    let publisher = NatsResultPublisher::new(client, ctl.result_subject.clone());
-    let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
-    let stats = controller.stats();
-    tracing::info!(subjects = subjects.len(), "control: taking action requests");
-    Ok((tokio::spawn(controller.run(source, stop)), stats))
+    match &ctl.transport {
+        ControlTransport::Nats(n) => {
+            let client = crate::sink::nats::connect(&n.nats).await?;
+            let publisher = NatsResultPublisher::new(client.clone(), n.result_subject.clone());
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let stats = controller.stats();
+            let targets = controller.targets();
+            if let Some(js) = &n.jetstream {
+                let source =
+                    JetStreamRequestSource::new(&client, &n.subject, js, stats.clone()).await?;
+                tracing::info!(
+                    stream = %js.stream,
+                    durable = %js.durable,
+                    "control: taking action requests from JetStream"
+                );
+                let task = tokio::spawn(controller.run(source, stop));
+                return Ok(Control {
+                    task,
+                    stats,
+                    targets,
+                    subjects: None,
+                });
+            }
+            let subjects: Vec<String> = servers
+                .iter()
+                .map(|s| subject_for(&n.subject, &s.id))
+                .collect();
+            let mut source =
+                NatsRequestSource::subscribe(&client, &subjects, n.queue_group.as_deref()).await?;
+            let resubscriber = source.resubscriber();
+            tracing::info!(
+                subjects = subjects.len(),
+                "control: taking action requests from NATS"
+            );
+            Ok(Control {
+                task: tokio::spawn(controller.run(source, stop)),
+                stats,
+                targets,
+                subjects: Some((n.subject.clone(), resubscriber)),
+            })
+        }
+        ControlTransport::Kafka(k) => {
+            let publisher = KafkaResultPublisher::new(k)?;
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let stats = controller.stats();
+            let targets = controller.targets();
+            let source = KafkaRequestSource::new(k, stats.clone())?;
+            tracing::info!(
+                topic = %k.request_topic,
+                group = %k.group_id,
+                "control: taking action requests from Kafka"
+            );
+            Ok(Control {
+                task: tokio::spawn(controller.run(source, stop)),
+                stats,
+                targets,
+                subjects: None,
+            })
+        }
+    }
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {

@@ -7,10 +7,14 @@
 //! For each message, in the consumer task (no I/O, so one bad or slow request never holds up
 //! the next beyond an in-flight permit):
 //! 1. decode; required fields; header safety → `rejected` (`malformed`, `missing_field`,
-//!    `invalid_header`);
-//! 2. routing: a server this replica does not own → `rejected` (`not_owned`) or, for
-//!    transports where every replica sees every request (Kafka), skipped silently; owned but
-//!    not configured → `rejected` (`unknown_server`);
+//!    `invalid_header`). Where every replica sees every request (Kafka, JetStream:
+//!    `answer_not_owned = false`), a request for a server this replica does not own is
+//!    skipped silently (and acknowledged) before these checks, and a payload that does not
+//!    decode is answered only by the owner of the message's routing key ([`Incoming::key`]),
+//!    so exactly one replica answers anything;
+//! 2. routing: a server this replica does not own → `rejected` (`not_owned`) (NATS core,
+//!    where only misrouted requests arrive); owned but not configured → `rejected`
+//!    (`unknown_server`);
 //! 3. the server's allow-list → `rejected` (`not_allowed`);
 //! 4. idempotency: a `(server, request_id)` in flight gets the same result when it is ready;
 //!    one finished within the window gets that result again (`replayed`), never a second run;
@@ -28,7 +32,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,14 +59,24 @@ pub struct Incoming {
     /// The transport's own reply address (the NATS reply subject of a request), which wins
     /// over the request's `reply_to`.
     pub reply: Option<String>,
-    /// Run after the result was published.
+    /// Run after the result was published (or could never be: see [`PublishError::Permanent`]).
     pub ack: Option<Ack>,
+    /// The transport's routing key (a Kafka record key: by convention the target server id).
+    /// Where every replica sees every request, it decides which one answers a payload that
+    /// does not decode (the owner of this id, or of `""` without a key), so exactly one does.
+    pub key: Option<String>,
 }
 
 /// Where requests come from (a NATS subscription, a Kafka consumer).
 pub trait Source: Send {
     /// The next message; `None` when the source has ended.
     fn next(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
+
+    /// Called once, after the last result was published (or the drain gave up): settle what
+    /// the acknowledgements left to do (commit the final Kafka offsets).
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why a result could not be published.
@@ -71,7 +85,10 @@ pub enum PublishError {
     /// The bus may take it later.
     #[error("cannot publish the result now: {0}")]
     Retriable(String),
-    /// It never will (bad subject or topic, too large).
+    /// It never will (bad subject or topic, too large). The message is acknowledged anyway:
+    /// leaving it unacknowledged would stall the Kafka partition's offsets (or have JetStream
+    /// redeliver it) for a result that can never be published, and would run the requests
+    /// behind it again after a restart.
     #[error("cannot publish the result: {0}")]
     Permanent(String),
 }
@@ -141,6 +158,35 @@ pub struct Target {
     pub allow: AllowList,
 }
 
+/// The servers a running consumer acts on, shared with whoever reloads them (SIGHUP): the
+/// whole map is replaced at once, and each request sees one version of it.
+#[derive(Clone, Debug, Default)]
+pub struct Targets {
+    map: Arc<RwLock<Arc<HashMap<String, Target>>>>,
+    stats: Option<Arc<ControlStats>>,
+}
+
+impl Targets {
+    /// Replace the servers: requests taken from now on see `targets` (a removed server is
+    /// answered `unknown_server`); requests already running finish on their handle.
+    pub fn replace(&self, targets: HashMap<String, Target>) {
+        if let Some(stats) = &self.stats {
+            for id in targets.keys() {
+                stats.add_server(id);
+            }
+        }
+        *self.map.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(targets);
+    }
+
+    /// The current servers.
+    pub fn current(&self) -> Arc<HashMap<String, Target>> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Whether this replica owns a server id (rendezvous hashing lives elsewhere).
 pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -162,13 +208,15 @@ pub const OTHER_SERVER: &str = "-";
 /// Counters of the consumer; exported by `telemetry`.
 #[derive(Debug)]
 pub struct ControlStats {
-    index: HashMap<String, usize>,
-    names: Vec<String>,
-    results: Vec<[AtomicU64; 7]>,
+    /// Rows by server; servers added by a reload get a row (rows are never removed, so
+    /// counters stay monotonic).
+    rows: RwLock<Rows>,
     rejected: [AtomicU64; RejectCode::ALL.len()],
     replayed: AtomicU64,
     skipped_not_owned: AtomicU64,
     publish_failures: AtomicU64,
+    receive_errors: AtomicU64,
+    ack_failures: AtomicU64,
     in_flight: AtomicU64,
 }
 
@@ -183,8 +231,14 @@ pub struct ControlSnapshot {
     pub replayed: u64,
     /// Requests for servers another replica owns, skipped without an answer.
     pub skipped_not_owned: u64,
-    /// Results that could not be published (their message is not acknowledged).
+    /// Results that could not be published (their message is not acknowledged unless the
+    /// failure was permanent).
     pub publish_failures: u64,
+    /// Errors reading requests from the transport (the source retries).
+    pub receive_errors: u64,
+    /// Acknowledgements the transport refused (Kafka offset commits, JetStream acks): the
+    /// request may be delivered again after a restart.
+    pub ack_failures: u64,
     pub in_flight: u64,
 }
 
@@ -216,32 +270,68 @@ impl ControlSnapshot {
     }
 }
 
+#[derive(Debug, Default)]
+struct Rows {
+    index: HashMap<String, usize>,
+    names: Vec<String>,
+    results: Vec<[AtomicU64; 7]>,
+}
+
+impl Rows {
+    fn add(&mut self, server: &str) {
+        if !self.index.contains_key(server) {
+            self.index.insert(server.to_owned(), self.names.len());
+            self.names.push(server.to_owned());
+            self.results.push(Default::default());
+        }
+    }
+}
+
 impl ControlStats {
     pub fn new<'a>(servers: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut names = vec![OTHER_SERVER.to_owned()];
-        names.extend(servers.into_iter().map(str::to_owned));
-        let index = names
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
+        let mut rows = Rows {
+            index: HashMap::new(),
+            names: vec![OTHER_SERVER.to_owned()],
+            results: vec![Default::default()],
+        };
+        for s in servers {
+            rows.add(s);
+        }
         ControlStats {
-            index,
-            results: names.iter().map(|_| Default::default()).collect(),
-            names,
+            rows: RwLock::new(rows),
             rejected: Default::default(),
             replayed: AtomicU64::new(0),
             skipped_not_owned: AtomicU64::new(0),
             publish_failures: AtomicU64::new(0),
+            receive_errors: AtomicU64::new(0),
+            ack_failures: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
         }
     }
 
+    /// A source could not read a request (it retries); for transports.
+    pub fn receive_error(&self) {
+        self.receive_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A transport refused an acknowledgement (offset commit, JetStream ack); for transports.
+    pub fn ack_failure(&self) {
+        self.ack_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Give `server` its own row of result counters (a server added by a reload).
+    pub fn add_server(&self, server: &str) {
+        self.rows
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(server);
+    }
+
     fn count(&self, result: &ActionResult) {
-        let i = self.index.get(&result.server).copied().unwrap_or(0);
+        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
+        let i = rows.index.get(&result.server).copied().unwrap_or(0);
         let status = usize::try_from(result.status).unwrap_or(0).min(6);
-        if let Some(row) = self.results.get(i) {
+        if let Some(row) = rows.results.get(i) {
             row[status].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -252,7 +342,8 @@ impl ControlStats {
 
     pub fn snapshot(&self) -> ControlSnapshot {
         let mut results = Vec::new();
-        for (name, row) in self.names.iter().zip(&self.results) {
+        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
+        for (name, row) in rows.names.iter().zip(&rows.results) {
             for (label, n) in STATUS_LABELS.iter().zip(row) {
                 let n = n.load(Ordering::Relaxed);
                 if n > 0 {
@@ -270,6 +361,8 @@ impl ControlStats {
             replayed: self.replayed.load(Ordering::Relaxed),
             skipped_not_owned: self.skipped_not_owned.load(Ordering::Relaxed),
             publish_failures: self.publish_failures.load(Ordering::Relaxed),
+            receive_errors: self.receive_errors.load(Ordering::Relaxed),
+            ack_failures: self.ack_failures.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
@@ -286,7 +379,7 @@ type Memory = Dedupe<ActionResult, Waiter>;
 
 /// See the module docs.
 pub struct Controller<P> {
-    targets: Arc<HashMap<String, Target>>,
+    targets: Targets,
     owns: Owns,
     cfg: ControlConfig,
     publisher: Arc<P>,
@@ -316,7 +409,10 @@ impl<P: Publisher> Controller<P> {
                 cfg.dedupe_max_bytes,
             ))),
             permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
-            targets: Arc::new(targets),
+            targets: Targets {
+                map: Arc::new(RwLock::new(Arc::new(targets))),
+                stats: Some(stats.clone()),
+            },
             owns,
             cfg,
             publisher: Arc::new(publisher),
@@ -328,6 +424,11 @@ impl<P: Publisher> Controller<P> {
     /// The counters, for telemetry and tests.
     pub fn stats(&self) -> Arc<ControlStats> {
         self.stats.clone()
+    }
+
+    /// The handle that replaces the servers while the consumer runs.
+    pub fn targets(&self) -> Targets {
+        self.targets.clone()
     }
 
     /// Take requests from `source` until it ends or `shutdown` is cancelled, then wait (up to
@@ -347,7 +448,10 @@ impl<P: Publisher> Controller<P> {
                 _ = shutdown.cancelled() => break,
                 m = source.next() => match m {
                     Some(m) => m,
-                    None => break,
+                    None => {
+                        tracing::error!("control: the request source ended; no more actions are taken until amibus restarts");
+                        break;
+                    }
                 },
             };
             self.accept(msg, permit);
@@ -360,6 +464,7 @@ impl<P: Publisher> Controller<P> {
         {
             tracing::warn!("control: requests still in flight at shutdown; their results are lost");
         }
+        source.close().await;
     }
 
     /// Check one message and start its execution (or answer it) in a task holding `permit`.
@@ -369,34 +474,39 @@ impl<P: Publisher> Controller<P> {
             payload,
             reply,
             ack,
+            key,
         } = msg;
+        // Where every replica sees every request, only the owner of its server answers it,
+        // even when it is malformed: the others skip it before any check.
+        let answer_all = self.cfg.answer_not_owned;
         let req = match rules::parse_request(&payload) {
             Ok(r) => r,
             Err(rej) => {
+                if !answer_all && !(self.owns)(key.as_deref().unwrap_or("")) {
+                    return self.skip(ack);
+                }
                 let result = rejected(&ActionRequest::default(), received_ns, rej);
                 return self.answer(result, reply, ack, permit);
             }
         };
+        let owned = (self.owns)(&req.server);
+        if !owned && !answer_all {
+            return self.skip(ack);
+        }
         let to = reply.or_else(|| (!req.reply_to.is_empty()).then(|| req.reply_to.clone()));
         let action = match rules::check_request(&req) {
             Ok(a) => a,
             Err(rej) => return self.answer(rejected(&req, received_ns, rej), to, ack, permit),
         };
-        if !(self.owns)(&req.server) {
-            if self.cfg.answer_not_owned {
-                let rej = Rejection::new(
-                    RejectCode::NotOwned,
-                    format!("server {} is served by another amibus replica", req.server),
-                );
-                return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
-            }
-            self.stats.skipped_not_owned.fetch_add(1, Ordering::Relaxed);
-            if let Some(ack) = ack {
-                ack();
-            }
-            return;
+        if !owned {
+            let rej = Rejection::new(
+                RejectCode::NotOwned,
+                format!("server {} is served by another amibus replica", req.server),
+            );
+            return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
         }
-        let Some(target) = self.targets.get(&req.server) else {
+        let targets = self.targets.current();
+        let Some(target) = targets.get(&req.server) else {
             let rej = Rejection::new(
                 RejectCode::UnknownServer,
                 format!("no server {} is configured", req.server),
@@ -486,6 +596,15 @@ impl<P: Publisher> Controller<P> {
         });
     }
 
+    /// Leave a request to the replica that owns its server: no answer, but acknowledged, so
+    /// the transport moves on.
+    fn skip(&self, ack: Option<Ack>) {
+        self.stats.skipped_not_owned.fetch_add(1, Ordering::Relaxed);
+        if let Some(ack) = ack {
+            ack();
+        }
+    }
+
     /// Answer a request that never reached the idempotency memory.
     fn answer(
         &self,
@@ -568,6 +687,18 @@ async fn finish<P: Publisher>(
     }
 }
 
+/// Publishes of one result, at most, while the bus refuses it retriably.
+const PUBLISH_ATTEMPTS: u32 = 5;
+
+/// The pause after the first retriable publish failure; it doubles after each.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Publish `result` and acknowledge its message. A retriable failure is retried (the task
+/// keeps its in-flight slot meanwhile, so a bus that refuses results also stops the intake);
+/// after the last attempt the message stays unacknowledged (Kafka: its partition's offset
+/// stays before it until a restart reads it again; JetStream delivers it again after
+/// `ack_wait`). A permanent failure acknowledges it (see [`PublishError::Permanent`]). Every
+/// failed attempt is counted.
 async fn deliver<P: Publisher>(
     publisher: &P,
     stats: &ControlStats,
@@ -575,15 +706,33 @@ async fn deliver<P: Publisher>(
     result: &ActionResult,
     ack: Option<Ack>,
 ) {
-    match publisher.publish(to, result).await {
-        Ok(()) => {
-            if let Some(ack) = ack {
-                ack();
+    let mut pause = PUBLISH_RETRY_PAUSE;
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match publisher.publish(to, result).await {
+            Ok(()) => {
+                if let Some(ack) = ack {
+                    ack();
+                }
+                return;
             }
-        }
-        Err(e) => {
-            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(server = %result.server, error = %e, "control: result not published; the request stays unacknowledged");
+            Err(e) if e.is_retriable() => {
+                stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                if attempt == PUBLISH_ATTEMPTS {
+                    tracing::warn!(server = %result.server, error = %e, attempts = attempt, "control: result not published; the request stays unacknowledged");
+                    return;
+                }
+                tracing::debug!(server = %result.server, error = %e, attempt, "control: result not published; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(server = %result.server, error = %e, "control: result can never be published; acknowledging the request so the transport moves on");
+                if let Some(ack) = ack {
+                    ack();
+                }
+                return;
+            }
         }
     }
 }
@@ -720,4 +869,208 @@ fn expired(req: &ActionRequest, received_ns: i64, why: &str) -> ActionResult {
     r.status = ActionStatus::Expired as i32;
     r.reason = why.to_owned();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use tokio::sync::mpsc;
+
+    /// Requests from a channel.
+    struct Chan(mpsc::Receiver<Incoming>);
+
+    impl Source for Chan {
+        async fn next(&mut self) -> Option<Incoming> {
+            self.0.recv().await
+        }
+    }
+
+    /// Fails the first `fail` publishes (retriably or not), then records what it publishes.
+    struct Flaky {
+        fail: AtomicU32,
+        permanent: bool,
+        out: mpsc::UnboundedSender<(Option<String>, ActionResult)>,
+    }
+
+    impl Publisher for Flaky {
+        async fn publish(
+            &self,
+            to: Option<&str>,
+            result: &ActionResult,
+        ) -> Result<(), PublishError> {
+            if self
+                .fail
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(if self.permanent {
+                    PublishError::Permanent("no such topic".into())
+                } else {
+                    PublishError::Retriable("broker down".into())
+                });
+            }
+            let _ = self.out.send((to.map(str::to_owned), result.clone()));
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        tx: mpsc::Sender<Incoming>,
+        out: mpsc::UnboundedReceiver<(Option<String>, ActionResult)>,
+        acks: mpsc::UnboundedReceiver<&'static str>,
+        ack_tx: mpsc::UnboundedSender<&'static str>,
+        stats: Arc<ControlStats>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn rig(fail: u32, permanent: bool, answer_not_owned: bool, owns: Owns) -> Rig {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, out) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let publisher = Flaky {
+            fail: AtomicU32::new(fail),
+            permanent,
+            out: out_tx,
+        };
+        let cfg = ControlConfig {
+            answer_not_owned,
+            ..ControlConfig::default()
+        };
+        let controller = Controller::new(HashMap::new(), owns, cfg, publisher);
+        let stats = controller.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
+        Rig {
+            tx,
+            out,
+            acks,
+            ack_tx,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    impl Rig {
+        async fn send(&self, name: &'static str, payload: Vec<u8>, key: Option<&str>) {
+            let ack_tx = self.ack_tx.clone();
+            let msg = Incoming {
+                payload: payload.into(),
+                reply: None,
+                ack: Some(Box::new(move || {
+                    let _ = ack_tx.send(name);
+                })),
+                key: key.map(str::to_owned),
+            };
+            assert!(self.tx.send(msg).await.is_ok());
+        }
+
+        /// Until the consumer has taken everything sent, finished it, and stopped.
+        async fn finish(self) -> (Vec<ActionResult>, Vec<&'static str>, ControlSnapshot) {
+            let Rig {
+                tx,
+                mut out,
+                mut acks,
+                ack_tx,
+                stats,
+                stop,
+                task,
+            } = self;
+            drop(tx);
+            drop(ack_tx);
+            let _ = task.await;
+            drop(stop);
+            let mut results = Vec::new();
+            while let Ok((_, r)) = out.try_recv() {
+                results.push(r);
+            }
+            let mut acked = Vec::new();
+            while let Some(a) = acks.recv().await {
+                acked.push(a);
+            }
+            (results, acked, stats.snapshot())
+        }
+    }
+
+    fn unknown(id: &str, server: &str) -> Vec<u8> {
+        ActionRequest {
+            request_id: id.into(),
+            server: server.into(),
+            action: "Ping".into(),
+            deadline_ns: now_ns() + 60_000_000_000,
+            ..ActionRequest::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_retriable_publish_failure_is_retried_and_acked_once_published() {
+        let rig = rig(2, false, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].reject_code, "unknown_server");
+        assert_eq!(acked, ["a"]);
+        assert_eq!(snap.publish_failures, 2);
+    }
+
+    #[tokio::test]
+    async fn a_result_the_bus_keeps_refusing_stays_unacknowledged() {
+        let rig = rig(u32::MAX, false, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert!(results.is_empty());
+        assert!(acked.is_empty(), "never published, never acknowledged");
+        assert_eq!(snap.publish_failures, u64::from(PUBLISH_ATTEMPTS));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_publish_failure_settles_the_message() {
+        let rig = rig(1, true, true, Arc::new(|_: &str| true));
+        rig.send("a", unknown("a", "pbx9"), None).await;
+        rig.send("b", unknown("b", "pbx9"), None).await;
+        let (results, mut acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1, "the second is published");
+        acked.sort();
+        assert_eq!(acked, ["a", "b"], "both settled");
+        assert_eq!(snap.publish_failures, 1);
+    }
+
+    #[tokio::test]
+    async fn where_every_replica_sees_every_request_only_the_owner_answers() {
+        // This replica owns "mine" and the empty key, nothing else.
+        let owns: Owns = Arc::new(|id: &str| id == "mine" || id.is_empty());
+        let rig = rig(0, false, false, owns);
+        let bad = vec![0xff, 0xff, 0xff];
+        rig.send("bad-theirs", bad.clone(), Some("theirs")).await;
+        rig.send("bad-mine", bad.clone(), Some("mine")).await;
+        rig.send("bad-nokey", bad, None).await;
+        rig.send("req-theirs", unknown("t", "theirs"), Some("mine"))
+            .await;
+        rig.send("req-mine", unknown("m", "mine"), Some("theirs"))
+            .await;
+        // Fails its checks, but is not ours: skipped before them.
+        rig.send("invalid-theirs", unknown("", "theirs"), None)
+            .await;
+        let (results, mut acked, snap) = rig.finish().await;
+        let mut answered: Vec<_> = results
+            .iter()
+            .map(|r| (r.request_id.as_str(), r.reject_code.as_str()))
+            .collect();
+        answered.sort();
+        assert_eq!(
+            answered,
+            [
+                ("", "malformed"),
+                ("", "malformed"),
+                ("m", "unknown_server")
+            ],
+            "the request decides over the key once it decodes"
+        );
+        acked.sort();
+        assert_eq!(acked.len(), 6, "everything is acknowledged: {acked:?}");
+        assert_eq!(snap.skipped_not_owned, 3);
+    }
 }

@@ -3,7 +3,7 @@
 //! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
 //! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]), the
 //! per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
-//! implements, and the NATS transport ([`nats`]).
+//! implements, and the transports: NATS ([`nats`]) and Kafka ([`kafka`]).
 //!
 //! ```text
 //! bus ──▶ Source ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
@@ -18,17 +18,26 @@
 //! Must never: send an action twice, send one past its deadline, send one that is not on its
 //! server's allow-list, crash or stall on anything a client publishes.
 //!
+//! Delivery: core NATS is at-most-once (a request lost with amibus gets no answer). Kafka and
+//! JetStream are at-least-once: a request is acknowledged (offset committed, message acked)
+//! only once its result is published, so one whose result was lost to a crash is read again.
+//!
 //! Limits (as built): the idempotency memory lives in the process, so a request redelivered
 //! after a restart (or to another replica after a re-shard) within the window can run again.
+//! A result the bus keeps refusing (retried a few times, holding its in-flight slot) stays
+//! unacknowledged: its Kafka partition's offset stays before it until a restart reads it
+//! again (JetStream delivers it again after `ack_wait`, and the remembered result is
+//! published then).
 
 pub mod consumer;
 pub mod dedupe;
+pub mod kafka;
 pub mod nats;
 pub mod rate;
 pub mod rules;
 
 pub use consumer::{
     Ack, ControlConfig, ControlSnapshot, ControlStats, Controller, Incoming, Owns, PublishError,
-    Publisher, Source, Target,
+    Publisher, Source, Target, Targets,
 };
 pub use rules::{AllowList, READ_ONLY_ACTIONS, RejectCode, Rejection};

@@ -309,7 +309,8 @@ impl KafkaSinkConfig {
 }
 
 impl Connection {
-    fn apply(&self, cc: &mut ClientConfig, problems: &mut Vec<String>) {
+    /// Set the connection properties on `cc`; problems are added to `problems`.
+    pub(crate) fn apply(&self, cc: &mut ClientConfig, problems: &mut Vec<String>) {
         if self.brokers.trim().is_empty() {
             problems.push("kafka.brokers: at least one host:port is needed".to_string());
         }
