@@ -200,7 +200,7 @@ struct State {
     /// In-doubt records that turned out lost, for [`Spool::take_lost`].
     lost_later: Vec<Record>,
     /// The newest records, consecutive ids, also on disk; at most `memory_bytes` of them.
-    tail: VecDeque<(u64, Record)>,
+    tail: VecDeque<(u64, u64, Arc<Record>)>,
     tail_bytes: u64,
 }
 
@@ -416,14 +416,11 @@ impl Spool {
         let mut scratch = std::mem::take(&mut st.scratch);
         scratch.clear();
         segment::encode(id, record, &mut scratch);
-        let path = st
-            .segments
-            .back()
-            .map(|s| s.path.clone())
-            .unwrap_or_default();
         let written = st.active.write_all(&scratch);
         st.scratch = scratch;
-        written.map_err(SpoolError::io(&path))?;
+        if let Err(e) = written {
+            return Err(SpoolError::io(&Self::active_path(&st))(e));
+        }
         st.next_id += 1;
         st.total_bytes += len;
         if let Some(s) = st.segments.back_mut() {
@@ -434,7 +431,7 @@ impl Spool {
         st.unsynced = true;
         // The tail holds the newest ids without a hole: a record too large for it empties it.
         if cfg.memory_bytes >= len {
-            st.tail.push_back((id, record.clone()));
+            st.tail.push_back((id, len, Arc::new(record.clone())));
             st.tail_bytes += len;
             while st.tail_bytes > cfg.memory_bytes {
                 Self::pop_tail(&mut st);
@@ -460,9 +457,16 @@ impl Spool {
         })
     }
 
+    fn active_path(st: &State) -> PathBuf {
+        st.segments
+            .back()
+            .map(|s| s.path.clone())
+            .unwrap_or_default()
+    }
+
     fn pop_tail(st: &mut State) {
-        if let Some((_, r)) = st.tail.pop_front() {
-            st.tail_bytes -= segment::encoded_len(&r) as u64;
+        if let Some((_, len, _)) = st.tail.pop_front() {
+            st.tail_bytes -= len;
         }
     }
 
@@ -533,25 +537,22 @@ impl Spool {
             st.acked_floor = floor;
             Self::advance_floor(st);
         }
-        while st.tail.front().is_some_and(|(id, _)| *id < st.acked_floor) {
+        while st.tail.front().is_some_and(|(id, _, _)| *id < st.acked_floor) {
             Self::pop_tail(st);
         }
         Ok(lost)
     }
 
     fn flush_locked(st: &mut State, sync: bool) -> Result<(), SpoolError> {
-        let path = st
-            .segments
-            .back()
-            .map(|s| s.path.clone())
-            .unwrap_or_default();
-        st.active.flush().map_err(SpoolError::io(&path))?;
+        if let Err(e) = st.active.flush() {
+            return Err(SpoolError::io(&Self::active_path(st))(e));
+        }
         st.flushed_id = st.next_id;
         if sync && st.unsynced {
             st.active
                 .get_ref()
                 .sync_data()
-                .map_err(SpoolError::io(&path))?;
+                .map_err(|e| SpoolError::io(&Self::active_path(st))(e))?;
             st.unsynced = false;
         }
         Ok(())
@@ -577,7 +578,7 @@ impl Spool {
         }
         st.stats.acknowledged += 1;
         Self::advance_floor(&mut st);
-        while st.tail.front().is_some_and(|(id, _)| *id < st.acked_floor) {
+        while st.tail.front().is_some_and(|(id, _, _)| *id < st.acked_floor) {
             Self::pop_tail(&mut st);
         }
         // Delete closed segments wholly below the floor.
@@ -726,7 +727,7 @@ impl Reader {
     ///
     /// # Errors
     /// A segment cannot be read.
-    pub async fn next(&mut self) -> Result<(u64, Record), SpoolError> {
+    pub async fn next(&mut self) -> Result<(u64, Arc<Record>), SpoolError> {
         let shared = Arc::clone(&self.spool.shared);
         loop {
             let notified = shared.changed.notified();
@@ -749,7 +750,7 @@ impl Reader {
     ///
     /// # Errors
     /// A segment cannot be read.
-    pub fn try_next(&mut self) -> Result<Option<(u64, Record)>, SpoolError> {
+    pub fn try_next(&mut self) -> Result<Option<(u64, Arc<Record>)>, SpoolError> {
         loop {
             let segment_first = {
                 let mut st = self.spool.lock();
@@ -764,12 +765,12 @@ impl Reader {
                 {
                     return Ok(None);
                 }
-                if let Some(&(first, _)) = st.tail.front()
+                if let Some(&(first, _, _)) = st.tail.front()
                     && self.next_id >= first
                 {
-                    let (id, record) = &st.tail[(self.next_id - first) as usize];
+                    let (id, _, record) = &st.tail[(self.next_id - first) as usize];
                     debug_assert_eq!(*id, self.next_id);
-                    let out = (*id, record.clone());
+                    let out = (*id, Arc::clone(record));
                     self.next_id += 1;
                     st.handed_out = st.handed_out.max(self.next_id);
                     return Ok(Some(out));
@@ -805,7 +806,7 @@ impl Reader {
                     self.next_id = id + 1;
                     let mut st = self.spool.lock();
                     st.handed_out = st.handed_out.max(self.next_id);
-                    return Ok(Some((id, record)));
+                    return Ok(Some((id, Arc::new(record))));
                 }
                 // The end of a segment. A closed one: move on to the next. The active one cannot
                 // end before `flushed_id`, checked above, unless records are still arriving.

@@ -344,7 +344,7 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
     {
         let st = spool.lock();
         assert_eq!(st.tail.len(), 4, "bounded by memory_bytes");
-        assert_eq!(st.tail.front().map(|t| seq(&t.1)), Some(6));
+        assert_eq!(st.tail.front().map(|t| seq(&t.2)), Some(6));
     }
     let mut reader = spool.reader();
     // The first six from the files, the last four from memory.
