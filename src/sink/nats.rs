@@ -513,11 +513,11 @@ fn fnv1a64(data: &[u8]) -> u64 {
 
 /// The `Nats-Msg-Id` of a record; identical for every send of the same spooled record.
 ///
-/// `server/epoch/seq` when the record carries those headers (they identify an event exactly).
-/// The records amibus spools today carry `server`, `event`, `kind`, `class` and `schema` only
-/// (epoch and seq are inside the envelope, which a sink does not decode), so otherwise it is
-/// the partition key and a 64-bit hash of the payload; the payload holds server, epoch, seq and
-/// the receive time, so two different events never share it.
+/// `server/epoch/seq` when the record carries those headers (every record the pipeline makes
+/// does; they identify an event exactly). Otherwise (records amibus makes outside a
+/// connection's numbering carry seq 0, and records from elsewhere may carry none) the
+/// partition key and a 64-bit hash of the payload; the payload holds server, epoch, seq and
+/// the receive time, so two different records never share it.
 pub fn message_id(record: &Record) -> String {
     // Records made by amibus itself outside a connection's numbering (gap records for spool
     // drops) have seq 0 and are told apart by their payload.
