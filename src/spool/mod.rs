@@ -537,7 +537,11 @@ impl Spool {
             st.acked_floor = floor;
             Self::advance_floor(st);
         }
-        while st.tail.front().is_some_and(|(id, _, _)| *id < st.acked_floor) {
+        while st
+            .tail
+            .front()
+            .is_some_and(|(id, _, _)| *id < st.acked_floor)
+        {
             Self::pop_tail(st);
         }
         Ok(lost)
@@ -578,7 +582,11 @@ impl Spool {
         }
         st.stats.acknowledged += 1;
         Self::advance_floor(&mut st);
-        while st.tail.front().is_some_and(|(id, _, _)| *id < st.acked_floor) {
+        while st
+            .tail
+            .front()
+            .is_some_and(|(id, _, _)| *id < st.acked_floor)
+        {
             Self::pop_tail(&mut st);
         }
         // Delete closed segments wholly below the floor.
