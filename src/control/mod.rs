@@ -31,6 +31,7 @@
 
 pub mod consumer;
 pub mod dedupe;
+pub mod journal;
 pub mod kafka;
 pub mod nats;
 pub mod rate;
