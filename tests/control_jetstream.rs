@@ -7,15 +7,20 @@
 //! published or acknowledged.
 //!
 //! No assertion depends on timing: waits only guard against hangs.
+//!
+//! Without a journal the idempotency memory dies with the process; with one
+//! ([`Controller::with_journal`]) a request redelivered after the crash is answered from it.
 
 #[path = "support/nats.rs"]
 mod nats_support;
 mod support;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use amibus::control::journal::{JournalConfig, JournalFsync, RESTARTED_REASON};
 use amibus::control::nats::{JetStreamRequestSource, JetStreamRequests, NatsResultPublisher};
 use amibus::control::{AllowList, ControlConfig, ControlStats, Controller, Target};
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus};
@@ -54,6 +59,21 @@ struct Amibus {
 
 impl Amibus {
     async fn start(url: &str, targets: HashMap<String, Target>, ack_wait: Duration) -> Amibus {
+        Amibus::start_with(url, targets, ack_wait, None).await
+    }
+
+    /// With `journal`, the controller keeps its idempotency memory in that file.
+    async fn start_with(
+        url: &str,
+        targets: HashMap<String, Target>,
+        ack_wait: Duration,
+        journal: Option<&Path>,
+    ) -> Amibus {
+        let journal = journal.map(|path| JournalConfig {
+            path: path.to_owned(),
+            fsync: JournalFsync::Never,
+            max_bytes: 1 << 20,
+        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -69,8 +89,11 @@ impl Amibus {
                     ..ControlConfig::default()
                 };
                 let publisher = NatsResultPublisher::new(client.clone(), "t.result.{server}");
-                let controller =
+                let mut controller =
                     Controller::new(targets, Arc::new(|_: &str| true), control, publisher);
+                if let Some(j) = &journal {
+                    controller = controller.with_journal(j).expect("journal");
+                }
                 let stats = controller.stats();
                 let cfg = JetStreamRequests {
                     stream: STREAM.into(),
@@ -126,7 +149,7 @@ async fn fake() -> (Fake, FakeConn, HashMap<String, Target>, Conn) {
         "fake".to_owned(),
         Target {
             handle: conn.handle.clone(),
-            allow: AllowList::new(["read-only", "Swallow"]),
+            allow: AllowList::new(["read-only", "Swallow", "Marker"]),
         },
     )]);
     (fake, session, targets, (conn, rx, stop))
@@ -303,6 +326,96 @@ async fn redelivery_joins_the_running_attempt_and_a_crash_before_the_result_rede
     assert_eq!(snap.total("success"), 1, "{snap:?}");
     assert_eq!(snap.total("timeout"), 0, "{snap:?}");
     assert_eq!(snap.replayed, 0, "{snap:?}");
+    amibus.crash();
+    support::stop(conn.0, conn.2).await;
+    fake.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twice() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let (fake, mut session, targets, conn) = fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal: PathBuf = dir.path().join("control-journal");
+    let ack_wait = Duration::from_millis(500);
+    let amibus = Amibus::start_with(&nats.url(), targets.clone(), ack_wait, Some(&journal)).await;
+    let mut replies = client.subscribe("t.reply.>").await.expect("sub");
+    client.flush().await.expect("flush");
+
+    // `listed` completes (and is acknowledged); `lost` is running when amibus crashes.
+    let listed = request("listed", "CoreShowChannels", 0).encode_to_vec();
+    publish(&js, "t.action.fake", listed.clone()).await;
+    let r = next_result(&mut replies).await;
+    assert_eq!(
+        (r.request_id.as_str(), status(&r), r.replayed),
+        ("listed", ActionStatus::Success, false)
+    );
+    wait_acked(&js, 1).await;
+    publish(
+        &js,
+        "t.action.fake",
+        request("lost", "Swallow", 30_000).encode_to_vec(),
+    )
+    .await;
+    let before = session.until_action("Swallow").await;
+    assert!(
+        before
+            .iter()
+            .any(|a| a.action().eq_ignore_ascii_case("CoreShowChannels")),
+        "{before:?}"
+    );
+    amibus.crash();
+
+    // The new amibus reads the journal: JetStream delivers `lost` again (never acknowledged),
+    // and it is answered, not sent.
+    let amibus = Amibus::start_with(&nats.url(), targets, ack_wait, Some(&journal)).await;
+    let r = next_result(&mut replies).await;
+    assert_eq!(
+        (r.request_id.as_str(), status(&r), r.reason.as_str()),
+        ("lost", ActionStatus::OutcomeUnknown, RESTARTED_REASON)
+    );
+    // `listed` arriving again (a lost acknowledgement and a client retry look the same to
+    // amibus: the same request id after the restart) gets its earlier result.
+    publish(&js, "t.action.fake", listed).await;
+    let mut r = next_result(&mut replies).await;
+    while r.request_id == "lost" {
+        // A redelivery of `lost` that raced its acknowledgement: answered the same way.
+        assert_eq!(status(&r), ActionStatus::OutcomeUnknown);
+        r = next_result(&mut replies).await;
+    }
+    assert_eq!(
+        (r.request_id.as_str(), status(&r), r.replayed),
+        ("listed", ActionStatus::Success, true)
+    );
+    assert!(r.response.is_some(), "the earlier reply, kept whole");
+
+    // Behind a marker, Asterisk got nothing else: no second Swallow, no second list.
+    publish(
+        &js,
+        "t.action.fake",
+        request("marker", "Marker", 0).encode_to_vec(),
+    )
+    .await;
+    let after = session.until_action("Marker").await;
+    assert!(
+        after.iter().all(|a| a.action().eq_ignore_ascii_case("Ping")
+            || a.action().eq_ignore_ascii_case("Marker")),
+        "only keepalives and the marker reached Asterisk after the crash: {after:?}"
+    );
+    let r = next_result(&mut replies).await;
+    assert_eq!(r.request_id, "marker");
+    wait_acked(&js, 4).await;
+    let snap = amibus.stats.snapshot();
+    assert_eq!(snap.journal_loaded, 2, "{snap:?}");
+    assert!(snap.journal_restart_unknown >= 1, "{snap:?}");
+    assert_eq!(snap.journal_write_failures, 0, "{snap:?}");
+    assert_eq!(
+        snap.total("success"),
+        0,
+        "nothing ran but the marker: {snap:?}"
+    );
     amibus.crash();
     support::stop(conn.0, conn.2).await;
     fake.stop();

@@ -2,7 +2,7 @@
 //!
 //! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
 //! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]), the
-//! per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
+//! durable journal behind it ([`journal`]), the per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
 //! implements, and the transports: NATS ([`nats`]) and Kafka ([`kafka`]).
 //!
 //! ```text
@@ -22,9 +22,13 @@
 //! JetStream are at-least-once: a request is acknowledged (offset committed, message acked)
 //! only once its result is published, so one whose result was lost to a crash is read again.
 //!
-//! Limits (as built): the idempotency memory lives in the process, so a request redelivered
-//! after a restart (or to another replica after a re-shard) within the window can run again.
-//! A result the bus keeps refusing (retried a few times, holding its in-flight slot) stays
+//! The idempotency memory survives a restart through the [`journal`]: an action is journaled
+//! before it is sent and its result before its message is acknowledged, so a request
+//! delivered again after a crash is answered (its result, or `outcome_unknown` if it was
+//! running), never run again.
+//!
+//! Limits (as built): the journal is per replica, so a request redelivered to another replica
+//! after a re-shard within the window can run again. A result the bus keeps refusing (retried a few times, holding its in-flight slot) stays
 //! unacknowledged: its Kafka partition's offset stays before it until a restart reads it
 //! again (JetStream delivers it again after `ack_wait`, and the remembered result is
 //! published then).
