@@ -300,7 +300,8 @@ async fn redelivery_joins_the_running_attempt_and_a_crash_before_the_result_rede
     wait_acked(&js, 2).await;
 
     // A crash while `lost` runs: its result is never published, so JetStream delivers it
-    // again to the next amibus, which runs it (its memory died with the process).
+    // again to the next amibus, which runs it (without a journal, its memory died with the process;
+    // see the last test for the journal).
     publish(
         &js,
         "t.action.fake",

@@ -27,7 +27,11 @@
 //!
 //! Must never: send an action twice. The handle never retries; a session lost after sending
 //! answers `outcome_unknown`. Rejections that mean "nothing ran, try later" (`retriable`) are
-//! not remembered, so a retry with the same id may run; every other result is.
+//! not remembered, so a retry with the same id may run; every other result is. With a
+//! [`Journal`] ([`Controller::with_journal`]) the memory survives a restart: a `Begin` is
+//! written before the action is sent (if it cannot be, the request is rejected
+//! `journal_unavailable`, retriable, and nothing is sent), and its result (`Done`, or `Forget`
+//! when nothing ran) before any message of the request is acknowledged.
 
 use std::collections::HashMap;
 use std::future::Future;
