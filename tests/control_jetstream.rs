@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use amibus::control::journal::{JournalConfig, JournalFsync, RESTARTED_REASON};
 use amibus::control::nats::{JetStreamRequestSource, JetStreamRequests, NatsResultPublisher};
-use amibus::control::{AllowList, ControlConfig, ControlStats, Controller, Target};
+use amibus::control::{
+    AllowList, ControlConfig, ControlStats, Controller, PublishError, Publisher, Target,
+};
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus};
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -51,6 +53,22 @@ fn status(r: &ActionResult) -> ActionStatus {
     ActionStatus::try_from(r.status).unwrap_or(ActionStatus::Unspecified)
 }
 
+/// Publishes through `inner`; for the request id `stall`, then waits forever.
+struct Stalling {
+    inner: NatsResultPublisher,
+    stall: Option<&'static str>,
+}
+
+impl Publisher for Stalling {
+    async fn publish(&self, to: Option<&str>, result: &ActionResult) -> Result<(), PublishError> {
+        self.inner.publish(to, result).await?;
+        if self.stall == Some(result.request_id.as_str()) {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
 /// One amibus consumer in a runtime of its own.
 struct Amibus {
     rt: tokio::runtime::Runtime,
@@ -59,15 +77,18 @@ struct Amibus {
 
 impl Amibus {
     async fn start(url: &str, targets: HashMap<String, Target>, ack_wait: Duration) -> Amibus {
-        Amibus::start_with(url, targets, ack_wait, None).await
+        Amibus::start_with(url, targets, ack_wait, None, None).await
     }
 
-    /// With `journal`, the controller keeps its idempotency memory in that file.
+    /// With `journal`, the controller keeps its idempotency memory in that file; with
+    /// `stall`, publishing a result for that request id never returns once the result is on
+    /// the bus, so that message is never acknowledged (an acknowledgement lost to a crash).
     async fn start_with(
         url: &str,
         targets: HashMap<String, Target>,
         ack_wait: Duration,
         journal: Option<&Path>,
+        stall: Option<&'static str>,
     ) -> Amibus {
         let journal = journal.map(|path| JournalConfig {
             path: path.to_owned(),
@@ -88,7 +109,10 @@ impl Amibus {
                     answer_not_owned: false,
                     ..ControlConfig::default()
                 };
-                let publisher = NatsResultPublisher::new(client.clone(), "t.result.{server}");
+                let publisher = Stalling {
+                    inner: NatsResultPublisher::new(client.clone(), "t.result.{server}"),
+                    stall,
+                };
                 let mut controller =
                     Controller::new(targets, Arc::new(|_: &str| true), control, publisher);
                 if let Some(j) = &journal {
@@ -341,19 +365,30 @@ async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twic
     let dir = tempfile::tempdir().expect("tempdir");
     let journal: PathBuf = dir.path().join("control-journal");
     let ack_wait = Duration::from_millis(500);
-    let amibus = Amibus::start_with(&nats.url(), targets.clone(), ack_wait, Some(&journal)).await;
+    // The first amibus publishes the result of `listed` but never acknowledges it.
+    let amibus = Amibus::start_with(
+        &nats.url(),
+        targets.clone(),
+        ack_wait,
+        Some(&journal),
+        Some("listed"),
+    )
+    .await;
     let mut replies = client.subscribe("t.reply.>").await.expect("sub");
     client.flush().await.expect("flush");
 
-    // `listed` completes (and is acknowledged); `lost` is running when amibus crashes.
-    let listed = request("listed", "CoreShowChannels", 0).encode_to_vec();
-    publish(&js, "t.action.fake", listed.clone()).await;
-    let r = next_result(&mut replies).await;
+    // `listed` completes (its ack is lost); `lost` is running when amibus crashes.
+    publish(
+        &js,
+        "t.action.fake",
+        request("listed", "CoreShowChannels", 0).encode_to_vec(),
+    )
+    .await;
+    let first = next_result(&mut replies).await;
     assert_eq!(
-        (r.request_id.as_str(), status(&r), r.replayed),
+        (first.request_id.as_str(), status(&first), first.replayed),
         ("listed", ActionStatus::Success, false)
     );
-    wait_acked(&js, 1).await;
     publish(
         &js,
         "t.action.fake",
@@ -368,31 +403,18 @@ async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twic
         "{before:?}"
     );
     amibus.crash();
-
-    // The new amibus reads the journal: JetStream delivers `lost` again (never acknowledged),
-    // and it is answered, not sent.
-    let amibus = Amibus::start_with(&nats.url(), targets, ack_wait, Some(&journal)).await;
-    let r = next_result(&mut replies).await;
+    let i = consumer_info(&js).await;
     assert_eq!(
-        (r.request_id.as_str(), status(&r), r.reason.as_str()),
-        ("lost", ActionStatus::OutcomeUnknown, RESTARTED_REASON)
+        i.ack_floor.stream_sequence, 0,
+        "neither request was acknowledged before the crash"
     );
-    // `listed` arriving again (a lost acknowledgement and a client retry look the same to
-    // amibus: the same request id after the restart) gets its earlier result.
-    publish(&js, "t.action.fake", listed).await;
-    let mut r = next_result(&mut replies).await;
-    while r.request_id == "lost" {
-        // A redelivery of `lost` that raced its acknowledgement: answered the same way.
-        assert_eq!(status(&r), ActionStatus::OutcomeUnknown);
-        r = next_result(&mut replies).await;
-    }
-    assert_eq!(
-        (r.request_id.as_str(), status(&r), r.replayed),
-        ("listed", ActionStatus::Success, true)
-    );
-    assert!(r.response.is_some(), "the earlier reply, kept whole");
 
-    // Behind a marker, Asterisk got nothing else: no second Swallow, no second list.
+    // The new amibus reads the journal; JetStream delivers both again. Neither is sent:
+    // `lost` is answered outcome_unknown, `listed` gets its earlier result.
+    let amibus = Amibus::start_with(&nats.url(), targets, ack_wait, Some(&journal), None).await;
+    // Only the new amibus acknowledges them, each only after publishing its answer.
+    wait_acked(&js, 2).await;
+    // Whatever they made amibus send to Asterisk came before this marker.
     publish(
         &js,
         "t.action.fake",
@@ -405,12 +427,34 @@ async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twic
             || a.action().eq_ignore_ascii_case("Marker")),
         "only keepalives and the marker reached Asterisk after the crash: {after:?}"
     );
-    let r = next_result(&mut replies).await;
-    assert_eq!(r.request_id, "marker");
-    wait_acked(&js, 4).await;
+    wait_acked(&js, 3).await;
+    let mut seen_lost = false;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
+        let r = ActionResult::decode(m.payload).expect("an ActionResult");
+        match r.request_id.as_str() {
+            "lost" => {
+                assert_eq!(
+                    (status(&r), r.reason.as_str(), r.replayed),
+                    (ActionStatus::OutcomeUnknown, RESTARTED_REASON, true)
+                );
+                seen_lost = true;
+            }
+            "listed" => {
+                assert_eq!((status(&r), r.replayed), (ActionStatus::Success, true));
+                assert_eq!(r.response, first.response, "the earlier reply, kept whole");
+            }
+            "marker" => assert_eq!(status(&r), ActionStatus::Error, "Asterisk knows no Marker"),
+            other => panic!("unexpected result for {other}"),
+        }
+    }
+    assert!(seen_lost, "the request running at the crash was answered");
     let snap = amibus.stats.snapshot();
     assert_eq!(snap.journal_loaded, 2, "{snap:?}");
     assert!(snap.journal_restart_unknown >= 1, "{snap:?}");
+    assert!(
+        snap.replayed >= 2,
+        "both answered from the journal: {snap:?}"
+    );
     assert_eq!(snap.journal_write_failures, 0, "{snap:?}");
     assert_eq!(
         snap.total("success"),
