@@ -1142,6 +1142,145 @@ mod tests {
         }
     }
 
+    /// A consumer for server `pbx1`, whose actions arrive on the returned receiver (the
+    /// simulated Asterisk: what it receives was sent), keeping its memory in `journal`.
+    fn journaled_rig(
+        journal: &JournalConfig,
+        broken: bool,
+    ) -> (Rig, mpsc::Receiver<crate::ami::handle::Command>) {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, out) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let publisher = Flaky {
+            fail: AtomicU32::new(0),
+            permanent: false,
+            out: out_tx,
+        };
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let targets = HashMap::from([(
+            "pbx1".to_owned(),
+            Target {
+                handle: Handle::new(Arc::from("pbx1"), cmd_tx),
+                allow: AllowList::new(["read-only"]),
+            },
+        )]);
+        let cfg = ControlConfig {
+            rate: 0.0,
+            ..ControlConfig::default()
+        };
+        let controller = Controller::new(targets, Arc::new(|_: &str| true), cfg, publisher)
+            .with_journal(journal)
+            .expect("journal");
+        if broken {
+            let j = controller.journal.as_ref().expect("journal");
+            lock(j).break_writes().expect("reopen");
+        }
+        let stats = controller.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
+        let rig = Rig {
+            tx,
+            out,
+            acks,
+            ack_tx,
+            stats,
+            stop,
+            task,
+        };
+        (rig, cmd_rx)
+    }
+
+    fn ping(id: &str) -> Vec<u8> {
+        ActionRequest {
+            request_id: id.into(),
+            server: "pbx1".into(),
+            action: "Ping".into(),
+            deadline_ns: now_ns() + 60_000_000_000,
+            timeout_ms: 50_000,
+            ..ActionRequest::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn journal_cfg(dir: &std::path::Path) -> JournalConfig {
+        JournalConfig {
+            path: dir.join("control-journal"),
+            fsync: super::journal::JournalFsync::Never,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_action_the_journal_cannot_record_is_not_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rig, mut asterisk) = journaled_rig(&journal_cfg(dir.path()), true);
+        rig.send("a", ping("a"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1);
+        let r = &results[0];
+        assert_eq!(
+            (r.status, r.reject_code.as_str(), r.retriable),
+            (ActionStatus::Rejected as i32, "journal_unavailable", true)
+        );
+        assert_eq!(acked, ["a"]);
+        assert_eq!(snap.journal_write_failures, 1);
+        assert!(asterisk.try_recv().is_err(), "nothing was sent");
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_journal_answers_and_nothing_is_sent_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = journal_cfg(dir.path());
+        let (mut first, mut asterisk) = journaled_rig(&cfg, false);
+        // `answered` gets its reply; `running` never does: amibus stops first.
+        first.send("answered", ping("answered"), None).await;
+        let answered = asterisk.recv().await.expect("sent");
+        let _ = answered.reply.send(Err(ActionError::TimedOut));
+        let (_, r) = first.out.recv().await.expect("a result");
+        assert_eq!(r.status, ActionStatus::Timeout as i32);
+        first.send("running", ping("running"), None).await;
+        let running = asterisk.recv().await.expect("sent");
+        // The crash: the second amibus opens the journal while `running` is still held.
+
+        let (second, mut asterisk2) = journaled_rig(&cfg, false);
+        second.send("running", ping("running"), None).await;
+        second.send("answered", ping("answered"), None).await;
+        let (results, acked, snap) = second.finish().await;
+        let mut got: Vec<_> = results
+            .iter()
+            .map(|r| {
+                (
+                    r.request_id.as_str(),
+                    r.status,
+                    r.replayed,
+                    r.reason.as_str(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    "answered",
+                    ActionStatus::Timeout as i32,
+                    true,
+                    r.reason.as_str()
+                ),
+                (
+                    "running",
+                    ActionStatus::OutcomeUnknown as i32,
+                    true,
+                    journal::RESTARTED_REASON
+                ),
+            ]
+        );
+        assert_eq!(acked.len(), 2);
+        assert_eq!((snap.journal_loaded, snap.journal_restart_unknown), (2, 1));
+        assert!(asterisk2.try_recv().is_err(), "nothing was sent again");
+        drop(running);
+    }
+
     fn unknown(id: &str, server: &str) -> Vec<u8> {
         ActionRequest {
             request_id: id.into(),

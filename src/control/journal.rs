@@ -382,6 +382,13 @@ impl Journal {
         self.max_bytes.max(self.len.saturating_mul(2))
     }
 
+    /// From now on every write fails (the file is reopened read-only).
+    #[cfg(test)]
+    pub(crate) fn break_writes(&mut self) -> io::Result<()> {
+        self.file = File::open(&self.path)?;
+        Ok(())
+    }
+
     /// Bytes cut off a torn or corrupt tail when the journal was opened.
     pub fn torn_bytes(&self) -> u64 {
         self.torn_bytes
