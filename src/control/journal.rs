@@ -623,6 +623,35 @@ mod tests {
         assert_eq!(again, restored);
     }
 
+    proptest::proptest! {
+        /// Any bytes: no panic, and what parses is a whole-entry prefix that parses the same.
+        #[test]
+        fn parse_takes_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let p = parse(&bytes);
+            proptest::prop_assert!(p.valid_len <= bytes.len());
+            proptest::prop_assert_eq!(parse(&bytes[..p.valid_len]), p);
+        }
+
+        /// A valid journal damaged at any bit keeps exactly the entries before the damage.
+        #[test]
+        fn damage_keeps_the_entries_before_it(at in 0usize..10_000, bit in 0u8..8) {
+            let mut buf = Vec::new();
+            let mut ends = vec![0];
+            for i in 0..6u64 {
+                encode(&begin(&format!("r{i}"), i), &mut buf);
+                ends.push(buf.len());
+                encode(&done(&format!("r{i}"), i), &mut buf);
+                ends.push(buf.len());
+            }
+            let at = at % buf.len();
+            buf[at] ^= 1 << bit;
+            let p = parse(&buf);
+            let before = ends.iter().copied().filter(|&e| e <= at).max().unwrap_or(0);
+            proptest::prop_assert_eq!(p.valid_len, before);
+            proptest::prop_assert_eq!(p.entries.len(), ends.iter().filter(|&&e| e > 0 && e <= at).count());
+        }
+    }
+
     #[test]
     fn a_forgotten_request_is_not_restored() {
         let dir = tempfile::tempdir().expect("tempdir");
