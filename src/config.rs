@@ -190,6 +190,8 @@ pub struct Config {
 /// dedupe_window = "10m"
 /// dedupe_capacity = 100000
 /// dedupe_max_bytes = "64MiB"
+/// journal = "/var/lib/amibus/control-journal" # default: control-journal in spool.dir
+/// journal_fsync = "never"                     # or "always"
 /// rate = 50                                   # actions/s per server; 0 = unlimited
 /// burst = 100
 ///
@@ -212,7 +214,11 @@ pub struct Config {
 pub struct ControlSection {
     pub transport: ControlTransport,
     pub consumer: crate::control::ControlConfig,
+    /// The durable idempotency journal.
+    pub journal: JournalConfig,
 }
+
+pub use crate::control::journal::{JournalConfig, JournalFsync};
 
 /// Where action requests come from and results go.
 #[derive(Clone, Debug, PartialEq)]
@@ -336,6 +342,8 @@ struct RawControl {
     dedupe_window: Option<String>,
     dedupe_capacity: Option<usize>,
     dedupe_max_bytes: Option<RawSize>,
+    journal: Option<PathBuf>,
+    journal_fsync: Option<String>,
     rate: Option<f64>,
     burst: Option<u32>,
 }
@@ -595,7 +603,7 @@ impl Config {
         let shard = validate_shard(raw.shard, env, &mut problems);
         let control = raw
             .control
-            .map(|r| validate_control(r, &sink, shard, &mut problems));
+            .map(|r| validate_control(r, &sink, &spool, shard, &mut problems));
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -1698,6 +1706,7 @@ fn validate_sim(raw: RawSim, problems: &mut Vec<Problem>) -> DemoSim {
 fn validate_control(
     mut raw: RawControl,
     sink: &SinkConfig,
+    spool: &SpoolConfig,
     shard: crate::shard::Shard,
     problems: &mut Vec<Problem>,
 ) -> ControlSection {
@@ -1824,9 +1833,43 @@ fn validate_control(
             js.max_ack_pending = i64::try_from(consumer.max_in_flight).unwrap_or(i64::MAX);
         }
     }
+    let fsync = match raw.journal_fsync.as_deref() {
+        None | Some("never") => JournalFsync::Never,
+        Some("always") => JournalFsync::Always,
+        Some(other) => {
+            problem(
+                problems,
+                "control.journal_fsync",
+                format!("{other:?}: use \"never\" or \"always\""),
+            );
+            JournalFsync::Never
+        }
+    };
+    if raw
+        .journal
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        problem(
+            problems,
+            "control.journal",
+            "must be a file path (default: control-journal in spool.dir)",
+        );
+    }
+    let journal = JournalConfig {
+        path: raw
+            .journal
+            .unwrap_or_else(|| spool.dir.join("control-journal")),
+        fsync,
+        // Compacted past twice what the memory holds (and never below 1 MiB).
+        max_bytes: (consumer.dedupe_max_bytes as u64)
+            .saturating_mul(2)
+            .max(1 << 20),
+    };
     ControlSection {
         transport,
         consumer,
+        journal,
     }
 }
 
@@ -2161,6 +2204,15 @@ mod tests {
         assert_eq!(c.consumer.max_timeout, Duration::from_secs(30));
         assert_eq!(c.consumer.rate, 0.0);
         assert_eq!(c.consumer.dedupe_max_bytes, 1 << 20);
+        assert_eq!(
+            c.journal,
+            JournalConfig {
+                path: PathBuf::from("amibus-spool/control-journal"),
+                fsync: JournalFsync::Never,
+                max_bytes: 2 << 20,
+            },
+            "in the spool directory by default, compacted past twice the memory"
+        );
 
         let err = Config::parse(
             r#"
@@ -2174,6 +2226,8 @@ mod tests {
             subject = "amibus.action"
             rate = -1
             default_timeout = "2m"
+            journal = ""
+            journal_fsync = "sometimes"
             "#,
             &FakeEnv,
         )
@@ -2188,6 +2242,8 @@ mod tests {
                 "control.subject",
                 "control.default_timeout",
                 "control.rate",
+                "control.journal_fsync",
+                "control.journal",
             ]
         );
     }

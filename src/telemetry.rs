@@ -42,6 +42,11 @@
 //! | `amibus_control_receive_errors_total` | counter | | requests the transport could not read (the source retries) |
 //! | `amibus_control_ack_failures_total` | counter | | Kafka offset commits or JetStream acks refused (those requests may be delivered again) |
 //! | `amibus_control_in_flight` | gauge | | actions sent and not yet answered |
+//! | `amibus_control_journal_loaded_total` | counter | | requests read back from the idempotency journal at start |
+//! | `amibus_control_journal_restart_unknown_total` | counter | | requests answered `outcome_unknown` because they ran when amibus stopped (never sent again) |
+//! | `amibus_control_journal_torn_bytes_total` | counter | | bytes of a torn or corrupt journal tail cut off at start |
+//! | `amibus_control_journal_write_failures_total` | counter | | journal writes that failed (before sending: the request is rejected `journal_unavailable`, retriable) |
+//! | `amibus_control_journal_compactions_total` | counter | | journal rewrites keeping only live entries |
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -194,6 +199,26 @@ fn describe() {
         "amibus_control_in_flight",
         "actions sent to Asterisk and not yet answered"
     );
+    describe_counter!(
+        "amibus_control_journal_loaded_total",
+        "requests read back from the idempotency journal at start"
+    );
+    describe_counter!(
+        "amibus_control_journal_restart_unknown_total",
+        "requests answered outcome_unknown because they ran when amibus stopped"
+    );
+    describe_counter!(
+        "amibus_control_journal_torn_bytes_total",
+        "bytes of a torn or corrupt journal tail cut off at start"
+    );
+    describe_counter!(
+        "amibus_control_journal_write_failures_total",
+        "idempotency journal writes that failed"
+    );
+    describe_counter!(
+        "amibus_control_journal_compactions_total",
+        "idempotency journal rewrites keeping only live entries"
+    );
 }
 
 /// The running connections by server id, shared with the code that starts and stops them.
@@ -282,6 +307,13 @@ impl Sources {
             counter!("amibus_control_receive_errors_total").absolute(s.receive_errors);
             counter!("amibus_control_ack_failures_total").absolute(s.ack_failures);
             gauge!("amibus_control_in_flight").set(s.in_flight as f64);
+            counter!("amibus_control_journal_loaded_total").absolute(s.journal_loaded);
+            counter!("amibus_control_journal_restart_unknown_total")
+                .absolute(s.journal_restart_unknown);
+            counter!("amibus_control_journal_torn_bytes_total").absolute(s.journal_torn_bytes);
+            counter!("amibus_control_journal_write_failures_total")
+                .absolute(s.journal_write_failures);
+            counter!("amibus_control_journal_compactions_total").absolute(s.journal_compactions);
         }
     }
 

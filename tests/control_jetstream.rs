@@ -7,17 +7,24 @@
 //! published or acknowledged.
 //!
 //! No assertion depends on timing: waits only guard against hangs.
+//!
+//! Without a journal the idempotency memory dies with the process; with one
+//! ([`Controller::with_journal`]) a request redelivered after the crash is answered from it.
 
 #[path = "support/nats.rs"]
 mod nats_support;
 mod support;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use amibus::control::journal::{JournalConfig, JournalFsync, RESTARTED_REASON};
 use amibus::control::nats::{JetStreamRequestSource, JetStreamRequests, NatsResultPublisher};
-use amibus::control::{AllowList, ControlConfig, ControlStats, Controller, Target};
+use amibus::control::{
+    AllowList, ControlConfig, ControlStats, Controller, PublishError, Publisher, Target,
+};
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus};
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -46,6 +53,22 @@ fn status(r: &ActionResult) -> ActionStatus {
     ActionStatus::try_from(r.status).unwrap_or(ActionStatus::Unspecified)
 }
 
+/// Publishes through `inner`; for the request id `stall`, then waits forever.
+struct Stalling {
+    inner: NatsResultPublisher,
+    stall: Option<&'static str>,
+}
+
+impl Publisher for Stalling {
+    async fn publish(&self, to: Option<&str>, result: &ActionResult) -> Result<(), PublishError> {
+        self.inner.publish(to, result).await?;
+        if self.stall == Some(result.request_id.as_str()) {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
 /// One amibus consumer in a runtime of its own.
 struct Amibus {
     rt: tokio::runtime::Runtime,
@@ -54,6 +77,24 @@ struct Amibus {
 
 impl Amibus {
     async fn start(url: &str, targets: HashMap<String, Target>, ack_wait: Duration) -> Amibus {
+        Amibus::start_with(url, targets, ack_wait, None, None).await
+    }
+
+    /// With `journal`, the controller keeps its idempotency memory in that file; with
+    /// `stall`, publishing a result for that request id never returns once the result is on
+    /// the bus, so that message is never acknowledged (an acknowledgement lost to a crash).
+    async fn start_with(
+        url: &str,
+        targets: HashMap<String, Target>,
+        ack_wait: Duration,
+        journal: Option<&Path>,
+        stall: Option<&'static str>,
+    ) -> Amibus {
+        let journal = journal.map(|path| JournalConfig {
+            path: path.to_owned(),
+            fsync: JournalFsync::Never,
+            max_bytes: 1 << 20,
+        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -68,9 +109,15 @@ impl Amibus {
                     answer_not_owned: false,
                     ..ControlConfig::default()
                 };
-                let publisher = NatsResultPublisher::new(client.clone(), "t.result.{server}");
-                let controller =
+                let publisher = Stalling {
+                    inner: NatsResultPublisher::new(client.clone(), "t.result.{server}"),
+                    stall,
+                };
+                let mut controller =
                     Controller::new(targets, Arc::new(|_: &str| true), control, publisher);
+                if let Some(j) = &journal {
+                    controller = controller.with_journal(j).expect("journal");
+                }
                 let stats = controller.stats();
                 let cfg = JetStreamRequests {
                     stream: STREAM.into(),
@@ -126,7 +173,7 @@ async fn fake() -> (Fake, FakeConn, HashMap<String, Target>, Conn) {
         "fake".to_owned(),
         Target {
             handle: conn.handle.clone(),
-            allow: AllowList::new(["read-only", "Swallow"]),
+            allow: AllowList::new(["read-only", "Swallow", "Marker"]),
         },
     )]);
     (fake, session, targets, (conn, rx, stop))
@@ -277,7 +324,8 @@ async fn redelivery_joins_the_running_attempt_and_a_crash_before_the_result_rede
     wait_acked(&js, 2).await;
 
     // A crash while `lost` runs: its result is never published, so JetStream delivers it
-    // again to the next amibus, which runs it (its memory died with the process).
+    // again to the next amibus, which runs it (without a journal, its memory died with the process;
+    // see the last test for the journal).
     publish(
         &js,
         "t.action.fake",
@@ -303,6 +351,116 @@ async fn redelivery_joins_the_running_attempt_and_a_crash_before_the_result_rede
     assert_eq!(snap.total("success"), 1, "{snap:?}");
     assert_eq!(snap.total("timeout"), 0, "{snap:?}");
     assert_eq!(snap.replayed, 0, "{snap:?}");
+    amibus.crash();
+    support::stop(conn.0, conn.2).await;
+    fake.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twice() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let (fake, mut session, targets, conn) = fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal: PathBuf = dir.path().join("control-journal");
+    let ack_wait = Duration::from_millis(500);
+    // The first amibus publishes the result of `listed` but never acknowledges it.
+    let amibus = Amibus::start_with(
+        &nats.url(),
+        targets.clone(),
+        ack_wait,
+        Some(&journal),
+        Some("listed"),
+    )
+    .await;
+    let mut replies = client.subscribe("t.reply.>").await.expect("sub");
+    client.flush().await.expect("flush");
+
+    // `listed` completes (its ack is lost); `lost` is running when amibus crashes.
+    publish(
+        &js,
+        "t.action.fake",
+        request("listed", "CoreShowChannels", 0).encode_to_vec(),
+    )
+    .await;
+    let first = next_result(&mut replies).await;
+    assert_eq!(
+        (first.request_id.as_str(), status(&first), first.replayed),
+        ("listed", ActionStatus::Success, false)
+    );
+    publish(
+        &js,
+        "t.action.fake",
+        request("lost", "Swallow", 30_000).encode_to_vec(),
+    )
+    .await;
+    let before = session.until_action("Swallow").await;
+    assert!(
+        before
+            .iter()
+            .any(|a| a.action().eq_ignore_ascii_case("CoreShowChannels")),
+        "{before:?}"
+    );
+    amibus.crash();
+    let i = consumer_info(&js).await;
+    assert_eq!(
+        i.ack_floor.stream_sequence, 0,
+        "neither request was acknowledged before the crash"
+    );
+
+    // The new amibus reads the journal; JetStream delivers both again. Neither is sent:
+    // `lost` is answered outcome_unknown, `listed` gets its earlier result.
+    let amibus = Amibus::start_with(&nats.url(), targets, ack_wait, Some(&journal), None).await;
+    // Only the new amibus acknowledges them, each only after publishing its answer.
+    wait_acked(&js, 2).await;
+    // Whatever they made amibus send to Asterisk came before this marker.
+    publish(
+        &js,
+        "t.action.fake",
+        request("marker", "Marker", 0).encode_to_vec(),
+    )
+    .await;
+    let after = session.until_action("Marker").await;
+    assert!(
+        after.iter().all(|a| a.action().eq_ignore_ascii_case("Ping")
+            || a.action().eq_ignore_ascii_case("Marker")),
+        "only keepalives and the marker reached Asterisk after the crash: {after:?}"
+    );
+    wait_acked(&js, 3).await;
+    let mut seen_lost = false;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
+        let r = ActionResult::decode(m.payload).expect("an ActionResult");
+        match r.request_id.as_str() {
+            "lost" => {
+                assert_eq!(
+                    (status(&r), r.reason.as_str(), r.replayed),
+                    (ActionStatus::OutcomeUnknown, RESTARTED_REASON, true)
+                );
+                seen_lost = true;
+            }
+            "listed" => {
+                assert_eq!((status(&r), r.replayed), (ActionStatus::Success, true));
+                assert_eq!(r.response, first.response, "the earlier reply, kept whole");
+            }
+            "marker" => assert_eq!(status(&r), ActionStatus::Error, "Asterisk knows no Marker"),
+            other => panic!("unexpected result for {other}"),
+        }
+    }
+    assert!(seen_lost, "the request running at the crash was answered");
+    let snap = amibus.stats.snapshot();
+    assert_eq!(snap.journal_loaded, 2, "{snap:?}");
+    assert!(snap.journal_restart_unknown >= 1, "{snap:?}");
+    assert!(
+        snap.replayed >= 2,
+        "both answered from the journal: {snap:?}"
+    );
+    assert_eq!(snap.journal_write_failures, 0, "{snap:?}");
+    assert_eq!(
+        snap.total("success"),
+        0,
+        "nothing ran but the marker: {snap:?}"
+    );
     amibus.crash();
     support::stop(conn.0, conn.2).await;
     fake.stop();

@@ -700,7 +700,9 @@ async fn start_control(
         ControlTransport::Nats(n) => {
             let client = crate::sink::nats::connect(&n.nats).await?;
             let publisher = NatsResultPublisher::new(client.clone(), n.result_subject.clone());
-            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher)
+                .with_journal(&ctl.journal)
+                .with_context(|| journal_context(&ctl.journal))?;
             let stats = controller.stats();
             let targets = controller.targets();
             if let Some(js) = &n.jetstream {
@@ -739,7 +741,9 @@ async fn start_control(
         }
         ControlTransport::Kafka(k) => {
             let publisher = KafkaResultPublisher::new(k)?;
-            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher);
+            let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher)
+                .with_journal(&ctl.journal)
+                .with_context(|| journal_context(&ctl.journal))?;
             let stats = controller.stats();
             let targets = controller.targets();
             let source = KafkaRequestSource::new(k, stats.clone())?;
@@ -756,6 +760,13 @@ async fn start_control(
             })
         }
     }
+}
+
+fn journal_context(j: &crate::control::journal::JournalConfig) -> String {
+    format!(
+        "cannot open the control journal {} (set [control] journal to a writable file)",
+        j.path.display()
+    )
 }
 
 fn sink_name(cfg: &SinkConfig) -> &'static str {

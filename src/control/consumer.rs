@@ -27,7 +27,11 @@
 //!
 //! Must never: send an action twice. The handle never retries; a session lost after sending
 //! answers `outcome_unknown`. Rejections that mean "nothing ran, try later" (`retriable`) are
-//! not remembered, so a retry with the same id may run; every other result is.
+//! not remembered, so a retry with the same id may run; every other result is. With a
+//! [`Journal`] ([`Controller::with_journal`]) the memory survives a restart: a `Begin` is
+//! written before the action is sent (if it cannot be, the request is rejected
+//! `journal_unavailable`, retriable, and nothing is sent), and its result (`Done`, or `Forget`
+//! when nothing ran) before any message of the request is acknowledged.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +45,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::dedupe::{Begin, Dedupe};
+use super::journal::{self, Entry, Journal, JournalConfig};
 use super::rate::TokenBucket;
 use super::rules::{self, AllowList, RejectCode, Rejection};
 use crate::ami::record::now_ns;
@@ -218,6 +223,11 @@ pub struct ControlStats {
     receive_errors: AtomicU64,
     ack_failures: AtomicU64,
     in_flight: AtomicU64,
+    journal_loaded: AtomicU64,
+    journal_restart_unknown: AtomicU64,
+    journal_torn_bytes: AtomicU64,
+    journal_write_failures: AtomicU64,
+    journal_compactions: AtomicU64,
 }
 
 /// A copy of [`ControlStats`].
@@ -240,6 +250,16 @@ pub struct ControlSnapshot {
     /// request may be delivered again after a restart.
     pub ack_failures: u64,
     pub in_flight: u64,
+    /// Requests read back from the journal at start (results and ones still running).
+    pub journal_loaded: u64,
+    /// Requests answered `outcome_unknown` because they were running when amibus stopped.
+    pub journal_restart_unknown: u64,
+    /// Bytes of a torn or corrupt journal tail cut off at start.
+    pub journal_torn_bytes: u64,
+    /// Journal entries that could not be written (a `Begin`: the action was not sent).
+    pub journal_write_failures: u64,
+    /// Times the journal was rewritten with its live entries to stay within its size.
+    pub journal_compactions: u64,
 }
 
 impl ControlSnapshot {
@@ -306,6 +326,11 @@ impl ControlStats {
             receive_errors: AtomicU64::new(0),
             ack_failures: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            journal_loaded: AtomicU64::new(0),
+            journal_restart_unknown: AtomicU64::new(0),
+            journal_torn_bytes: AtomicU64::new(0),
+            journal_write_failures: AtomicU64::new(0),
+            journal_compactions: AtomicU64::new(0),
         }
     }
 
@@ -364,6 +389,11 @@ impl ControlStats {
             receive_errors: self.receive_errors.load(Ordering::Relaxed),
             ack_failures: self.ack_failures.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            journal_loaded: self.journal_loaded.load(Ordering::Relaxed),
+            journal_restart_unknown: self.journal_restart_unknown.load(Ordering::Relaxed),
+            journal_torn_bytes: self.journal_torn_bytes.load(Ordering::Relaxed),
+            journal_write_failures: self.journal_write_failures.load(Ordering::Relaxed),
+            journal_compactions: self.journal_compactions.load(Ordering::Relaxed),
         }
     }
 }
@@ -385,6 +415,7 @@ pub struct Controller<P> {
     publisher: Arc<P>,
     stats: Arc<ControlStats>,
     memory: Arc<Mutex<Memory>>,
+    journal: Option<Arc<Mutex<Journal>>>,
     buckets: HashMap<String, TokenBucket>,
     permits: Arc<Semaphore>,
 }
@@ -408,6 +439,7 @@ impl<P: Publisher> Controller<P> {
                 cfg.dedupe_capacity,
                 cfg.dedupe_max_bytes,
             ))),
+            journal: None,
             permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             targets: Targets {
                 map: Arc::new(RwLock::new(Arc::new(targets))),
@@ -419,6 +451,48 @@ impl<P: Publisher> Controller<P> {
             stats,
             buckets,
         }
+    }
+
+    /// Make the idempotency memory durable: open the journal at `cfg.path`, put back every
+    /// request it remembers within `dedupe_window` (a result is replayed to a duplicate; one
+    /// that was running when amibus stopped is answered `outcome_unknown` and never sent
+    /// again), and record each action sent from now on. Call it before [`Controller::run`].
+    ///
+    /// # Errors
+    /// The journal cannot be read, created or rewritten.
+    pub fn with_journal(mut self, cfg: &JournalConfig) -> std::io::Result<Self> {
+        let (j, restored) = Journal::open(cfg, self.cfg.dedupe_window)?;
+        let now = Instant::now();
+        let now_ms = journal::unix_ms(std::time::SystemTime::now());
+        {
+            let mut memory = lock(&self.memory);
+            for r in &restored {
+                let age = Duration::from_millis(now_ms.saturating_sub(r.at_unix_ms));
+                let at = now.checked_sub(age).unwrap_or(now);
+                let bytes = r.result.encoded_len();
+                memory.restore(
+                    &r.server,
+                    &r.request_id,
+                    Arc::new(r.result.clone()),
+                    bytes,
+                    at,
+                );
+            }
+        }
+        let unknown = restored
+            .iter()
+            .filter(|r| journal::is_restart_unknown(&r.result))
+            .count();
+        tracing::info!(path = %cfg.path.display(), loaded = restored.len(), running = unknown, "control: idempotency journal read back");
+        let stats = &self.stats;
+        stats
+            .journal_loaded
+            .fetch_add(restored.len() as u64, Ordering::Relaxed);
+        stats
+            .journal_torn_bytes
+            .fetch_add(j.torn_bytes(), Ordering::Relaxed);
+        self.journal = Some(Arc::new(Mutex::new(j)));
+        Ok(self)
     }
 
     /// The counters, for telemetry and tests.
@@ -526,6 +600,11 @@ impl<P: Publisher> Controller<P> {
             Begin::Joined => return,
             Begin::Done(earlier, waiter) => {
                 self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                if journal::is_restart_unknown(&earlier) {
+                    self.stats
+                        .journal_restart_unknown
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 let mut again = (*earlier).clone();
                 again.replayed = true;
                 if let Some(t) = again.timings.as_mut() {
@@ -573,11 +652,28 @@ impl<P: Publisher> Controller<P> {
             );
             return self.finish_later(req.clone(), rejected(&req, received_ns, rej), permit);
         }
+        if let Some(j) = &self.journal {
+            let begin = Entry::Begin {
+                server: req.server.clone(),
+                request_id: req.request_id.clone(),
+                action: req.action.clone(),
+                at_unix_ms: journal::unix_ms(std::time::SystemTime::now()),
+            };
+            if !write_journal(j, &self.stats, &begin) {
+                // Sent unjournaled, it could run a second time after a restart.
+                let rej = Rejection::new(
+                    RejectCode::JournalUnavailable,
+                    "the idempotency journal could not record the action, so it was not sent",
+                );
+                return self.finish_later(req.clone(), rejected(&req, received_ns, rej), permit);
+            }
+        }
         let handle = target.handle.clone();
         let await_event = rules::awaited_event(&action);
         let publisher = self.publisher.clone();
         let stats = self.stats.clone();
         let memory = self.memory.clone();
+        let journal = self.journal.clone();
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let _permit = permit;
@@ -592,7 +688,15 @@ impl<P: Publisher> Controller<P> {
             )
             .await;
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            finish(&req, result, &memory, &*publisher, &stats).await;
+            finish(
+                &req,
+                result,
+                &memory,
+                journal.as_deref(),
+                &*publisher,
+                &stats,
+            )
+            .await;
         });
     }
 
@@ -637,21 +741,45 @@ impl<P: Publisher> Controller<P> {
         let memory = self.memory.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            finish(&req, result, &memory, &*publisher, &stats).await;
+            finish(&req, result, &memory, None, &*publisher, &stats).await;
         });
     }
 }
 
-fn lock(m: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Append `entry` to the journal (a write(2), an fsync if configured; a compaction now and
+/// then); false, counted and logged, when it failed.
+fn write_journal(journal: &Mutex<Journal>, stats: &ControlStats, entry: &Entry) -> bool {
+    let mut j = lock(journal);
+    let before = j.compactions();
+    let written = j.append(entry);
+    stats
+        .journal_compactions
+        .fetch_add(j.compactions() - before, Ordering::Relaxed);
+    drop(j);
+    match written {
+        Ok(()) => true,
+        Err(e) => {
+            stats.journal_write_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "control: the idempotency journal could not be written");
+            false
+        }
+    }
+}
+
 /// Remember the result (unless nothing ran and a retry may succeed) and publish it to every
-/// waiter of the request.
+/// waiter of the request. With `journal` (the request was journaled before it was sent), the
+/// journal learns the result first (or that nothing ran), so it is there before any message
+/// is acknowledged; if that write fails, the `Begin` stays, and after a restart the request
+/// is answered `outcome_unknown` rather than run again.
 async fn finish<P: Publisher>(
     req: &ActionRequest,
     mut result: ActionResult,
     memory: &Mutex<Memory>,
+    journal: Option<&Mutex<Journal>>,
     publisher: &P,
     stats: &ControlStats,
 ) {
@@ -670,6 +798,26 @@ async fn finish<P: Publisher>(
     let remember = !code.is_some_and(RejectCode::is_retriable);
     let shared = Arc::new(result);
     let keep = remember.then(|| (shared.clone(), shared.encoded_len()));
+    if let Some(j) = journal {
+        let server = req.server.clone();
+        let request_id = req.request_id.clone();
+        let at_unix_ms = journal::unix_ms(std::time::SystemTime::now());
+        let entry = if remember {
+            Entry::Done {
+                server,
+                request_id,
+                at_unix_ms,
+                result: shared.encode_to_vec(),
+            }
+        } else {
+            Entry::Forget {
+                server,
+                request_id,
+                at_unix_ms,
+            }
+        };
+        write_journal(j, stats, &entry);
+    }
     let waiters = lock(memory).finish(&req.server, &req.request_id, keep, Instant::now());
     for (i, w) in waiters.into_iter().enumerate() {
         if i == 0 {
@@ -992,6 +1140,145 @@ mod tests {
             }
             (results, acked, stats.snapshot())
         }
+    }
+
+    /// A consumer for server `pbx1`, whose actions arrive on the returned receiver (the
+    /// simulated Asterisk: what it receives was sent), keeping its memory in `journal`.
+    fn journaled_rig(
+        journal: &JournalConfig,
+        broken: bool,
+    ) -> (Rig, mpsc::Receiver<crate::ami::handle::Command>) {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, out) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let publisher = Flaky {
+            fail: AtomicU32::new(0),
+            permanent: false,
+            out: out_tx,
+        };
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let targets = HashMap::from([(
+            "pbx1".to_owned(),
+            Target {
+                handle: Handle::new(Arc::from("pbx1"), cmd_tx),
+                allow: AllowList::new(["read-only"]),
+            },
+        )]);
+        let cfg = ControlConfig {
+            rate: 0.0,
+            ..ControlConfig::default()
+        };
+        let controller = Controller::new(targets, Arc::new(|_: &str| true), cfg, publisher)
+            .with_journal(journal)
+            .expect("journal");
+        if broken {
+            let j = controller.journal.as_ref().expect("journal");
+            lock(j).break_writes().expect("reopen");
+        }
+        let stats = controller.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
+        let rig = Rig {
+            tx,
+            out,
+            acks,
+            ack_tx,
+            stats,
+            stop,
+            task,
+        };
+        (rig, cmd_rx)
+    }
+
+    fn ping(id: &str) -> Vec<u8> {
+        ActionRequest {
+            request_id: id.into(),
+            server: "pbx1".into(),
+            action: "Ping".into(),
+            deadline_ns: now_ns() + 60_000_000_000,
+            timeout_ms: 50_000,
+            ..ActionRequest::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn journal_cfg(dir: &std::path::Path) -> JournalConfig {
+        JournalConfig {
+            path: dir.join("control-journal"),
+            fsync: super::journal::JournalFsync::Never,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_action_the_journal_cannot_record_is_not_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rig, mut asterisk) = journaled_rig(&journal_cfg(dir.path()), true);
+        rig.send("a", ping("a"), None).await;
+        let (results, acked, snap) = rig.finish().await;
+        assert_eq!(results.len(), 1);
+        let r = &results[0];
+        assert_eq!(
+            (r.status, r.reject_code.as_str(), r.retriable),
+            (ActionStatus::Rejected as i32, "journal_unavailable", true)
+        );
+        assert_eq!(acked, ["a"]);
+        assert_eq!(snap.journal_write_failures, 1);
+        assert!(asterisk.try_recv().is_err(), "nothing was sent");
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_journal_answers_and_nothing_is_sent_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = journal_cfg(dir.path());
+        let (mut first, mut asterisk) = journaled_rig(&cfg, false);
+        // `answered` gets its reply; `running` never does: amibus stops first.
+        first.send("answered", ping("answered"), None).await;
+        let answered = asterisk.recv().await.expect("sent");
+        let _ = answered.reply.send(Err(ActionError::TimedOut));
+        let (_, r) = first.out.recv().await.expect("a result");
+        assert_eq!(r.status, ActionStatus::Timeout as i32);
+        first.send("running", ping("running"), None).await;
+        let running = asterisk.recv().await.expect("sent");
+        // The crash: the second amibus opens the journal while `running` is still held.
+
+        let (second, mut asterisk2) = journaled_rig(&cfg, false);
+        second.send("running", ping("running"), None).await;
+        second.send("answered", ping("answered"), None).await;
+        let (results, acked, snap) = second.finish().await;
+        let mut got: Vec<_> = results
+            .iter()
+            .map(|r| {
+                (
+                    r.request_id.as_str(),
+                    r.status,
+                    r.replayed,
+                    r.reason.as_str(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    "answered",
+                    ActionStatus::Timeout as i32,
+                    true,
+                    r.reason.as_str()
+                ),
+                (
+                    "running",
+                    ActionStatus::OutcomeUnknown as i32,
+                    true,
+                    journal::RESTARTED_REASON
+                ),
+            ]
+        );
+        assert_eq!(acked.len(), 2);
+        assert_eq!((snap.journal_loaded, snap.journal_restart_unknown), (2, 1));
+        assert!(asterisk2.try_recv().is_err(), "nothing was sent again");
+        drop(running);
     }
 
     fn unknown(id: &str, server: &str) -> Vec<u8> {

@@ -8,7 +8,8 @@
 //! Must never: grow without bound. Finished entries are dropped oldest first once older than
 //! the window, or past `capacity` entries, or past `max_bytes` of results (each counted
 //! in `evicted`). In-flight entries are bounded by the controller's in-flight limit, not here.
-//! The memory is per process: a restart forgets it (see the module docs of `control`).
+//! The memory itself is per process; what must survive a restart is put back from the journal
+//! ([`Dedupe::restore`], see `control::journal`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -119,6 +120,15 @@ impl<R, W> Dedupe<R, W> {
         waiters
     }
 
+    /// Remember a result that finished at `at` (read back from the journal at start). Call it
+    /// in ascending `at` order, before any other use, so the memory keeps its finishing order.
+    pub fn restore(&mut self, server: &str, id: &str, result: Arc<R>, bytes: usize, at: Instant) {
+        self.map
+            .entry((server.to_owned(), id.to_owned()))
+            .or_insert_with(|| Slot::InFlight(Vec::new()));
+        self.finish(server, id, Some((result, bytes)), at);
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some((at, _, _)) = self.order.front() {
             let old = now.saturating_duration_since(*at) > self.window;
@@ -204,6 +214,21 @@ mod tests {
         let much_later = t0 + Duration::from_secs(61);
         assert_eq!(d.begin("s", "a", 3, much_later), Begin::New);
         assert_eq!(d.evicted(), 0);
+    }
+
+    #[test]
+    fn a_restored_result_replays_and_ages_from_when_it_finished() {
+        let t0 = Instant::now();
+        let mut d: Dedupe<&str, u32> = Dedupe::new(Duration::from_secs(60), 10, 1 << 20);
+        d.restore("s", "a", Arc::new("earlier"), 1, t0);
+        assert_eq!(
+            d.begin("s", "a", 1, t0),
+            Begin::Done(Arc::new("earlier"), 1)
+        );
+        assert_eq!(
+            d.begin("s", "a", 2, t0 + Duration::from_secs(61)),
+            Begin::New
+        );
     }
 
     #[test]

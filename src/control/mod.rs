@@ -1,9 +1,10 @@
 //! Actions from the bus back to Asterisk: safe, correlated, exactly one attempt.
 //!
 //! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
-//! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]), the
-//! per-server token buckets ([`rate`]), the [`Source`] / [`Publisher`] traits a transport
-//! implements, and the transports: NATS ([`nats`]) and Kafka ([`kafka`]).
+//! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]) and
+//! the durable journal behind it ([`journal`]), the per-server token buckets ([`rate`]), the
+//! [`Source`] / [`Publisher`] traits a transport implements, and the transports: NATS
+//! ([`nats`]) and Kafka ([`kafka`]).
 //!
 //! ```text
 //! bus ──▶ Source ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
@@ -22,15 +23,22 @@
 //! JetStream are at-least-once: a request is acknowledged (offset committed, message acked)
 //! only once its result is published, so one whose result was lost to a crash is read again.
 //!
-//! Limits (as built): the idempotency memory lives in the process, so a request redelivered
-//! after a restart (or to another replica after a re-shard) within the window can run again.
-//! A result the bus keeps refusing (retried a few times, holding its in-flight slot) stays
-//! unacknowledged: its Kafka partition's offset stays before it until a restart reads it
-//! again (JetStream delivers it again after `ack_wait`, and the remembered result is
-//! published then).
+//! The idempotency memory survives a restart through the [`journal`]: an action is journaled
+//! before it is sent and its result before its message is acknowledged, so a request
+//! delivered again after a crash is answered (its result, or `outcome_unknown` if it was
+//! running), never run again.
+//!
+//! Limits (as built): the journal is per replica, so a request redelivered to another replica
+//! after a re-shard within the window can run again; nothing locks the file against a second
+//! amibus using the same path. Journal writes (and a compaction, when the file outgrows its
+//! limit) are synchronous file I/O on the consumer's tasks. A result the bus keeps refusing
+//! (retried a few times, holding its in-flight slot) stays unacknowledged: its Kafka
+//! partition's offset stays before it until a restart reads it again (JetStream delivers it
+//! again after `ack_wait`), and the remembered result is published then.
 
 pub mod consumer;
 pub mod dedupe;
+pub mod journal;
 pub mod kafka;
 pub mod nats;
 pub mod rate;

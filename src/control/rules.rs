@@ -84,10 +84,13 @@ pub enum RejectCode {
     Busy,
     /// amibus is stopping.
     ShuttingDown,
+    /// The idempotency journal could not record the action, so it was not sent (sending it
+    /// unjournaled could run it twice after a restart).
+    JournalUnavailable,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 10] = [
+    pub const ALL: [RejectCode; 11] = [
         RejectCode::Malformed,
         RejectCode::MissingField,
         RejectCode::InvalidHeader,
@@ -98,6 +101,7 @@ impl RejectCode {
         RejectCode::NotConnected,
         RejectCode::Busy,
         RejectCode::ShuttingDown,
+        RejectCode::JournalUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +116,7 @@ impl RejectCode {
             RejectCode::NotConnected => "not_connected",
             RejectCode::Busy => "busy",
             RejectCode::ShuttingDown => "shutting_down",
+            RejectCode::JournalUnavailable => "journal_unavailable",
         }
     }
 
@@ -124,6 +129,7 @@ impl RejectCode {
                 | RejectCode::NotConnected
                 | RejectCode::Busy
                 | RejectCode::ShuttingDown
+                | RejectCode::JournalUnavailable
         )
     }
 

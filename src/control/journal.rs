@@ -1,0 +1,707 @@
+//! The durable idempotency journal: which actions were sent to Asterisk, and their results,
+//! so a request delivered again after a restart is answered instead of run again.
+//!
+//! Owns: one append-only file of entries, each `[u32 body_len][u32 crc32(body)][body]`
+//! (little endian), with `body = [u8 kind][u64 at_unix_ms][u32 len][server][u32 len]
+//! [request_id][u32 len][action][result to the end]` (kind 1 = [`Entry::Begin`], kind 2 =
+//! [`Entry::Done`], whose result is an encoded `ActionResult`, kind 3 = [`Entry::Forget`]).
+//!
+//! The controller writes `Begin` (handed to the OS with write(2); fsync only with
+//! [`JournalFsync::Always`]) before an action is sent, and `Done` before its result is
+//! published (so before the message is acknowledged). At start, [`Journal::open`] reads the
+//! file back: every request within the dedupe window comes back as a [`Restored`] result
+//! (its `Done` result, or `outcome_unknown` for a `Begin` without `Done`: it may have reached
+//! Asterisk, so it is never sent again), and the file is rewritten with those entries only.
+//!
+//! Must never: crash or refuse to start on a torn or corrupt file (the bad tail is cut off and
+//! counted in [`Journal::torn_bytes`]), grow without bound (past `max_bytes` it is compacted
+//! to the entries within the window, atomically: tmp file, fsync, rename; if those are still
+//! more than half of `max_bytes`, the oldest are dropped, as the memory drops results).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut};
+use prost::Message;
+
+use crate::model::pb::{ActionResult, ActionStatus, ActionTimings};
+
+/// The reason given for a request that was running when amibus stopped.
+pub const RESTARTED_REASON: &str = "amibus restarted while this action ran; it is not sent again";
+
+const FRAME_HEADER: usize = 8;
+/// The largest entry body accepted when reading back; anything larger is corruption.
+const MAX_ENTRY_BYTES: usize = 64 << 20;
+const KIND_BEGIN: u8 = 1;
+const KIND_DONE: u8 = 2;
+const KIND_FORGET: u8 = 3;
+
+/// When journal writes are forced to stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalFsync {
+    /// Leave it to the OS: survives a crash of amibus, not of the machine.
+    Never,
+    /// After every entry (an fsync before each action is sent).
+    Always,
+}
+
+/// Where the journal lives and how it is written; see `[control]` in the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JournalConfig {
+    pub path: PathBuf,
+    pub fsync: JournalFsync,
+    /// Past this size the file is compacted.
+    pub max_bytes: u64,
+}
+
+/// One journal entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// The action is about to be sent.
+    Begin {
+        server: String,
+        request_id: String,
+        action: String,
+        at_unix_ms: u64,
+    },
+    /// Its result (an encoded `ActionResult`) is known and remembered.
+    Done {
+        server: String,
+        request_id: String,
+        at_unix_ms: u64,
+        result: Vec<u8>,
+    },
+    /// Nothing ran (a retriable rejection such as `not_connected`): a retry may run it.
+    Forget {
+        server: String,
+        request_id: String,
+        at_unix_ms: u64,
+    },
+}
+
+impl Entry {
+    fn key(&self) -> (&str, &str) {
+        match self {
+            Entry::Begin {
+                server, request_id, ..
+            }
+            | Entry::Done {
+                server, request_id, ..
+            }
+            | Entry::Forget {
+                server, request_id, ..
+            } => (server, request_id),
+        }
+    }
+
+    fn at_unix_ms(&self) -> u64 {
+        match self {
+            Entry::Begin { at_unix_ms, .. }
+            | Entry::Done { at_unix_ms, .. }
+            | Entry::Forget { at_unix_ms, .. } => *at_unix_ms,
+        }
+    }
+}
+
+/// Append `entry`, framed, to `out`.
+pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.put_u32_le(0);
+    out.put_u32_le(0);
+    let (kind, server, id, action, at, result): (u8, &str, &str, &str, u64, &[u8]) = match entry {
+        Entry::Begin {
+            server,
+            request_id,
+            action,
+            at_unix_ms,
+        } => (KIND_BEGIN, server, request_id, action, *at_unix_ms, &[]),
+        Entry::Done {
+            server,
+            request_id,
+            at_unix_ms,
+            result,
+        } => (KIND_DONE, server, request_id, "", *at_unix_ms, result),
+        Entry::Forget {
+            server,
+            request_id,
+            at_unix_ms,
+        } => (KIND_FORGET, server, request_id, "", *at_unix_ms, &[]),
+    };
+    out.put_u8(kind);
+    out.put_u64_le(at);
+    for s in [server, id, action] {
+        out.put_u32_le(s.len() as u32);
+        out.put_slice(s.as_bytes());
+    }
+    out.put_slice(result);
+    let body_len = out.len() - start - FRAME_HEADER;
+    let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What [`parse`] found in a journal's bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub entries: Vec<Entry>,
+    /// The bytes of whole, valid entries from the start; everything after is torn or corrupt.
+    pub valid_len: usize,
+}
+
+/// Read entries from the start of `buf` until its end or the first entry that is cut short,
+/// fails its checksum or does not decode.
+pub fn parse(buf: &[u8]) -> Parsed {
+    let mut entries = Vec::new();
+    let mut at = 0;
+    while let Some(head) = buf.get(at..at + FRAME_HEADER) {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len > MAX_ENTRY_BYTES {
+            break;
+        }
+        let Some(body) = buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len) else {
+            break;
+        };
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        let Some(entry) = parse_body(body) else {
+            break;
+        };
+        entries.push(entry);
+        at += FRAME_HEADER + len;
+    }
+    Parsed {
+        entries,
+        valid_len: at,
+    }
+}
+
+fn parse_body(mut body: &[u8]) -> Option<Entry> {
+    if body.remaining() < 1 + 8 {
+        return None;
+    }
+    let kind = body.get_u8();
+    let at_unix_ms = body.get_u64_le();
+    let mut text = || -> Option<String> {
+        if body.remaining() < 4 {
+            return None;
+        }
+        let len = body.get_u32_le() as usize;
+        let s = std::str::from_utf8(body.get(..len)?).ok()?.to_owned();
+        body.advance(len);
+        Some(s)
+    };
+    let server = text()?;
+    let request_id = text()?;
+    let action = text()?;
+    match kind {
+        KIND_BEGIN if body.is_empty() => Some(Entry::Begin {
+            server,
+            request_id,
+            action,
+            at_unix_ms,
+        }),
+        KIND_FORGET if body.is_empty() => Some(Entry::Forget {
+            server,
+            request_id,
+            at_unix_ms,
+        }),
+        KIND_DONE => Some(Entry::Done {
+            server,
+            request_id,
+            at_unix_ms,
+            result: body.to_vec(),
+        }),
+        _ => None,
+    }
+}
+
+/// The time now, as the journal stores it.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The entries still live at `now`: the last entry of each request within `window`, oldest
+/// first, then the newest that fit in `max_bytes` (encoded) when there is a bound.
+fn live(entries: Vec<Entry>, window: Duration, now_ms: u64, max_bytes: Option<u64>) -> Vec<Entry> {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let fresh = |e: &Entry| now_ms.saturating_sub(e.at_unix_ms()) <= window_ms;
+    // The last entry per request wins (a `Done` follows its `Begin`).
+    let mut last: HashMap<(String, String), usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let (s, r) = e.key();
+        last.insert((s.to_owned(), r.to_owned()), i);
+    }
+    let mut keep: Vec<Entry> = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| {
+            let (s, r) = e.key();
+            last.get(&(s.to_owned(), r.to_owned())) == Some(i)
+                && fresh(e)
+                && !matches!(e, Entry::Forget { .. })
+        })
+        .map(|(_, e)| e)
+        .collect();
+    keep.sort_by_key(Entry::at_unix_ms);
+    if let Some(max) = max_bytes {
+        let mut total = 0u64;
+        let mut first = keep.len();
+        for e in keep.iter().rev() {
+            let mut buf = Vec::new();
+            encode(e, &mut buf);
+            if total + buf.len() as u64 > max {
+                break;
+            }
+            total += buf.len() as u64;
+            first -= 1;
+        }
+        keep.drain(..first);
+    }
+    keep
+}
+
+/// A request the journal remembers, to put back in the idempotency memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Restored {
+    pub server: String,
+    pub request_id: String,
+    /// When it was written.
+    pub at_unix_ms: u64,
+    /// Its result; `outcome_unknown` ([`RESTARTED_REASON`]) when it was still running.
+    pub result: ActionResult,
+}
+
+/// The open journal; see the module docs.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    fsync: JournalFsync,
+    max_bytes: u64,
+    window: Duration,
+    len: u64,
+    /// Compact when the file grows past this (at least `max_bytes`).
+    compact_at: u64,
+    torn_bytes: u64,
+    compactions: u64,
+}
+
+impl Journal {
+    /// Open (or create) the journal at `cfg.path`, read back what it remembers within
+    /// `window` (cutting off a torn or corrupt tail), and rewrite it with those entries only.
+    ///
+    /// # Errors
+    /// The file cannot be read, created or replaced (a missing directory is created).
+    pub fn open(cfg: &JournalConfig, window: Duration) -> io::Result<(Journal, Vec<Restored>)> {
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let bytes = match std::fs::read(&cfg.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let parsed = parse(&bytes);
+        let torn_bytes = (bytes.len() - parsed.valid_len) as u64;
+        if torn_bytes > 0 {
+            tracing::warn!(path = %cfg.path.display(), torn_bytes, "control journal: a torn or corrupt tail was cut off");
+        }
+        let now_ms = unix_ms(SystemTime::now());
+        let keep = live(parsed.entries, window, now_ms, Some(cfg.max_bytes / 2));
+        let restored = keep.iter().filter_map(restore).collect();
+        let (file, len) = rewrite(&cfg.path, &keep)?;
+        let mut journal = Journal {
+            path: cfg.path.clone(),
+            file,
+            fsync: cfg.fsync,
+            max_bytes: cfg.max_bytes,
+            window,
+            len,
+            compact_at: 0,
+            torn_bytes,
+            compactions: 0,
+        };
+        journal.compact_at = journal.next_compaction();
+        Ok((journal, restored))
+    }
+
+    /// Append `entry`, then compact the file if it grew past its limit (a failed compaction
+    /// is logged and tried again once the file has doubled; the entry is written either way).
+    ///
+    /// # Errors
+    /// The write (or fsync) failed; the entry may not be in the journal.
+    pub fn append(&mut self, entry: &Entry) -> io::Result<()> {
+        let mut buf = Vec::new();
+        encode(entry, &mut buf);
+        if let Err(e) = self.file.write_all(&buf) {
+            // A partial write leaves a torn entry that later appends would hide behind:
+            // cut back to what was whole.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        if self.fsync == JournalFsync::Always {
+            self.file.sync_data()?;
+        }
+        self.len += buf.len() as u64;
+        if self.len > self.compact_at
+            && let Err(e) = self.compact()
+        {
+            // The entry is written; keep appending to the old file and try again later.
+            tracing::warn!(path = %self.path.display(), error = %e, "control journal: compaction failed");
+            self.compact_at = self.len.saturating_mul(2);
+        }
+        Ok(())
+    }
+
+    /// Rewrite the file with the entries still live.
+    ///
+    /// # Errors
+    /// Reading or replacing the file failed; the old file stays in place.
+    pub fn compact(&mut self) -> io::Result<()> {
+        let bytes = std::fs::read(&self.path)?;
+        let parsed = parse(&bytes);
+        let keep = live(
+            parsed.entries,
+            self.window,
+            unix_ms(SystemTime::now()),
+            Some(self.max_bytes / 2),
+        );
+        (self.file, self.len) = rewrite(&self.path, &keep)?;
+        self.compact_at = self.next_compaction();
+        self.compactions += 1;
+        Ok(())
+    }
+
+    fn next_compaction(&self) -> u64 {
+        self.max_bytes.max(self.len.saturating_mul(2))
+    }
+
+    /// From now on every write fails (the file is reopened read-only).
+    #[cfg(test)]
+    pub(crate) fn break_writes(&mut self) -> io::Result<()> {
+        self.file = File::open(&self.path)?;
+        Ok(())
+    }
+
+    /// Bytes cut off a torn or corrupt tail when the journal was opened.
+    pub fn torn_bytes(&self) -> u64 {
+        self.torn_bytes
+    }
+
+    /// Compactions since the journal was opened (the one at open not counted).
+    pub fn compactions(&self) -> u64 {
+        self.compactions
+    }
+
+    /// The size of the file.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Write `entries` to a tmp file next to `path`, fsync it, rename it over `path`, and fsync
+/// the directory; returns the file, open for the next appends (it is the renamed inode, so
+/// nothing is written to the replaced one), and its size.
+fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
+    let mut buf = Vec::new();
+    for e in entries {
+        encode(e, &mut buf);
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&tmp)?;
+    file.write_all(&buf)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok((file, buf.len() as u64))
+}
+
+/// The result a live entry stands for; `None` for a `Done` whose result does not decode.
+fn restore(entry: &Entry) -> Option<Restored> {
+    match entry {
+        Entry::Begin {
+            server,
+            request_id,
+            action,
+            at_unix_ms,
+        } => Some(Restored {
+            server: server.clone(),
+            request_id: request_id.clone(),
+            at_unix_ms: *at_unix_ms,
+            result: ActionResult {
+                request_id: request_id.clone(),
+                server: server.clone(),
+                action: action.clone(),
+                status: ActionStatus::OutcomeUnknown as i32,
+                reason: RESTARTED_REASON.to_owned(),
+                timings: Some(ActionTimings {
+                    received_ns: 0,
+                    sent_ns: i64::try_from(*at_unix_ms)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(1_000_000),
+                    completed_ns: 0,
+                }),
+                ..ActionResult::default()
+            },
+        }),
+        Entry::Done {
+            server,
+            request_id,
+            at_unix_ms,
+            result,
+        } => Some(Restored {
+            server: server.clone(),
+            request_id: request_id.clone(),
+            at_unix_ms: *at_unix_ms,
+            result: ActionResult::decode(result.as_slice()).ok()?,
+        }),
+        Entry::Forget { .. } => None,
+    }
+}
+
+/// Whether `result` is the answer for a request that was running when amibus restarted.
+pub fn is_restart_unknown(result: &ActionResult) -> bool {
+    result.status == ActionStatus::OutcomeUnknown as i32 && result.reason == RESTARTED_REASON
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin(id: &str, at: u64) -> Entry {
+        Entry::Begin {
+            server: "pbx1".into(),
+            request_id: id.into(),
+            action: "Originate".into(),
+            at_unix_ms: at,
+        }
+    }
+
+    fn done(id: &str, at: u64) -> Entry {
+        let result = ActionResult {
+            request_id: id.into(),
+            server: "pbx1".into(),
+            action: "Originate".into(),
+            status: ActionStatus::Success as i32,
+            ..ActionResult::default()
+        };
+        Entry::Done {
+            server: "pbx1".into(),
+            request_id: id.into(),
+            at_unix_ms: at,
+            result: result.encode_to_vec(),
+        }
+    }
+
+    fn cfg(dir: &Path) -> JournalConfig {
+        JournalConfig {
+            path: dir.join("sub").join("control-journal"),
+            fsync: JournalFsync::Never,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    fn now() -> u64 {
+        unix_ms(SystemTime::now())
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn entries_round_trip() {
+        let forget = Entry::Forget {
+            server: "s".into(),
+            request_id: "x".into(),
+            at_unix_ms: 4,
+        };
+        let entries = vec![begin("a", 1), done("a", 2), begin("", 3), forget];
+        let mut buf = Vec::new();
+        for e in &entries {
+            encode(e, &mut buf);
+        }
+        let p = parse(&buf);
+        assert_eq!(p.entries, entries);
+        assert_eq!(p.valid_len, buf.len());
+        assert_eq!(parse(&[]), Parsed::default());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_at_every_length() {
+        let mut buf = Vec::new();
+        encode(&begin("a", 1), &mut buf);
+        let whole = buf.len();
+        encode(&done("a", 2), &mut buf);
+        for cut in whole..buf.len() {
+            let p = parse(&buf[..cut]);
+            assert_eq!((p.entries.len(), p.valid_len), (1, whole), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_checksum_and_ends_the_journal_there() {
+        let mut buf = Vec::new();
+        encode(&begin("a", 1), &mut buf);
+        let whole = buf.len();
+        encode(&begin("b", 2), &mut buf);
+        encode(&begin("c", 3), &mut buf);
+        buf[whole + FRAME_HEADER + 3] ^= 1;
+        let p = parse(&buf);
+        assert_eq!((p.entries, p.valid_len), (vec![begin("a", 1)], whole));
+        // An absurd length is corruption too, not an allocation.
+        let mut bad = u32::MAX.to_le_bytes().to_vec();
+        bad.extend_from_slice(&[0; 12]);
+        assert_eq!(parse(&bad).valid_len, 0);
+    }
+
+    #[test]
+    fn open_restores_what_is_within_the_window_and_counts_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = cfg(dir.path());
+        let t = now();
+        let old = t - 2 * 3_600_000;
+        let mut buf = Vec::new();
+        for e in [
+            begin("expired", old),
+            done("expired", old),
+            begin("ran", t - 10),
+            done("ran", t - 5),
+            begin("running", t - 1),
+        ] {
+            encode(&e, &mut buf);
+        }
+        let whole = buf.len();
+        encode(&begin("torn", t), &mut buf);
+        buf.truncate(buf.len() - 3);
+        std::fs::create_dir_all(cfg.path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&cfg.path, &buf).expect("write");
+
+        let (journal, restored) = Journal::open(&cfg, HOUR).expect("open");
+        assert_eq!(journal.torn_bytes(), (buf.len() - whole) as u64);
+        let got: Vec<_> = restored
+            .iter()
+            .map(|r| {
+                (
+                    r.request_id.as_str(),
+                    ActionStatus::try_from(r.result.status).expect("status"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ran", ActionStatus::Success),
+                ("running", ActionStatus::OutcomeUnknown)
+            ]
+        );
+        assert!(is_restart_unknown(&restored[1].result));
+        assert_eq!(restored[1].result.action, "Originate");
+        drop(journal);
+        // Rewritten compacted: the live entries only, no tail.
+        let p = parse(&std::fs::read(&cfg.path).expect("read"));
+        assert_eq!(p.entries, vec![done("ran", t - 5), begin("running", t - 1)]);
+        let (_, again) = Journal::open(&cfg, HOUR).expect("reopen");
+        assert_eq!(again, restored);
+    }
+
+    proptest::proptest! {
+        /// Any bytes: no panic, and what parses is a whole-entry prefix that parses the same.
+        #[test]
+        fn parse_takes_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let p = parse(&bytes);
+            proptest::prop_assert!(p.valid_len <= bytes.len());
+            proptest::prop_assert_eq!(parse(&bytes[..p.valid_len]), p);
+        }
+
+        /// A valid journal damaged at any bit keeps exactly the entries before the damage.
+        #[test]
+        fn damage_keeps_the_entries_before_it(at in 0usize..10_000, bit in 0u8..8) {
+            let mut buf = Vec::new();
+            let mut ends = vec![0];
+            for i in 0..6u64 {
+                encode(&begin(&format!("r{i}"), i), &mut buf);
+                ends.push(buf.len());
+                encode(&done(&format!("r{i}"), i), &mut buf);
+                ends.push(buf.len());
+            }
+            let at = at % buf.len();
+            buf[at] ^= 1 << bit;
+            let p = parse(&buf);
+            let before = ends.iter().copied().filter(|&e| e <= at).max().unwrap_or(0);
+            proptest::prop_assert_eq!(p.valid_len, before);
+            proptest::prop_assert_eq!(p.entries.len(), ends.iter().filter(|&&e| e > 0 && e <= at).count());
+        }
+    }
+
+    #[test]
+    fn a_forgotten_request_is_not_restored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = cfg(dir.path());
+        let t = now();
+        let (mut journal, _) = Journal::open(&cfg, HOUR).expect("open");
+        journal.append(&begin("a", t)).expect("append");
+        let forget = Entry::Forget {
+            server: "pbx1".into(),
+            request_id: "a".into(),
+            at_unix_ms: t,
+        };
+        journal.append(&forget).expect("append");
+        drop(journal);
+        let (journal, restored) = Journal::open(&cfg, HOUR).expect("reopen");
+        assert!(restored.is_empty() && journal.is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_live_entries_only_and_bounds_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = cfg(dir.path());
+        cfg.max_bytes = 4096;
+        let (mut journal, restored) = Journal::open(&cfg, HOUR).expect("open");
+        assert!(restored.is_empty() && journal.is_empty());
+        let t = now();
+        journal
+            .append(&begin("old", t - 2 * 3_600_000))
+            .expect("append");
+        journal.append(&begin("live", t)).expect("append");
+        journal.compact().expect("compact");
+        assert_eq!(
+            parse(&std::fs::read(&cfg.path).expect("read")).entries,
+            vec![begin("live", t)]
+        );
+        // Appends after a compaction land in the new file.
+        journal.append(&done("live", t)).expect("append");
+        for i in 0..1000 {
+            let id = format!("r{i}");
+            journal.append(&begin(&id, t)).expect("append");
+            journal.append(&done(&id, t)).expect("append");
+            assert!(journal.len() <= cfg.max_bytes, "bounded");
+        }
+        assert!(journal.compactions() > 1);
+        journal.compact().expect("compact");
+        let entries = parse(&std::fs::read(&cfg.path).expect("read")).entries;
+        assert!(
+            entries.iter().all(|e| matches!(e, Entry::Done { .. })),
+            "a Begin followed by its Done is not kept"
+        );
+        assert_eq!(entries.last(), Some(&done("r999", t)), "the newest is kept");
+    }
+}
