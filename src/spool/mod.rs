@@ -97,7 +97,7 @@ impl SpoolConfig {
             max_bytes: 1 << 30,
             fsync: Fsync::Interval(Duration::from_secs(1)),
             when_full: WhenFull::DropOldest,
-            max_in_flight: 100_000,
+            max_in_flight: 20_000,
             memory_bytes: 16 << 20,
         }
     }
