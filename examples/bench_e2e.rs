@@ -991,18 +991,17 @@ fn main() -> anyhow::Result<()> {
     // The machine is shared and noisy: with --repeat, the median ratio per mode.
     let mut medians = BTreeMap::new();
     for &mode in &o.modes {
-        let mut ratios: Vec<f64> = rows
-            .iter()
-            .filter(|r| r.mode == mode.name())
-            .map(|r| r.ratio)
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        let mut us: Vec<f64> = rows
-            .iter()
-            .filter(|r| r.mode == mode.name())
-            .map(|r| r.amibus_cpu_us_per_event)
-            .collect();
-        us.sort_by(f64::total_cmp);
+        let sorted = |f: fn(&Row) -> f64| {
+            let mut v: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.mode == mode.name())
+                .map(f)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let ratios = sorted(|r| r.ratio);
+        let us = sorted(|r| r.amibus_cpu_us_per_event);
         if o.repeat > 1 && !ratios.is_empty() {
             println!(
                 "{:<15} median ratio {:.2} (min {:.2}, max {:.2}) over {} runs; median {:.2} µs CPU/event",

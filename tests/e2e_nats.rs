@@ -449,6 +449,34 @@ async fn a_storm_arrives_whole_once_and_in_order() {
 
 /// The spool's cap is reached while the broker is down: `when_full` is applied, the loss is
 /// published as gap records once the broker is back, and the accounting is exact.
+/// Once both simulated servers flow, stop the broker and let far more than a small spool's cap
+/// arrive (2,000 events; a record is a few hundred bytes).
+async fn fill_the_spool_with_the_broker_down(
+    sim: &SimHandle,
+    reader: &mut StreamReader,
+    nats: &mut NatsServer,
+) {
+    reader
+        .wait_for("events from every server", |got| {
+            View::of(got).events.values().filter(|&&n| n > 20).count() == 2
+        })
+        .await;
+    // A record handed to the broker just before it dies is in doubt: stored, but its PubAck
+    // lost. If the spool then drops it, it is both delivered and named by a gap. Stop the
+    // broker while the simulator pauses and the sink has caught up, so that no record is in
+    // doubt; the tests are about the cap, not about that race.
+    quiesce(sim, reader, 2).await;
+    broker(|| nats.stop());
+    resume(sim, 2);
+    let before = total(&sim_events(sim));
+    within("the storm fills the spool", async {
+        while total(&sim_events(sim)) < before + 2000 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 async fn spool_cap_while_the_broker_is_down(when_full: &str, name: &str) {
     let mut nats = NatsServer::start();
     // Rate-limited and endless: records keep arriving through the outage and after it.
@@ -458,26 +486,7 @@ async fn spool_cap_while_the_broker_is_down(when_full: &str, name: &str) {
         format!("max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"{when_full}\"");
     let (stop, run) = spawn_run(config(&config_toml(&sim, dir.path(), &nats, name, &spool)));
     let mut reader = StreamReader::new(&nats, name).await;
-    reader
-        .wait_for("events from every server", |got| {
-            View::of(got).events.values().filter(|&&n| n > 20).count() == 2
-        })
-        .await;
-    // A record handed to the broker just before it dies is in doubt: stored, but its PubAck
-    // lost. If the spool then drops it, it is both delivered and named by a gap. Stop the
-    // broker while the simulator pauses and the sink has caught up, so that no record is in
-    // doubt; the test is about the cap, not about that race.
-    quiesce(&sim, &mut reader, 2).await;
-    broker(|| nats.stop());
-    resume(&sim, 2);
-    // Far more than the cap arrives while the broker is down (a record is a few hundred bytes).
-    let before = total(&sim_events(&sim));
-    within("the storm fills the spool", async {
-        while total(&sim_events(&sim)) < before + 2000 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats).await;
     // Likewise, the spool drains after the restart while the simulator pauses: a record
     // dropped while in flight to the broker is in doubt too (see the report).
     for i in 0..2 {
@@ -899,22 +908,7 @@ async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
         .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
     let (stop, run) = spawn_run(config(&toml));
     let mut reader = StreamReader::new(&nats, "E2E7").await;
-    reader
-        .wait_for("events from every server", |got| {
-            View::of(got).events.values().filter(|&&n| n > 20).count() == 2
-        })
-        .await;
-    // As in the spool cap tests: no record in flight when the broker stops.
-    quiesce(&sim, &mut reader, 2).await;
-    broker(|| nats.stop());
-    resume(&sim, 2);
-    let before = total(&sim_events(&sim));
-    within("the storm fills the spool", async {
-        while total(&sim_events(&sim)) < before + 2000 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats).await;
     let first = finish(stop, run).await;
     let carried = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
     assert!(
