@@ -44,8 +44,13 @@ fn server_id(i: usize) -> String {
     format!("pbx{}", i + 1)
 }
 
-fn sim_config(servers: usize, rate: u64, count: Option<u64>) -> SimConfig {
+/// The simulator of the test `name`. Its secret is the test's own: an amibus of another test
+/// still reconnecting to a port this simulator got after that test's simulator released it
+/// fails its login here instead of reading this test's events (and is counted as
+/// `auth_failed`, never as a login).
+fn sim_config(name: &str, servers: usize, rate: u64, count: Option<u64>) -> SimConfig {
     SimConfig {
+        secret: secret(name),
         servers,
         rate,
         count,
@@ -55,6 +60,10 @@ fn sim_config(servers: usize, rate: u64, count: Option<u64>) -> SimConfig {
         auth_fail_delay: Duration::from_millis(10),
         ..SimConfig::default()
     }
+}
+
+fn secret(name: &str) -> String {
+    format!("amp111-{name}")
 }
 
 /// An `amibus run` configuration: the simulator's servers → spool in `spool_dir` → JetStream
@@ -70,9 +79,10 @@ fn config_toml(
     for (i, addr) in sim.addrs().iter().enumerate() {
         toml.push_str(&format!(
             "[[server]]\nid = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\n\
-             secret = \"amp111\"\nbackoff_min = \"50ms\"\nbackoff_max = \"200ms\"\n\n",
+             secret = \"{}\"\nbackoff_min = \"50ms\"\nbackoff_max = \"200ms\"\n\n",
             server_id(i),
-            addr.port()
+            addr.port(),
+            secret(name)
         ));
     }
     toml.push_str(&format!(
@@ -383,7 +393,9 @@ fn broker(f: impl FnOnce()) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_arrives_whole_once_and_in_order() {
     let nats = NatsServer::start();
-    let sim = Sim::start(sim_config(3, 0, Some(3000))).await.expect("sim");
+    let sim = Sim::start(sim_config("E2E1", 3, 0, Some(3000)))
+        .await
+        .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let (stop, run) = spawn_run(config(&config_toml(&sim, dir.path(), &nats, "E2E1", "")));
     within("the sim generates", sim.wait_generated()).await;
@@ -480,7 +492,9 @@ async fn fill_the_spool_with_the_broker_down(
 async fn spool_cap_while_the_broker_is_down(when_full: &str, name: &str) {
     let mut nats = NatsServer::start();
     // Rate-limited and endless: records keep arriving through the outage and after it.
-    let sim = Sim::start(sim_config(2, 300, None)).await.expect("sim");
+    let sim = Sim::start(sim_config(name, 2, 300, None))
+        .await
+        .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let spool =
         format!("max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"{when_full}\"");
@@ -572,7 +586,7 @@ async fn a_record_too_large_for_the_broker_is_reported_and_skipped() {
     let sim = Sim::start(SimConfig {
         oversized_every: Some(50),
         oversized_bytes: 4096,
-        ..sim_config(2, 0, Some(1000))
+        ..sim_config("E2E5", 2, 0, Some(1000))
     })
     .await
     .expect("sim");
@@ -625,7 +639,7 @@ async fn a_record_too_large_for_the_broker_is_reported_and_skipped() {
 async fn a_30s_broker_outage_mid_storm_loses_nothing_and_drops_no_ami_session() {
     let mut nats = NatsServer::start();
     // About 25 s of events at 1000/s per server: the storm goes on through most of the outage.
-    let sim = Sim::start(sim_config(2, 1000, Some(25_000)))
+    let sim = Sim::start(sim_config("E2E2", 2, 1000, Some(25_000)))
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -681,8 +695,11 @@ async fn a_30s_broker_outage_mid_storm_loses_nothing_and_drops_no_ami_session() 
         assert_eq!(s.logins, 1, "{id}: {ctx}");
         assert_eq!(report.connections[&id].reconnects, 0, "{id}: {ctx}");
         assert_eq!(report.connections[&id].dropped_records, 0, "{id}: {ctx}");
+        // (`auth_failed`: another test's amibus, see `sim_config`.)
         assert!(
-            s.disconnects.keys().all(|r| *r == "logoff"),
+            s.disconnects
+                .keys()
+                .all(|r| *r == "logoff" || *r == "auth_failed"),
             "{id}: {:?}",
             s.disconnects
         );
@@ -731,7 +748,7 @@ fn pending_in_spool(dir: &Path) -> BTreeSet<(String, u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_storm_then_restart_delivers_everything_that_was_spooled() {
     let nats = NatsServer::start();
-    let sim = Sim::start(sim_config(2, 2000, Some(12_000)))
+    let sim = Sim::start(sim_config("E2E3", 2, 2000, Some(12_000)))
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -839,7 +856,9 @@ async fn sigkill_mid_storm_then_restart_delivers_everything_that_was_spooled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
     let mut nats = NatsServer::start();
-    let sim = Sim::start(sim_config(2, 500, None)).await.expect("sim");
+    let sim = Sim::start(sim_config("E2E6", 2, 500, None))
+        .await
+        .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = config_toml(&sim, dir.path(), &nats, "E2E6", "")
         .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
@@ -901,7 +920,9 @@ async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
     let mut nats = NatsServer::start();
-    let sim = Sim::start(sim_config(2, 500, None)).await.expect("sim");
+    let sim = Sim::start(sim_config("E2E7", 2, 500, None))
+        .await
+        .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = "max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"drop_newest\"";
     let toml = config_toml(&sim, dir.path(), &nats, "E2E7", spool)
