@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,kafka,file]
-//!                   [--repeat N] [--out FILE] [--work DIR]
+//!                   [--repeat N] [--rate EVENTS_PER_S_PER_SERVER] [--out FILE] [--work DIR]
 //! ```
 //!
-//! For each mode, three processes: `amibus sim --rate 0 --count N/servers` (the AMI side),
+//! For each mode, three processes: `amibus sim --rate R --count N/servers` (the AMI side;
+//! R = 0, as fast as TCP allows, unless `--rate` says otherwise),
 //! `amibus run --config <generated>` (so its CPU and RSS are its own), and this one, which
 //! consumes what reaches the broker (a core subscription on the sink's subjects; for Kafka, a
 //! consumer assigned every partition of the topic from the start; for the file sink, the file
@@ -14,7 +15,8 @@
 //!
 //! - throughput: simulated events / (last event consumed − first event read by amibus);
 //! - latency: per event, consumed − `received_at_ns` (stamped by amibus when it read the bytes;
-//!   same machine, same clock). For JetStream the consumer sees a message when the server routes
+//!   same machine, same clock); with `--rate`, events read in the first second (start-up) are
+//!   left out. For JetStream the consumer sees a message when the server routes
 //!   it, which is when the stream stores it and sends the PubAck, give or take scheduling;
 //! - CPU: utime + stime of amibus from /proc/PID/stat over the same window, as % of one core;
 //! - RSS: VmHWM of amibus from /proc/PID/status.
@@ -102,6 +104,10 @@ struct Opts {
     work: Option<PathBuf>,
     /// Runs per mode (round-robin over the modes); the summary gives the median ratio.
     repeat: usize,
+    /// Events per second per simulated server; 0 = as fast as TCP allows (the throughput
+    /// run). With a rate, amibus is not saturated: the latencies are what a consumer sees at
+    /// that load, and the ratio means little (both sides keep up with the offered load).
+    rate: u64,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -120,6 +126,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         amibus: std::env::var_os("AMIBUS_BIN").map_or(default_bin, PathBuf::from),
         work: None,
         repeat: 1,
+        rate: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -131,6 +138,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--amibus" => o.amibus = val()?.into(),
             "--work" => o.work = Some(val()?.into()),
             "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
+            "--rate" => o.rate = val()?.parse()?,
             "--modes" => {
                 o.modes = val()?
                     .split(',')
@@ -226,7 +234,8 @@ struct Seen {
     events: u64,
     first_read_ns: i64,
     last_consumed_ns: i64,
-    latencies_ns: Vec<i64>,
+    /// (read by amibus, read → consumed), per simulated event.
+    latencies_ns: Vec<(i64, i64)>,
     gaps: u64,
     /// Kept for the floor: every message as published.
     messages: Vec<(Subject, Option<HeaderMap>, Bytes)>,
@@ -248,7 +257,8 @@ impl Seen {
         self.events += 1;
         self.first_read_ns = self.first_read_ns.min(received_at_ns);
         self.last_consumed_ns = consumed_ns;
-        self.latencies_ns.push(consumed_ns - received_at_ns);
+        self.latencies_ns
+            .push((received_at_ns, consumed_ns - received_at_ns));
     }
 }
 
@@ -256,7 +266,7 @@ fn start_sim(
     o: &Opts,
 ) -> anyhow::Result<(Proc, BufReader<std::process::ChildStdout>, Vec<String>)> {
     let mut child = Command::new(&o.amibus)
-        .args(["sim", "--port", "0", "--rate", "0"])
+        .args(["sim", "--port", "0", "--rate", &o.rate.to_string()])
         .args(["--servers", &o.servers.to_string()])
         .args(["--count", &(o.events / o.servers).to_string()])
         // The bench measures throughput; a sim session is not dropped for a slow reader.
@@ -535,7 +545,7 @@ async fn run_mode(
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
             && let Some(d) = v["disconnects"].as_object()
         {
-            for (k, n) in d.iter().filter(|(k, _)| *k != "shutdown") {
+            for (k, n) in d.iter().filter(|(k, _)| *k != "shutdown" && *k != "logoff") {
                 *sim_disconnects.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
             }
         }
@@ -543,7 +553,16 @@ async fn run_mode(
 
     let window_s = (seen.last_consumed_ns - seen.first_read_ns) as f64 / 1e9;
     let amibus_rate = seen.events as f64 / window_s;
-    seen.latencies_ns.sort_unstable();
+    // At a fixed rate, the first second is start-up (the producer connecting, JetStream and
+    // Kafka metadata): latencies count from then on, so they say what a running amibus does.
+    let warmup_ns = if o.rate > 0 { 1_000_000_000 } else { 0 };
+    let mut latencies: Vec<i64> = seen
+        .latencies_ns
+        .iter()
+        .filter(|(read, _)| *read >= seen.first_read_ns + warmup_ns)
+        .map(|(_, l)| *l)
+        .collect();
+    latencies.sort_unstable();
 
     // The floor, in the same run.
     let (floor_rate, mean_payload) = match (mode, &client) {
@@ -575,9 +594,9 @@ async fn run_mode(
         floor_events_per_s: floor_rate,
         ratio: amibus_rate / floor_rate,
         target_ratio: mode.target(),
-        latency_p50_ms: percentile(&seen.latencies_ns, 0.50),
-        latency_p99_ms: percentile(&seen.latencies_ns, 0.99),
-        latency_max_ms: percentile(&seen.latencies_ns, 1.0),
+        latency_p50_ms: percentile(&latencies, 0.50),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_max_ms: percentile(&latencies, 1.0),
         amibus_cpu_pct_of_one_core: 100.0 * cpu_s / window_s,
         amibus_cpu_us_per_event: cpu_s * 1e6 / seen.events.max(1) as f64,
         amibus_peak_rss_mib: hwm_kib as f64 / 1024.0,
@@ -1002,7 +1021,7 @@ fn main() -> anyhow::Result<()> {
         };
         let ratios = sorted(|r| r.ratio);
         let us = sorted(|r| r.amibus_cpu_us_per_event);
-        if o.repeat > 1 && !ratios.is_empty() {
+        if o.repeat > 1 && !ratios.is_empty() && o.rate == 0 {
             println!(
                 "{:<15} median ratio {:.2} (min {:.2}, max {:.2}) over {} runs; median {:.2} µs CPU/event",
                 mode.name(),
@@ -1022,6 +1041,7 @@ fn main() -> anyhow::Result<()> {
     }
     let report = json!({
         "events_per_run": o.events,
+        "rate_per_server": o.rate,
         "servers": o.servers,
         "repeat": o.repeat,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
