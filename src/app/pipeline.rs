@@ -193,8 +193,8 @@ impl Pipeline {
     pub fn accept(&mut self, stamped: &Stamped) -> Result<(), SpoolError> {
         self.stats.records += 1;
         self.last_broadcast_event = false;
-        let record = self.to_spool_record(stamped);
-        let stored = self.append(record)?;
+        let record = Arc::new(self.to_spool_record(stamped));
+        let stored = self.append(&record)?;
         if stored && !self.lost.is_empty() {
             self.report_gaps()?;
         }
@@ -202,15 +202,15 @@ impl Pipeline {
     }
 
     /// Append; returns whether the record was stored.
-    fn append(&mut self, record: spool::Record) -> Result<bool, SpoolError> {
-        match self.spool.append(&record)? {
+    fn append(&mut self, record: &Arc<spool::Record>) -> Result<bool, SpoolError> {
+        match self.spool.append_shared(record)? {
             Appended::Stored { .. } => {
                 self.stats.stored += 1;
                 Ok(true)
             }
             Appended::DroppedNewest => {
                 self.stats.dropped_newest += 1;
-                self.remember_lost(&record);
+                self.remember_lost(record);
                 Ok(false)
             }
             Appended::StoredDroppingOldest { dropped, .. } => {

@@ -354,7 +354,16 @@ impl Spool {
     /// # Errors
     /// Writing the segment fails, or the record alone is larger than a segment or the cap.
     pub fn append(&self, record: &Record) -> Result<Appended, SpoolError> {
-        self.append_inner(record, Some(self.shared.cfg.when_full))
+        self.append_inner(record, None, Some(self.shared.cfg.when_full))
+    }
+
+    /// [`Spool::append`] for a record the caller already shares: the memory tail keeps this
+    /// `Arc` instead of a copy (the pipeline's path, once per record).
+    ///
+    /// # Errors
+    /// As [`Spool::append`].
+    pub fn append_shared(&self, record: &Arc<Record>) -> Result<Appended, SpoolError> {
+        self.append_inner(record, Some(record), Some(self.shared.cfg.when_full))
     }
 
     /// Append only if the spool stays at most half full with it, whatever `when_full` says;
@@ -365,7 +374,7 @@ impl Spool {
     /// # Errors
     /// As [`Spool::append`].
     pub fn append_if_room(&self, record: &Record) -> Result<Option<u64>, SpoolError> {
-        Ok(match self.append_inner(record, None)? {
+        Ok(match self.append_inner(record, None, None)? {
             Appended::Stored { id } => Some(id),
             _ => None,
         })
@@ -374,6 +383,7 @@ impl Spool {
     fn append_inner(
         &self,
         record: &Record,
+        shared: Option<&Arc<Record>>,
         when_full: Option<WhenFull>,
     ) -> Result<Appended, SpoolError> {
         let cfg = &self.shared.cfg;
@@ -431,7 +441,8 @@ impl Spool {
         st.unsynced = true;
         // The tail holds the newest ids without a hole: a record too large for it empties it.
         if cfg.memory_bytes >= len {
-            st.tail.push_back((id, len, Arc::new(record.clone())));
+            let kept = shared.map_or_else(|| Arc::new(record.clone()), Arc::clone);
+            st.tail.push_back((id, len, kept));
             st.tail_bytes += len;
             while st.tail_bytes > cfg.memory_bytes {
                 Self::pop_tail(&mut st);
@@ -462,6 +473,17 @@ impl Spool {
             .back()
             .map(|s| s.path.clone())
             .unwrap_or_default()
+    }
+
+    /// Let go of tail records below the floor: no reader needs them any more.
+    fn trim_tail(st: &mut State) {
+        while st
+            .tail
+            .front()
+            .is_some_and(|(id, _, _)| *id < st.acked_floor)
+        {
+            Self::pop_tail(st);
+        }
     }
 
     fn pop_tail(st: &mut State) {
@@ -537,13 +559,7 @@ impl Spool {
             st.acked_floor = floor;
             Self::advance_floor(st);
         }
-        while st
-            .tail
-            .front()
-            .is_some_and(|(id, _, _)| *id < st.acked_floor)
-        {
-            Self::pop_tail(st);
-        }
+        Self::trim_tail(st);
         Ok(lost)
     }
 
@@ -582,13 +598,7 @@ impl Spool {
         }
         st.stats.acknowledged += 1;
         Self::advance_floor(&mut st);
-        while st
-            .tail
-            .front()
-            .is_some_and(|(id, _, _)| *id < st.acked_floor)
-        {
-            Self::pop_tail(&mut st);
-        }
+        Self::trim_tail(&mut st);
         // Delete closed segments wholly below the floor.
         while st.segments.len() > 1
             && st

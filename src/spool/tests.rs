@@ -196,17 +196,23 @@ fn drop_newest_refuses_and_counts() {
     ));
 }
 
-#[test]
-fn drop_oldest_deletes_the_oldest_segment_and_reports_its_records() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A spool of three segments of three records each that drops the oldest when full.
+fn three_segments_drop_oldest(dir: &Path) -> Spool {
     let one = segment::encoded_len(&rec("k", 0)) as u64;
     let (spool, _) = Spool::open(SpoolConfig {
         segment_bytes: one * 3,
         max_bytes: one * 9,
         when_full: WhenFull::DropOldest,
-        ..cfg(dir.path())
+        ..cfg(dir)
     })
     .expect("open");
+    spool
+}
+
+#[test]
+fn drop_oldest_deletes_the_oldest_segment_and_reports_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = three_segments_drop_oldest(dir.path());
     let mut lost = Vec::new();
     for n in 0..12 {
         if let Appended::StoredDroppingOldest { dropped, .. } =
@@ -367,14 +373,7 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
 #[test]
 fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let one = segment::encoded_len(&rec("k", 0)) as u64;
-    let (spool, _) = Spool::open(SpoolConfig {
-        segment_bytes: one * 3,
-        max_bytes: one * 9,
-        when_full: WhenFull::DropOldest,
-        ..cfg(dir.path())
-    })
-    .expect("open");
+    let spool = three_segments_drop_oldest(dir.path());
     for n in 0..6 {
         spool.append(&rec("k", n)).expect("append");
     }
