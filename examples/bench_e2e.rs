@@ -28,7 +28,9 @@
 //! payloads produced by a bare rdkafka `FutureProducer` with amibus's producer settings
 //! (`KafkaSinkConfig::client_config`: acks=all, idempotence, lz4, linger 5 ms) to a fresh topic,
 //! every delivery report awaited. File: the same bytes written to a new file through a 256 KiB
-//! buffer and flushed.
+//! buffer and flushed. The consumer does the same work per message in both halves (the
+//! headers checked, the stamp decoded, the message kept), so its cost, which on a small
+//! machine competes with both sides for the same cores, weighs equally on each.
 //!
 //! The simulator sends as fast as TCP allows: more than amibus can take on a small machine, so
 //! the connections drop records at the hand-off queue (reported as gap records, and listed
@@ -501,9 +503,8 @@ async fn run_mode(
         let bootstrap = brokers.kafka.clone();
         let topic = names.topic.clone();
         let (ready, is_ready) = std::sync::mpsc::channel();
-        let consumer = tokio::task::spawn_blocking(move || {
-            consume_kafka(&bootstrap, &topic, want, true, ready)
-        });
+        let consumer =
+            tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, &topic, want, ready));
         let _ = tokio::task::spawn_blocking(move || is_ready.recv()).await;
         Some(consumer)
     } else {
@@ -636,22 +637,13 @@ async fn nats_floor(
         .into_iter()
         .map(|(s, h, p)| (Subject::from(s.as_str().replacen(from, to, 1)), h, p))
         .collect();
-    // Count every message (not only simulated events): the floor sends exactly what amibus did.
-    let consumer = tokio::spawn(async move {
-        let mut sub = sub;
-        let mut got = 0u64;
-        let mut last = now_ns();
-        while got < n {
-            match tokio::time::timeout(TIMEOUT, sub.next()).await {
-                Ok(Some(_)) => {
-                    got += 1;
-                    last = now_ns();
-                }
-                _ => break,
-            }
-        }
-        (got, last)
-    });
+    // The same consumer as amibus's run, doing the same work per message (header checks, the
+    // stamp decoded, the message kept), so both sides of the ratio pay for the same reader.
+    let events = messages
+        .iter()
+        .filter(|m| is_sim_event(m.1.as_ref()))
+        .count() as u64;
+    let consumer = tokio::spawn(consume_nats(sub, events, true));
     let t0 = now_ns();
     match mode {
         Mode::Core => {
@@ -679,9 +671,16 @@ async fn nats_floor(
         }
     }
     let acked = now_ns();
-    let (got, last) = consumer.await?;
-    anyhow::ensure!(got == n, "floor: consumer saw {got} of {n}");
-    Ok((n as f64 / ((last.max(acked) - t0) as f64 / 1e9), mean))
+    let seen = consumer.await??;
+    anyhow::ensure!(
+        seen.events == events,
+        "floor: consumer saw {} of {events} events",
+        seen.events
+    );
+    Ok((
+        n as f64 / ((seen.last_consumed_ns.max(acked) - t0) as f64 / 1e9),
+        mean,
+    ))
 }
 
 /// The same bytes amibus wrote, written to a new file through a 256 KiB buffer and flushed.
@@ -763,23 +762,22 @@ async fn create_topic(bootstrap: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kafka_header<'a>(
-    h: Option<&'a rdkafka::message::BorrowedHeaders>,
-    name: &str,
-) -> Option<&'a [u8]> {
+fn kafka_header<'a, H: Headers>(h: Option<&'a H>, name: &str) -> Option<&'a [u8]> {
     h?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
-/// Read `topic` from the start until `want` simulated events arrived (`count_all`: until
-/// `want` messages of any kind arrived, for the floor). Blocking; run it on its own thread.
+fn is_sim_kafka_event<H: Headers>(h: Option<&H>) -> bool {
+    kafka_header(h, "kind") == Some(b"event") && kafka_header(h, "event") != Some(b"FullyBooted")
+}
+
+/// Read `topic` from the start until `want` simulated events arrived, keeping every message
+/// (the floor's consumer does the same work). Blocking; run it on its own thread.
 fn consume_kafka(
     bootstrap: &str,
     topic: &str,
     want: u64,
-    keep: bool,
     ready: std::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Seen> {
-    let count_all = !keep;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("bench-{topic}"))
@@ -817,18 +815,11 @@ fn consume_kafka(
         };
         last_message = Instant::now();
         let consumed = now_ns();
-        if count_all {
-            seen.events += 1;
-            seen.last_consumed_ns = consumed;
-            continue;
-        }
         let h = m.headers();
         if kafka_header(h, "kind") == Some(b"gap") {
             seen.gaps += 1;
         }
-        if kafka_header(h, "kind") == Some(b"event")
-            && kafka_header(h, "event") != Some(b"FullyBooted")
-        {
+        if is_sim_kafka_event(h) {
             let stamp: Stamp =
                 prost::Message::decode(m.payload().unwrap_or_default()).unwrap_or_default();
             seen.event(stamp.received_at_ns, consumed);
@@ -852,6 +843,10 @@ async fn kafka_floor(
 ) -> anyhow::Result<(f64, f64)> {
     let n = messages.len() as u64;
     let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
+    let events = messages
+        .iter()
+        .filter(|m| is_sim_kafka_event(m.1.as_ref()))
+        .count() as u64;
     create_topic(bootstrap, floor_topic).await?;
     let cc = amibus::sink::kafka::KafkaSinkConfig::new(bootstrap)
         .client_config()
@@ -861,7 +856,7 @@ async fn kafka_floor(
     let (ready, is_ready) = std::sync::mpsc::channel();
     let consumer = {
         let topic = floor_topic.to_owned();
-        tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, &topic, n, false, ready))
+        tokio::task::spawn_blocking(move || consume_kafka(&bootstrap, &topic, events, ready))
     };
     let _ = tokio::task::spawn_blocking(move || is_ready.recv()).await;
     let t0 = now_ns();
@@ -902,8 +897,8 @@ async fn kafka_floor(
     let acked = now_ns();
     let seen = consumer.await??;
     anyhow::ensure!(
-        seen.events == n,
-        "floor: consumer saw {} of {n}",
+        seen.events == events,
+        "floor: consumer saw {} of {events} events",
         seen.events
     );
     Ok((
