@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::ami::{Record as AmiRecord, Stamp, Stamped, record};
 use crate::model::{self, json, pb};
@@ -152,8 +152,13 @@ pub struct Pipeline {
     lost: BTreeMap<(Arc<str>, u64), Vec<SeqRange>>,
     payload: Vec<u8>,
     key: Vec<u8>,
+    /// Where records' bytes are packed: see [`Pipeline::to_spool_record`].
+    chunk: BytesMut,
     last_broadcast_event: bool,
 }
+
+/// Records are packed into shared chunks of this size (or one record's size, if larger).
+const CHUNK_BYTES: usize = 64 * 1024;
 
 impl Pipeline {
     pub fn new(spool: Spool, format: PayloadFormat) -> Self {
@@ -164,6 +169,7 @@ impl Pipeline {
             lost: BTreeMap::new(),
             payload: Vec::with_capacity(4096),
             key: Vec::with_capacity(64),
+            chunk: BytesMut::new(),
             last_broadcast_event: false,
         }
     }
@@ -373,11 +379,7 @@ impl Pipeline {
                     .map(|p| p.split(|&b| b == b',').next().unwrap_or_default())
                     .unwrap_or_default();
                 self.last_broadcast_event = n.kind == pb::Kind::Event && n.name != b"FullyBooted";
-                (
-                    json::kind_name(n.kind),
-                    Bytes::copy_from_slice(n.name),
-                    Bytes::copy_from_slice(class),
-                )
+                (json::kind_name(n.kind), n.name, class)
             }
             _ => {
                 let env = model::record_envelope(stamped);
@@ -396,34 +398,48 @@ impl Pipeline {
                     PayloadFormat::Json => json::write_json_line(&env, &mut self.payload),
                 }
                 let kind = json::kind_name(env.kind());
-                (
-                    kind,
-                    Bytes::from_static(kind.as_bytes()),
-                    Bytes::from_static(b"amibus"),
-                )
+                (kind, kind.as_bytes(), &b"amibus"[..])
             }
         };
+        // One record's bytes (key, payload and the header values that are not constants) are
+        // written next to each other into a chunk shared by many records, and handed out as
+        // slices of it: one allocation per ~100 records instead of seven per record. A chunk is
+        // freed when the last record in it is (records leave the spool roughly in order).
+        let mut epoch = itoa::Buffer::new();
+        let epoch = epoch.format(stamp.epoch).as_bytes();
+        let mut seq = itoa::Buffer::new();
+        let seq = seq.format(stamp.seq).as_bytes();
+        let server = stamp.server.as_bytes();
+        let parts: [&[u8]; 7] = [&self.key, &self.payload, server, event, class, epoch, seq];
+        let need: usize = parts.iter().map(|p| p.len()).sum();
+        if self.chunk.capacity() < need {
+            self.chunk = BytesMut::with_capacity(CHUNK_BYTES.max(need));
+        }
+        let mut ends = [0usize; 7];
+        for (part, end) in parts.iter().zip(&mut ends) {
+            self.chunk.extend_from_slice(part);
+            *end = self.chunk.len();
+        }
+        let all = self.chunk.split().freeze();
+        let slice = |i: usize| all.slice(if i == 0 { 0 } else { ends[i - 1] }..ends[i]);
         let mut headers: Vec<(spool::HeaderName, Bytes)> = Vec::with_capacity(7 + extra.len());
         headers.extend([
-            (
-                "server".into(),
-                Bytes::copy_from_slice(stamp.server.as_bytes()),
-            ),
-            ("event".into(), event),
+            ("server".into(), slice(2)),
+            ("event".into(), slice(3)),
             ("kind".into(), Bytes::from_static(kind.as_bytes())),
-            ("class".into(), class),
+            ("class".into(), slice(4)),
             (
                 "schema".into(),
                 Bytes::from_static(model::SCHEMA_VERSION.as_bytes()),
             ),
-            ("epoch".into(), Bytes::from(stamp.epoch.to_string())),
-            ("seq".into(), Bytes::from(stamp.seq.to_string())),
+            ("epoch".into(), slice(5)),
+            ("seq".into(), slice(6)),
         ]);
         headers.extend(extra);
         spool::Record {
-            key: Bytes::copy_from_slice(&self.key),
+            key: slice(0),
             headers,
-            payload: Bytes::copy_from_slice(&self.payload),
+            payload: slice(1),
         }
     }
 }
@@ -487,8 +503,33 @@ mod tests {
         assert_eq!(h("class").as_deref(), Some("call"));
         assert_eq!(h("kind").as_deref(), Some("event"));
         assert_eq!(h("seq").as_deref(), Some("9"));
+        assert_eq!(h("epoch").as_deref(), Some("5"));
+        assert_eq!(h("server").as_deref(), Some("pbx1"));
         let env = decode_payload(&r.payload).expect("envelope");
         assert_eq!((env.server.as_str(), env.epoch, env.seq), ("pbx1", 5, 9));
+
+        // Records share chunks: the next ones (one larger than a chunk) leave it intact.
+        let big = format!(
+            "Event: UserEvent\r\nData: {}\r\n\r\n",
+            "x".repeat(CHUNK_BYTES)
+        );
+        let next = p.to_spool_record(&frame_record("pbx22", 6, 10, big.as_bytes()));
+        let after = p.to_spool_record(&frame_record("pbx3", 7, 11, b"Event: Newexten\r\n\r\n"));
+        assert_eq!(&r.key[..], b"pbx1/1.1");
+        assert_eq!(decode_payload(&r.payload).expect("envelope").seq, 9);
+        assert_eq!(next.header("server").map(|v| &v[..]), Some(&b"pbx22"[..]));
+        assert_eq!(
+            next.header("event").map(|v| &v[..]),
+            Some(&b"UserEvent"[..])
+        );
+        let env = decode_payload(&next.payload).expect("big envelope");
+        assert!(
+            env.headers
+                .iter()
+                .any(|h| h.value.as_ref().map(Vec::len) == Some(CHUNK_BYTES))
+        );
+        assert_eq!(after.header("seq").map(|v| &v[..]), Some(&b"11"[..]));
+        assert_eq!(&after.key[..], b"pbx3");
     }
 
     #[test]
