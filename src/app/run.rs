@@ -227,6 +227,12 @@ pub async fn run_with(
     stop: CancellationToken,
     mut reloads: mpsc::Receiver<Vec<ServerConfig>>,
 ) -> anyhow::Result<Report> {
+    // Before anything records: a handle taken from the macros while no recorder is installed
+    // (the sink driver takes its histogram's once, at start) records nowhere for good.
+    let metrics_handle = match cfg.metrics.listen {
+        Some(_) => Some(telemetry::install().context("cannot install the metrics recorder")?),
+        None => None,
+    };
     let sim = match cfg.sim.clone() {
         Some(demo) => Some(start_sim(&demo, cfg).await?),
         None => None,
@@ -335,7 +341,7 @@ pub async fn run_with(
         None => None,
     };
     let metrics_stop = CancellationToken::new();
-    if let Some(addr) = cfg.metrics.listen {
+    if let (Some(addr), Some(handle)) = (cfg.metrics.listen, metrics_handle) {
         let sources = Sources {
             connections: registry.clone(),
             spool: Some(spool.clone()),
@@ -343,7 +349,6 @@ pub async fn run_with(
             pipeline: Some(shared_stats.clone()),
             control: control.as_ref().map(|c| c.stats.clone()),
         };
-        let handle = telemetry::install().context("cannot install the metrics recorder")?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for metrics"))?;

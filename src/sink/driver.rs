@@ -90,7 +90,9 @@ pub async fn run<S: Sink>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SpoolError> {
     let mut in_flight = FuturesUnordered::new();
-    let sink_name = sink.name();
+    // Looked up once: the macro with labels builds and hashes a key on every call.
+    let send_seconds =
+        metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => sink.name());
     let mut rewind_pending = false;
     let mut backoff = cfg.backoff_min;
     tokio::pin!(shutdown);
@@ -138,11 +140,11 @@ pub async fn run<S: Sink>(
                 match sent {
                     Ok(delivery) => {
                         let sent = Instant::now();
+                        let send_seconds = send_seconds.clone();
                         in_flight.push(async move {
                             let outcome = delivery.await;
                             if outcome.is_ok() {
-                                metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => sink_name)
-                                    .record(sent.elapsed().as_secs_f64());
+                                send_seconds.record(sent.elapsed().as_secs_f64());
                             }
                             (id, outcome)
                         });

@@ -545,7 +545,10 @@ pub fn message_id(record: &Record) -> String {
 /// Header values may not hold CR or LF (replaced by spaces); bytes that are not UTF-8 are
 /// replaced. One allocation for the usual value.
 fn header_value(v: &[u8]) -> HeaderValue {
-    let mut s = String::from_utf8_lossy(v).into_owned();
+    let mut s = match std::str::from_utf8(v) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(v).into_owned(),
+    };
     if memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some() {
         s = s.replace(['\r', '\n'], " ");
     }
@@ -571,8 +574,14 @@ fn is_token(s: &str) -> bool {
 /// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
 fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
     let mut map = HeaderMap::new();
-    for (name, value) in &record.headers {
-        map.append(header_name(name)?, header_value(value));
+    for (i, (name, value)) in record.headers.iter().enumerate() {
+        // `append` hashes the name twice; a name seen for the first time (the usual case, found
+        // by a scan cheaper than a hash over a handful of short names) is inserted.
+        if record.headers[..i].iter().any(|(seen, _)| seen == name) {
+            map.append(header_name(name)?, header_value(value));
+        } else {
+            map.insert(header_name(name)?, header_value(value));
+        }
     }
     if with_id {
         map.insert(
@@ -951,6 +960,15 @@ mod tests {
         );
         let bad = record(&[("bad name", "x")], "", "");
         assert!(matches!(headers(&bad, false), Err(SinkError::Permanent(_))));
+        // A repeated name keeps every value, in order; bytes that are not UTF-8 are replaced.
+        let mut twice = record(&[("x", "1"), ("y", "2"), ("x", "3")], "", "");
+        twice
+            .headers
+            .push(("z".into(), Bytes::from_static(b"caf\xe9")));
+        let h = headers(&twice, false).expect("valid");
+        let xs: Vec<&str> = h.get_all("x").map(HeaderValue::as_str).collect();
+        assert_eq!(xs, ["1", "3"]);
+        assert_eq!(h.get("z").map(HeaderValue::as_str), Some("caf\u{fffd}"));
     }
 
     #[test]
