@@ -24,10 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use std::time::Instant;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Context, Poll};
 
-use super::{Sink, SinkError};
+use super::{Delivery, Sink, SinkError};
 use crate::spool::{Reader, SpoolError};
 
 /// Running totals of one driver, readable from other tasks.
@@ -77,6 +78,41 @@ impl Default for DriverConfig {
     }
 }
 
+/// Deliveries in the order their records were sent. Only the oldest is polled: the brokers
+/// confirm in order or nearly (a core NATS flush covers every record before it, PubAcks come
+/// back in publish order, Kafka reports a partition in order), so one registered waker serves
+/// them all, where a set polled as a whole woke and polled every record's future on its own.
+/// A later delivery that finished first is settled as soon as the ones before it are; the
+/// spool's in-flight window already counts from the oldest unacknowledged record.
+#[derive(Default)]
+struct InFlight {
+    queue: VecDeque<(u64, Instant, Delivery)>,
+}
+
+impl InFlight {
+    fn push(&mut self, id: u64, delivery: Delivery) {
+        self.queue.push_back((id, Instant::now(), delivery));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The oldest delivery's outcome once it has one; pending while empty.
+    fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<(u64, Instant, Result<(), SinkError>)> {
+        let Some((_, _, delivery)) = self.queue.front_mut() else {
+            return Poll::Pending;
+        };
+        let outcome = std::task::ready!(delivery.as_mut().poll(cx));
+        let (id, sent, _) = self.queue.pop_front().expect("front exists");
+        Poll::Ready((id, sent, outcome))
+    }
+
+    async fn next(&mut self) -> (u64, Instant, Result<(), SinkError>) {
+        poll_fn(|cx| self.poll_oldest(cx)).await
+    }
+}
+
 /// Move records until `shutdown` resolves, then drain in-flight deliveries within the deadline.
 /// Records not confirmed by then stay in the spool for the next start.
 ///
@@ -89,10 +125,16 @@ pub async fn run<S: Sink>(
     stats: Arc<DriverStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SpoolError> {
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight = InFlight::default();
+    let name = sink.name();
     // Looked up once: the macro with labels builds and hashes a key on every call.
-    let send_seconds =
-        metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => sink.name());
+    let send_seconds = metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => name);
+    let settled = |reader: &Reader, (id, sent, outcome): (u64, Instant, Result<(), SinkError>)| {
+        if outcome.is_ok() {
+            send_seconds.record(sent.elapsed().as_secs_f64());
+        }
+        settle(reader, &stats, name, id, outcome)
+    };
     let mut rewind_pending = false;
     let mut backoff = cfg.backoff_min;
     tokio::pin!(shutdown);
@@ -110,8 +152,8 @@ pub async fn run<S: Sink>(
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            Some((id, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                if settle(&reader, &stats, sink.name(), id, outcome) {
+            done = in_flight.next(), if !in_flight.is_empty() => {
+                if settled(&reader, done) {
                     rewind_pending = true;
                 } else if !rewind_pending {
                     backoff = cfg.backoff_min;
@@ -120,7 +162,6 @@ pub async fn run<S: Sink>(
             next = reader.next(), if !rewind_pending => {
                 let (id, record) = next?;
                 stats.sent.fetch_add(1, Ordering::Relaxed);
-                let name = sink.name();
                 // `send` may wait for room that only settling deliveries makes (the JetStream
                 // client holds a permit per PubAck until its future is polled), so deliveries
                 // keep settling while it waits.
@@ -130,25 +171,15 @@ pub async fn run<S: Sink>(
                     tokio::select! {
                         biased;
                         sent = &mut send => break sent,
-                        Some((id, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                            if settle(&reader, &stats, name, id, outcome) {
+                        done = in_flight.next(), if !in_flight.is_empty() => {
+                            if settled(&reader, done) {
                                 rewind_pending = true;
                             }
                         }
                     }
                 };
                 match sent {
-                    Ok(delivery) => {
-                        let sent = Instant::now();
-                        let send_seconds = send_seconds.clone();
-                        in_flight.push(async move {
-                            let outcome = delivery.await;
-                            if outcome.is_ok() {
-                                send_seconds.record(sent.elapsed().as_secs_f64());
-                            }
-                            (id, outcome)
-                        });
-                    }
+                    Ok(delivery) => in_flight.push(id, delivery),
                     Err(e) => {
                         if settle(&reader, &stats, name, id, Err(e)) {
                             rewind_pending = true;
@@ -161,8 +192,8 @@ pub async fn run<S: Sink>(
     // Drain: flush the client and collect what it confirms in time.
     let drain = async {
         let _ = sink.flush(cfg.drain_deadline).await;
-        while let Some((id, outcome)) = in_flight.next().await {
-            settle(&reader, &stats, sink.name(), id, outcome);
+        while !in_flight.is_empty() {
+            settled(&reader, in_flight.next().await);
         }
     };
     let _ = tokio::time::timeout(cfg.drain_deadline, drain).await;
@@ -264,6 +295,42 @@ mod tests {
         async fn flush(&mut self, _: Duration) -> Result<(), SinkError> {
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn deliveries_settle_in_the_order_they_were_sent() {
+        let mut in_flight = InFlight::default();
+        let mut confirm = Vec::new();
+        for id in 0..3u64 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), SinkError>>();
+            confirm.push(tx);
+            in_flight.push(
+                id,
+                Box::pin(
+                    async move { rx.await.unwrap_or(Err(SinkError::Retriable("gone".into()))) },
+                ),
+            );
+        }
+        let mut confirm = confirm.into_iter();
+        let (first, second, third) = (confirm.next(), confirm.next(), confirm.next());
+        let _ = second
+            .expect("second")
+            .send(Err(SinkError::Permanent("too large".into())));
+        let pending = poll_fn(|cx| Poll::Ready(in_flight.poll_oldest(cx).is_pending())).await;
+        assert!(pending, "a later outcome waits for the earlier ones");
+        let _ = first.expect("first").send(Ok(()));
+        let (id, _, outcome) = in_flight.next().await;
+        assert_eq!((id, outcome), (0, Ok(())));
+        let (id, _, outcome) = in_flight.next().await;
+        assert_eq!(
+            (id, outcome),
+            (1, Err(SinkError::Permanent("too large".into())))
+        );
+        drop(third);
+        let (id, _, outcome) = in_flight.next().await;
+        assert_eq!(id, 2);
+        assert!(outcome.is_err_and(|e| e.is_retriable()));
+        assert!(in_flight.is_empty());
     }
 
     #[tokio::test]
