@@ -353,6 +353,7 @@ pub struct NatsSink {
     publish_timeout: Duration,
     ack_timeout: Duration,
     mode: Mode,
+    header_cache: HeaderCache,
 }
 
 enum Mode {
@@ -401,6 +402,7 @@ impl NatsSink {
             publish_timeout: cfg.publish_timeout,
             ack_timeout: cfg.ack_timeout,
             mode,
+            header_cache: HeaderCache::new(),
         })
     }
 
@@ -571,18 +573,27 @@ fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
-/// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
-fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
-    let mut map = HeaderMap::new();
-    for (i, (name, value)) in record.headers.iter().enumerate() {
+/// Add headers to a map, every value of a repeated name kept in order.
+fn put_headers<'a>(
+    map: &mut HeaderMap,
+    headers: impl Iterator<Item = &'a (spool::HeaderName, Bytes)> + Clone,
+) -> Result<(), SinkError> {
+    for (i, (name, value)) in headers.clone().enumerate() {
         // `append` hashes the name twice; a name seen for the first time (the usual case, found
         // by a scan cheaper than a hash over a handful of short names) is inserted.
-        if record.headers[..i].iter().any(|(seen, _)| seen == name) {
+        if headers.clone().take(i).any(|(seen, _)| seen == name) {
             map.append(header_name(name)?, header_value(value));
         } else {
             map.insert(header_name(name)?, header_value(value));
         }
     }
+    Ok(())
+}
+
+/// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
+fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
+    let mut map = HeaderMap::new();
+    put_headers(&mut map, record.headers.iter())?;
     if with_id {
         map.insert(
             async_nats::header::NATS_MESSAGE_ID,
@@ -590,6 +601,77 @@ fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
         );
     }
     Ok(map)
+}
+
+/// Header maps by everything but `seq`, which is the one header that changes with every
+/// record of a connection: the same server, event, kind, class and epoch recur. A hit clones
+/// the map (no name hashed, no table grown) and sets `seq` (and the message id); building one
+/// hashed every name and grew the table twice, the largest cost of publishing to NATS.
+struct HeaderCache {
+    templates: std::collections::HashMap<Vec<u8>, HeaderMap>,
+    key: Vec<u8>,
+}
+
+impl HeaderCache {
+    /// Distinct (server, event, kind, class, epoch) values kept before starting over.
+    const MAX_ENTRIES: usize = 4096;
+
+    fn new() -> Self {
+        HeaderCache {
+            templates: std::collections::HashMap::new(),
+            key: Vec::with_capacity(128),
+        }
+    }
+
+    fn headers(&mut self, record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
+        self.key.clear();
+        let mut seq = None;
+        for (name, value) in &record.headers {
+            if name == "seq" {
+                if seq.replace(value).is_some() {
+                    // Two values to set: not the shape the cache serves.
+                    return headers(record, with_id);
+                }
+                continue;
+            }
+            // Length-prefixed, so no two different header lists make the same key.
+            for part in [name.as_bytes(), &value[..]] {
+                self.key
+                    .extend_from_slice(&(part.len() as u32).to_le_bytes());
+                self.key.extend_from_slice(part);
+            }
+        }
+        let Some(seq) = seq else {
+            return headers(record, with_id);
+        };
+        if !self.templates.contains_key(&self.key[..]) {
+            // Every header but `seq`, and with the id, placeholders for both: a std map
+            // reserves room before it looks for the key, so setting a value in a full table
+            // (7 of 8 buckets) would grow it on every record.
+            let mut template = HeaderMap::new();
+            put_headers(
+                &mut template,
+                record.headers.iter().filter(|(name, _)| name != "seq"),
+            )?;
+            if with_id {
+                template.insert("seq", "");
+                template.insert(async_nats::header::NATS_MESSAGE_ID, "");
+            }
+            if self.templates.len() >= Self::MAX_ENTRIES {
+                self.templates.clear();
+            }
+            self.templates.insert(self.key.clone(), template);
+        }
+        let mut map = self.templates[&self.key[..]].clone();
+        map.insert("seq", header_value(seq));
+        if with_id {
+            map.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                header_value(message_id(record).as_bytes()),
+            );
+        }
+        Ok(map)
+    }
 }
 
 fn core_publish_error(e: async_nats::PublishError) -> SinkError {
@@ -670,7 +752,7 @@ impl Sink for NatsSink {
             || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
         match &mut self.mode {
             Mode::Core(core) => {
-                let headers = headers(record, false)?;
+                let headers = self.header_cache.headers(record, false)?;
                 tokio::time::timeout(
                     queue_timeout,
                     self.client
@@ -696,7 +778,7 @@ impl Sink for NatsSink {
                 }))
             }
             Mode::JetStream(js) => {
-                let headers = headers(record, true)?;
+                let headers = self.header_cache.headers(record, true)?;
                 let published = tokio::time::timeout(
                     queue_timeout,
                     js.publish_with_headers(subject.clone(), headers, record.payload.clone()),
@@ -969,6 +1051,60 @@ mod tests {
         let xs: Vec<&str> = h.get_all("x").map(HeaderValue::as_str).collect();
         assert_eq!(xs, ["1", "3"]);
         assert_eq!(h.get("z").map(HeaderValue::as_str), Some("caf\u{fffd}"));
+    }
+
+    #[test]
+    fn cached_header_maps_equal_the_ones_built_for_each_record() {
+        let mut cache = HeaderCache::new();
+        let shapes: [&[(&str, &str)]; 6] = [
+            &[
+                ("server", "pbx1"),
+                ("event", "Newexten"),
+                ("epoch", "7"),
+                ("seq", "1"),
+            ],
+            &[
+                ("server", "pbx1"),
+                ("event", "Newexten"),
+                ("epoch", "7"),
+                ("seq", "2"),
+            ],
+            &[
+                ("server", "pbx1"),
+                ("event", "Newexten"),
+                ("epoch", "8"),
+                ("seq", "1"),
+            ],
+            &[
+                ("server", "pbx1"),
+                ("event", "Hangup"),
+                ("epoch", "7"),
+                ("seq", "3"),
+            ],
+            // No seq, and two: built directly.
+            &[("server", "pbx1"), ("event", "Hangup")],
+            &[("seq", "4"), ("seq", "5")],
+        ];
+        for with_id in [false, true] {
+            for round in 0..2 {
+                for (n, shape) in shapes.iter().enumerate() {
+                    let r = record(shape, "k", &format!("payload {n} {round}"));
+                    assert_eq!(
+                        cache.headers(&r, with_id).expect("valid"),
+                        headers(&r, with_id).expect("valid"),
+                        "{shape:?}, with id: {with_id}"
+                    );
+                }
+            }
+        }
+        // The same values under other names are another key.
+        let a = record(&[("ab", "c"), ("seq", "1")], "", "");
+        let b = record(&[("a", "bc"), ("seq", "1")], "", "");
+        cache.headers(&a, false).expect("valid");
+        assert_eq!(
+            cache.headers(&b, false).expect("valid"),
+            headers(&b, false).expect("valid")
+        );
     }
 
     #[test]
