@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -529,12 +529,14 @@ pub fn message_id(record: &Record) -> String {
         record.header("seq"),
     ) && &seq[..] != b"0"
     {
-        return format!(
-            "{}/{}/{}",
-            String::from_utf8_lossy(server),
-            String::from_utf8_lossy(epoch),
-            String::from_utf8_lossy(seq)
-        );
+        let mut id = String::with_capacity(server.len() + epoch.len() + seq.len() + 2);
+        for (i, part) in [server, epoch, seq].into_iter().enumerate() {
+            if i > 0 {
+                id.push('/');
+            }
+            id.push_str(&String::from_utf8_lossy(part));
+        }
+        return id;
     }
     let hash = fnv1a64(&record.payload);
     if record.key.is_empty() {
@@ -746,7 +748,8 @@ impl Sink for NatsSink {
         if self.client.connection_state() != State::Connected {
             return Err(SinkError::Retriable("nats: not connected".into()));
         }
-        let subject = expand_template(&self.subject, record);
+        // Bytes inside: the clone kept for error reports is a reference count, not a copy.
+        let subject = Subject::from(expand_template(&self.subject, record));
         let queue_timeout = self.publish_timeout;
         let timed_out =
             || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
