@@ -672,16 +672,17 @@ async fn nats_floor(
         }
     }
     let acked = now_ns();
-    let seen = consumer.await??;
+    Ok((floor_rate(&consumer.await??, events, n, t0, acked)?, mean))
+}
+
+/// Messages per second from the first publish until the last was both acknowledged and read.
+fn floor_rate(seen: &Seen, events: u64, n: u64, t0: i64, acked: i64) -> anyhow::Result<f64> {
     anyhow::ensure!(
         seen.events == events,
         "floor: consumer saw {} of {events} events",
         seen.events
     );
-    Ok((
-        n as f64 / ((seen.last_consumed_ns.max(acked) - t0) as f64 / 1e9),
-        mean,
-    ))
+    Ok(n as f64 / ((seen.last_consumed_ns.max(acked) - t0) as f64 / 1e9))
 }
 
 /// The same bytes amibus wrote, written to a new file through a 256 KiB buffer and flushed.
@@ -896,16 +897,7 @@ async fn kafka_floor(
         r?.map_err(|(e, _)| e)?;
     }
     let acked = now_ns();
-    let seen = consumer.await??;
-    anyhow::ensure!(
-        seen.events == events,
-        "floor: consumer saw {} of {events} events",
-        seen.events
-    );
-    Ok((
-        n as f64 / ((seen.last_consumed_ns.max(acked) - t0) as f64 / 1e9),
-        mean,
-    ))
+    Ok((floor_rate(&consumer.await??, events, n, t0, acked)?, mean))
 }
 
 fn main() -> anyhow::Result<()> {
