@@ -184,7 +184,11 @@ struct State {
     acked_floor: u64,
     acked_above: BTreeSet<u64>,
     persisted_floor: u64,
+    /// The active segment has appends not yet fsynced.
     unsynced: bool,
+    /// Segments closed by rotation whose last appends are not yet fsynced: the next
+    /// checkpoint syncs them, outside the lock.
+    to_sync: Vec<File>,
     scratch: Vec<u8>,
     stats: SpoolStats,
     /// (id, when appended) every [`AGE_SAMPLE_EVERY`] records, for the oldest record's age.
@@ -209,6 +213,8 @@ const AGE_SAMPLE_EVERY: u64 = 256;
 struct Shared {
     cfg: SpoolConfig,
     state: Mutex<State>,
+    /// One checkpoint at a time (they sync and write the floor outside `state`).
+    checkpointing: Mutex<()>,
     /// Woken on append, ack and flush.
     changed: Notify,
 }
@@ -316,6 +322,7 @@ impl Spool {
             acked_above: BTreeSet::new(),
             persisted_floor: acked_floor,
             unsynced: false,
+            to_sync: Vec::new(),
             scratch: Vec::with_capacity(4096),
             stats: SpoolStats::default(),
             // Records found on disk at open count as appended now: their age is at least that.
@@ -331,6 +338,7 @@ impl Spool {
             shared: Arc::new(Shared {
                 cfg,
                 state: Mutex::new(state),
+                checkpointing: Mutex::new(()),
                 changed: Notify::new(),
             }),
         };
@@ -507,14 +515,20 @@ impl Spool {
     }
 
     fn rotate(&self, st: &mut State) -> Result<(), SpoolError> {
-        Self::flush_locked(st, self.shared.cfg.fsync != Fsync::Never)?;
+        // Flushed here, fsynced by the next checkpoint: an fsync under the lock stalled every
+        // append and read behind it (both runtime workers, on a slow disk for 100 ms or more).
+        Self::flush_locked(st, false)?;
         let path = self.shared.cfg.dir.join(segment::file_name(st.next_id));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(SpoolError::io(&path))?;
-        st.active = BufWriter::with_capacity(256 << 10, file);
+        let closed = std::mem::replace(&mut st.active, BufWriter::with_capacity(256 << 10, file));
+        if std::mem::replace(&mut st.unsynced, false) && self.shared.cfg.fsync != Fsync::Never {
+            // Flushed above, so taking the file out of its buffer writes nothing.
+            st.to_sync.push(closed.into_parts().0);
+        }
         st.segments.push_back(Segment {
             first_id: st.next_id,
             end_id: st.next_id,
@@ -628,15 +642,53 @@ impl Spool {
         Self::flush_locked(&mut st, false)
     }
 
-    /// Flush, fsync per policy, and persist the floor. Call periodically and at shutdown.
+    /// Flush, fsync if `sync`, and persist the floor. Call periodically and at shutdown.
+    ///
+    /// Only the flush holds the spool's lock: the fsyncs and the floor's file are written
+    /// outside it, so appends and reads go on meanwhile.
     ///
     /// # Errors
-    /// Writing fails.
+    /// Writing or syncing fails (what was not synced is synced by the next checkpoint).
     pub fn checkpoint(&self, sync: bool) -> Result<(), SpoolError> {
-        let mut st = self.lock();
-        Self::flush_locked(&mut st, sync)?;
-        let floor = st.acked_floor;
-        if floor != st.persisted_floor {
+        let _one = self
+            .shared
+            .checkpointing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (files, floor, persisted, active_path) = {
+            let mut st = self.lock();
+            Self::flush_locked(&mut st, false)?;
+            let active_path = Self::active_path(&st);
+            let mut files = Vec::new();
+            if sync {
+                files = std::mem::take(&mut st.to_sync);
+                if st.unsynced {
+                    // Everything appended so far is in the file: a sync through a second
+                    // handle covers it, and later appends mark the segment unsynced again.
+                    match st.active.get_ref().try_clone() {
+                        Ok(f) => {
+                            st.unsynced = false;
+                            files.push(f);
+                        }
+                        Err(e) => {
+                            st.to_sync = files;
+                            return Err(SpoolError::io(&active_path)(e));
+                        }
+                    }
+                }
+            }
+            (files, st.acked_floor, st.persisted_floor, active_path)
+        };
+        for (i, f) in files.iter().enumerate() {
+            if let Err(e) = f.sync_data() {
+                // Synced by the next checkpoint instead.
+                let mut st = self.lock();
+                st.unsynced = true;
+                st.to_sync.extend(files.into_iter().skip(i));
+                return Err(SpoolError::io(&active_path)(e));
+            }
+        }
+        if floor != persisted {
             let dir = &self.shared.cfg.dir;
             let tmp = dir.join("ack.tmp");
             let path = dir.join(ACK_FILE);
@@ -647,30 +699,37 @@ impl Spool {
                     .map_err(SpoolError::io(&tmp))?;
             }
             fs::rename(&tmp, &path).map_err(SpoolError::io(&path))?;
-            st.persisted_floor = floor;
+            self.lock().persisted_floor = floor;
         }
-        drop(st);
         self.shared.changed.notify_waiters();
         Ok(())
     }
 
-    /// Run [`Spool::checkpoint`] on the fsync interval (or every 100 ms to persist the floor)
-    /// until `shutdown` resolves, then once more with a sync.
+    /// Run [`Spool::checkpoint`] every 100 ms (or the fsync interval, if shorter) to persist
+    /// the floor, syncing once per fsync interval, until `shutdown` resolves, then once more
+    /// with a sync.
     pub async fn maintain(self, shutdown: impl std::future::Future<Output = ()>) {
-        let (period, sync) = match self.shared.cfg.fsync {
+        let (period, interval) = match self.shared.cfg.fsync {
             Fsync::Interval(d) => (
                 d.min(Duration::from_millis(100))
                     .max(Duration::from_millis(1)),
-                true,
+                Some(d),
             ),
-            Fsync::Never | Fsync::Always => (Duration::from_millis(100), false),
+            Fsync::Never | Fsync::Always => (Duration::from_millis(100), None),
         };
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sync = Instant::now();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // Sync when the next tick would be later than the interval allows (it used
+                    // to sync on every tick: ten times a second for an interval of 1 s).
+                    let sync = interval.is_some_and(|d| last_sync.elapsed() + period > d);
+                    if sync {
+                        last_sync = Instant::now();
+                    }
                     let spool = self.clone();
                     let _ = tokio::task::spawn_blocking(move || spool.checkpoint(sync)).await;
                 }

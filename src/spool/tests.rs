@@ -414,3 +414,48 @@ fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
     let again: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
     assert_eq!(again, (6..12).collect::<Vec<_>>());
 }
+
+#[test]
+fn closed_segments_wait_for_the_checkpoint_to_be_synced_outside_the_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(SpoolConfig {
+        fsync: Fsync::Interval(Duration::from_secs(1)),
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    for n in 0..40 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    {
+        let st = spool.lock();
+        assert!(st.segments.len() > 2, "rotated: {}", st.segments.len());
+        assert_eq!(
+            st.to_sync.len(),
+            st.segments.len() - 1,
+            "each closed segment"
+        );
+        assert!(st.unsynced, "the active segment has appends");
+    }
+    spool.checkpoint(false).expect("flush only");
+    assert!(!spool.lock().to_sync.is_empty(), "a flush syncs nothing");
+    spool.checkpoint(true).expect("checkpoint");
+    {
+        let st = spool.lock();
+        assert!(st.to_sync.is_empty() && !st.unsynced);
+    }
+    spool.append(&rec("k", 40)).expect("append");
+    assert!(spool.lock().unsynced, "a later append is unsynced again");
+    drop(spool);
+    let (spool, recovery) = Spool::open(cfg(dir.path())).expect("reopen");
+    assert_eq!(recovery.pending, 41);
+    let seqs: Vec<u64> = drain(&mut spool.reader()).iter().map(|g| g.1).collect();
+    assert_eq!(seqs, (0..41).collect::<Vec<_>>());
+
+    // With fsync off nothing waits to be synced.
+    let other = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(cfg(other.path())).expect("open");
+    for n in 0..40 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    assert!(spool.lock().to_sync.is_empty());
+}
