@@ -812,6 +812,12 @@ impl Task {
                         if self.dispatch(s, item, at).is_err() {
                             return None;
                         }
+                        // One unit of the runtime's budget per frame, not per read: a read
+                        // carries dozens of frames, and a flood on four sockets otherwise held
+                        // the workers for milliseconds at a time while the sink driver, which
+                        // spends a unit per record, waited its turn (it delivered ~20,000
+                        // records/s while a burst was read, against ~160,000 after).
+                        tokio::task::consume_budget().await;
                     }
                 }
             }
