@@ -10,13 +10,15 @@
 //! cores, and a reader starved by the scheduler for 100 ms is not what they look for. A reader
 //! that waits on the bus stalls for the whole outage (30 s), far past it.
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/nats.rs"]
 mod nats_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use amibus::app::pipeline::decode_payload;
@@ -718,17 +720,19 @@ async fn a_30s_broker_outage_mid_storm_loses_nothing_and_drops_no_ami_session() 
 }
 
 /// `amibus run --config <file>` as a child, its log in `log`.
-fn spawn_amibus(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_amibus"))
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn amibus")
+fn spawn_amibus(config: &Path, log: &Path) -> child::KillOnDrop {
+    child::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_amibus"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("spawn amibus"),
+    )
 }
 
 /// What the spool left by a killed amibus holds: (server, epoch, seq) of each record not yet

@@ -6,6 +6,10 @@ use std::time::{Duration, Instant};
 
 use amibus::sim::{ServerStats, Sim, SimConfig};
 
+#[path = "support/child.rs"]
+mod child;
+use child::KillOnDrop;
+
 fn server_block(id: &str, port: u16) -> String {
     format!(
         "[[server]]\nid = \"{id}\"\nhost = \"127.0.0.1\"\nport = {port}\nusername = \"admin\"\nsecret = \"amp111\"\n"
@@ -50,13 +54,15 @@ async fn sighup_applies_a_new_server_list_without_touching_the_rest() {
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amibus"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_amibus"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
     wait_for(&sim, "a and b to log in", |s| {
         s[0].logins == 1 && s[1].logins == 1
     })
