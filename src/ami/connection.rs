@@ -461,6 +461,25 @@ struct Session {
     next_ping: Instant,
     last_byte: Instant,
     wbuf: BytesMut,
+    /// How much room the next read gets: doubled while reads fill it (a flood), halved while
+    /// they come back small, between [`READ_MIN`] and [`READ_MAX`].
+    read_size: usize,
+}
+
+/// The read size of a quiet connection (and its buffer's growth step).
+const READ_MIN: usize = 8 << 10;
+/// The read size of a flooded one: fewer syscalls and buffers per event.
+const READ_MAX: usize = 64 << 10;
+
+/// The room for the next read, after a read of `n` bytes into `room`.
+fn next_read_size(size: usize, room: usize, n: usize) -> usize {
+    if n == room {
+        (size * 2).min(READ_MAX)
+    } else if n < size / 8 {
+        (size / 2).max(READ_MIN)
+    } else {
+        size
+    }
 }
 
 impl Task {
@@ -681,6 +700,7 @@ impl Task {
             next_ping: started + self.cfg.keepalive_interval,
             last_byte: started,
             wbuf: BytesMut::new(),
+            read_size: READ_MIN,
         };
         // Frames that came with the login responses, then bytes already buffered behind them.
         let mut result = Ok(());
@@ -747,9 +767,10 @@ impl Task {
             if let Some((_, deadline)) = &s.ping {
                 wake = wake.min(*deadline);
             }
-            if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(8192);
+            if buf.capacity() - buf.len() < s.read_size / 4 {
+                buf.reserve(s.read_size);
             }
+            let room = buf.capacity() - buf.len();
             let gap_tx = (!self.out.gaps.is_empty()).then(|| self.out.tx.clone());
             let can_take = s.pending.len() < self.opts.max_in_flight && !self.cmds_closed;
             // Biased, with the read last: under a flood the socket is always readable, and a
@@ -804,6 +825,7 @@ impl Task {
                         Ok(n) => n,
                         Err(e) => return Some(format!("io error: {e}")),
                     };
+                    s.read_size = next_read_size(s.read_size, room, n);
                     let at = now_ns();
                     s.last_byte = Instant::now();
                     self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -1136,6 +1158,23 @@ mod insecure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_grow_under_a_flood_and_shrink_when_it_passes() {
+        // Full reads double the room up to the cap.
+        let mut size = READ_MIN;
+        for _ in 0..10 {
+            size = next_read_size(size, size, size);
+        }
+        assert_eq!(size, READ_MAX);
+        // A read that did not fill the room but was not small keeps it.
+        assert_eq!(next_read_size(READ_MAX, READ_MAX, READ_MAX / 2), READ_MAX);
+        // Small reads halve it down to the floor, never below.
+        for _ in 0..10 {
+            size = next_read_size(size, size, 100);
+        }
+        assert_eq!(size, READ_MIN);
+    }
 
     #[test]
     fn backoff_stays_within_floor_and_cap() {
