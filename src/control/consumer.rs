@@ -1073,20 +1073,17 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
     }
 
-    fn rig(fail: u32, permanent: bool, answer_not_owned: bool, owns: Owns) -> Rig {
+    /// A running consumer fed by the returned rig, its publisher failing the first `fail`
+    /// results (permanently or not); `make` builds the controller around that publisher.
+    fn start(fail: u32, permanent: bool, make: impl FnOnce(Flaky) -> Controller<Flaky>) -> Rig {
         let (tx, rx) = mpsc::channel(16);
         let (out_tx, out) = mpsc::unbounded_channel();
         let (ack_tx, acks) = mpsc::unbounded_channel();
-        let publisher = Flaky {
+        let controller = make(Flaky {
             fail: AtomicU32::new(fail),
             permanent,
             out: out_tx,
-        };
-        let cfg = ControlConfig {
-            answer_not_owned,
-            ..ControlConfig::default()
-        };
-        let controller = Controller::new(HashMap::new(), owns, cfg, publisher);
+        });
         let stats = controller.stats();
         let stop = CancellationToken::new();
         let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
@@ -1099,6 +1096,16 @@ mod tests {
             stop,
             task,
         }
+    }
+
+    fn rig(fail: u32, permanent: bool, answer_not_owned: bool, owns: Owns) -> Rig {
+        let cfg = ControlConfig {
+            answer_not_owned,
+            ..ControlConfig::default()
+        };
+        start(fail, permanent, |publisher| {
+            Controller::new(HashMap::new(), owns, cfg, publisher)
+        })
     }
 
     impl Rig {
@@ -1148,14 +1155,6 @@ mod tests {
         journal: &JournalConfig,
         broken: bool,
     ) -> (Rig, mpsc::Receiver<crate::ami::handle::Command>) {
-        let (tx, rx) = mpsc::channel(16);
-        let (out_tx, out) = mpsc::unbounded_channel();
-        let (ack_tx, acks) = mpsc::unbounded_channel();
-        let publisher = Flaky {
-            fail: AtomicU32::new(0),
-            permanent: false,
-            out: out_tx,
-        };
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let targets = HashMap::from([(
             "pbx1".to_owned(),
@@ -1168,25 +1167,16 @@ mod tests {
             rate: 0.0,
             ..ControlConfig::default()
         };
-        let controller = Controller::new(targets, Arc::new(|_: &str| true), cfg, publisher)
-            .with_journal(journal)
-            .expect("journal");
-        if broken {
-            let j = controller.journal.as_ref().expect("journal");
-            lock(j).break_writes().expect("reopen");
-        }
-        let stats = controller.stats();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
-        let rig = Rig {
-            tx,
-            out,
-            acks,
-            ack_tx,
-            stats,
-            stop,
-            task,
-        };
+        let rig = start(0, false, |publisher| {
+            let controller = Controller::new(targets, Arc::new(|_: &str| true), cfg, publisher)
+                .with_journal(journal)
+                .expect("journal");
+            if broken {
+                let j = controller.journal.as_ref().expect("journal");
+                lock(j).break_writes().expect("reopen");
+            }
+            controller
+        });
         (rig, cmd_rx)
     }
 
