@@ -646,25 +646,28 @@ impl HeaderCache {
         let Some(seq) = seq else {
             return headers(record, with_id);
         };
-        if !self.templates.contains_key(&self.key[..]) {
-            // Every header but `seq`, and with the id, placeholders for both: a std map
-            // reserves room before it looks for the key, so setting a value in a full table
-            // (7 of 8 buckets) would grow it on every record.
-            let mut template = HeaderMap::new();
-            put_headers(
-                &mut template,
-                record.headers.iter().filter(|(name, _)| name != "seq"),
-            )?;
-            if with_id {
-                template.insert("seq", "");
-                template.insert(async_nats::header::NATS_MESSAGE_ID, "");
+        let mut map = match self.templates.get(&self.key[..]) {
+            Some(template) => template.clone(),
+            None => {
+                // Every header but `seq`, and with the id, placeholders for both: a std map
+                // reserves room before it looks for the key, so setting a value in a full
+                // table (7 of 8 buckets) would grow it on every record.
+                let mut template = HeaderMap::new();
+                put_headers(
+                    &mut template,
+                    record.headers.iter().filter(|(name, _)| name != "seq"),
+                )?;
+                if with_id {
+                    template.insert("seq", "");
+                    template.insert(async_nats::header::NATS_MESSAGE_ID, "");
+                }
+                if self.templates.len() >= Self::MAX_ENTRIES {
+                    self.templates.clear();
+                }
+                self.templates.insert(self.key.clone(), template.clone());
+                template
             }
-            if self.templates.len() >= Self::MAX_ENTRIES {
-                self.templates.clear();
-            }
-            self.templates.insert(self.key.clone(), template);
-        }
-        let mut map = self.templates[&self.key[..]].clone();
+        };
         map.insert("seq", header_value(seq));
         if with_id {
             map.insert(
