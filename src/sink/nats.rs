@@ -31,6 +31,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -38,9 +39,10 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Delivery, Record, Sink, SinkError, expand_template};
+use super::{Delivery, Record, Sink, SinkError, expand_template, within};
 use crate::spool;
 
 pub use crate::secret::Secret;
@@ -365,9 +367,28 @@ enum Mode {
 /// client and publishes the highest number each successful flush covered.
 struct CoreFlush {
     published: u64,
-    wanted: watch::Sender<u64>,
+    /// The highest number published, for the flusher.
+    wanted: Arc<Wanted>,
     flushed: Arc<watch::Sender<u64>>,
     flushed_rx: watch::Receiver<u64>,
+    /// Stops the flusher when the sink goes.
+    _stop: DropGuard,
+}
+
+/// The flusher's wake-up: a number and a permit. Setting it costs one atomic store and one
+/// compare-and-swap while the flusher is busy or a permit is already waiting (a `watch` took a
+/// write lock and the waiters' mutex on every record).
+#[derive(Default)]
+struct Wanted {
+    up_to: AtomicU64,
+    wake: Notify,
+}
+
+impl Wanted {
+    fn set(&self, n: u64) {
+        self.up_to.store(n, Ordering::Release);
+        self.wake.notify_one();
+    }
 }
 
 impl NatsSink {
@@ -398,11 +419,11 @@ impl NatsSink {
         };
         Ok(NatsSink {
             client,
+            header_cache: HeaderCache::new(cfg.subject.clone()),
             subject: cfg.subject,
             publish_timeout: cfg.publish_timeout,
             ack_timeout: cfg.ack_timeout,
             mode,
-            header_cache: HeaderCache::new(),
         })
     }
 
@@ -447,15 +468,23 @@ async fn create_stream(
 
 impl CoreFlush {
     fn start(client: Client, interval: Duration) -> CoreFlush {
-        let (wanted, wanted_rx) = watch::channel(0u64);
+        let wanted = Arc::new(Wanted::default());
         let (flushed, flushed_rx) = watch::channel(0u64);
         let flushed = Arc::new(flushed);
-        tokio::spawn(flusher(client, interval, wanted_rx, flushed.clone()));
+        let stop = CancellationToken::new();
+        tokio::spawn(flusher(
+            client,
+            interval,
+            wanted.clone(),
+            flushed.clone(),
+            stop.clone(),
+        ));
         CoreFlush {
             published: 0,
             wanted,
             flushed,
             flushed_rx,
+            _stop: stop.drop_guard(),
         }
     }
 }
@@ -475,19 +504,24 @@ fn advance(flushed: &watch::Sender<u64>, to: u64) {
 async fn flusher(
     client: Client,
     interval: Duration,
-    mut wanted: watch::Receiver<u64>,
+    wanted: Arc<Wanted>,
     flushed: Arc<watch::Sender<u64>>,
+    stop: CancellationToken,
 ) {
     let mut retry = false;
     loop {
-        if !retry && wanted.changed().await.is_err() {
-            return;
+        if !retry {
+            // A number set while the last flush ran left a permit: no publish goes unseen.
+            tokio::select! {
+                () = wanted.wake.notified() => {}
+                () = stop.cancelled() => return,
+            }
         }
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
         // Everything numbered up to `target` was queued in the client before the flush command.
-        let target = *wanted.borrow_and_update();
+        let target = wanted.up_to.load(Ordering::Acquire);
         match client.flush().await {
             Ok(()) => {
                 advance(&flushed, target);
@@ -609,30 +643,48 @@ fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
 /// record of a connection: the same server, event, kind, class and epoch recur. A hit clones
 /// the map (no name hashed, no table grown) and sets `seq` (and the message id); building one
 /// hashed every name and grew the table twice, the largest cost of publishing to NATS.
+/// The subject is kept next to the map: it is a function of the same headers (unless the
+/// template names `seq`), and expanding it allocated a string per record.
 struct HeaderCache {
-    templates: std::collections::HashMap<Vec<u8>, HeaderMap>,
+    templates: std::collections::HashMap<Vec<u8>, (HeaderMap, Subject)>,
     key: Vec<u8>,
+    subject: String,
+    /// The subject template names `seq`: expanded per record.
+    subject_per_record: bool,
 }
 
 impl HeaderCache {
     /// Distinct (server, event, kind, class, epoch) values kept before starting over.
     const MAX_ENTRIES: usize = 4096;
 
-    fn new() -> Self {
+    fn new(subject: String) -> Self {
         HeaderCache {
             templates: std::collections::HashMap::new(),
             key: Vec::with_capacity(128),
+            subject_per_record: subject.contains("{seq}"),
+            subject,
         }
     }
 
-    fn headers(&mut self, record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
+    /// The record's NATS headers (see [`headers`]) and the subject it is published to.
+    fn headers(
+        &mut self,
+        record: &Record,
+        with_id: bool,
+    ) -> Result<(HeaderMap, Subject), SinkError> {
+        let uncached = |subject: &str| -> Result<(HeaderMap, Subject), SinkError> {
+            Ok((
+                headers(record, with_id)?,
+                Subject::from(expand_template(subject, record)),
+            ))
+        };
         self.key.clear();
         let mut seq = None;
         for (name, value) in &record.headers {
             if name == "seq" {
                 if seq.replace(value).is_some() {
                     // Two values to set: not the shape the cache serves.
-                    return headers(record, with_id);
+                    return uncached(&self.subject);
                 }
                 continue;
             }
@@ -644,10 +696,10 @@ impl HeaderCache {
             }
         }
         let Some(seq) = seq else {
-            return headers(record, with_id);
+            return uncached(&self.subject);
         };
-        let mut map = match self.templates.get(&self.key[..]) {
-            Some(template) => template.clone(),
+        let (mut map, subject) = match self.templates.get(&self.key[..]) {
+            Some((template, subject)) => (template.clone(), subject.clone()),
             None => {
                 // Every header but `seq`, and with the id, placeholders for both: a std map
                 // reserves room before it looks for the key, so setting a value in a full
@@ -661,12 +713,19 @@ impl HeaderCache {
                     template.insert("seq", "");
                     template.insert(async_nats::header::NATS_MESSAGE_ID, "");
                 }
+                let subject = Subject::from(expand_template(&self.subject, record));
                 if self.templates.len() >= Self::MAX_ENTRIES {
                     self.templates.clear();
                 }
-                self.templates.insert(self.key.clone(), template.clone());
-                template
+                self.templates
+                    .insert(self.key.clone(), (template.clone(), subject.clone()));
+                (template, subject)
             }
+        };
+        let subject = if self.subject_per_record {
+            Subject::from(expand_template(&self.subject, record))
+        } else {
+            subject
         };
         map.insert("seq", header_value(seq));
         if with_id {
@@ -675,7 +734,7 @@ impl HeaderCache {
                 header_value(message_id(record).as_bytes()),
             );
         }
-        Ok(map)
+        Ok((map, subject))
     }
 }
 
@@ -751,15 +810,13 @@ impl Sink for NatsSink {
         if self.client.connection_state() != State::Connected {
             return Err(SinkError::Retriable("nats: not connected".into()));
         }
-        // Bytes inside: the clone kept for error reports is a reference count, not a copy.
-        let subject = Subject::from(expand_template(&self.subject, record));
         let queue_timeout = self.publish_timeout;
         let timed_out =
             || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
         match &mut self.mode {
             Mode::Core(core) => {
-                let headers = self.header_cache.headers(record, false)?;
-                tokio::time::timeout(
+                let (headers, subject) = self.header_cache.headers(record, false)?;
+                within(
                     queue_timeout,
                     self.client
                         .publish_with_headers(subject, headers, record.payload.clone()),
@@ -769,12 +826,11 @@ impl Sink for NatsSink {
                 .map_err(core_publish_error)?;
                 core.published += 1;
                 let mine = core.published;
-                core.wanted.send_replace(mine);
+                core.wanted.set(mine);
                 let mut flushed = core.flushed_rx.clone();
                 let ack_timeout = self.ack_timeout;
                 Ok(Box::pin(async move {
-                    match tokio::time::timeout(ack_timeout, flushed.wait_for(|&f| f >= mine)).await
-                    {
+                    match within(ack_timeout, flushed.wait_for(|&f| f >= mine)).await {
                         Ok(Ok(_)) => Ok(()),
                         Ok(Err(_)) => Err(SinkError::Retriable("nats: flusher stopped".into())),
                         Err(_) => Err(SinkError::Retriable(format!(
@@ -784,8 +840,9 @@ impl Sink for NatsSink {
                 }))
             }
             Mode::JetStream(js) => {
-                let headers = self.header_cache.headers(record, true)?;
-                let published = tokio::time::timeout(
+                // Bytes inside: the clone kept for error reports is a reference count.
+                let (headers, subject) = self.header_cache.headers(record, true)?;
+                let published = within(
                     queue_timeout,
                     js.publish_with_headers(subject.clone(), headers, record.payload.clone()),
                 )
@@ -1060,8 +1117,15 @@ mod tests {
     }
 
     #[test]
-    fn cached_header_maps_equal_the_ones_built_for_each_record() {
-        let mut cache = HeaderCache::new();
+    fn cached_header_maps_and_subjects_equal_the_ones_built_for_each_record() {
+        // The default template, and one that names `seq` (expanded per record).
+        let templates = ["ami.{server}.{event}", "x.{event}.{seq}"];
+        let built = |r: &Record, with_id: bool, template: &str| {
+            (
+                headers(r, with_id).expect("valid"),
+                Subject::from(expand_template(template, r)),
+            )
+        };
         let shapes: [&[(&str, &str)]; 6] = [
             &[
                 ("server", "pbx1"),
@@ -1091,26 +1155,29 @@ mod tests {
             &[("server", "pbx1"), ("event", "Hangup")],
             &[("seq", "4"), ("seq", "5")],
         ];
-        for with_id in [false, true] {
-            for round in 0..2 {
-                for (n, shape) in shapes.iter().enumerate() {
-                    let r = record(shape, "k", &format!("payload {n} {round}"));
-                    assert_eq!(
-                        cache.headers(&r, with_id).expect("valid"),
-                        headers(&r, with_id).expect("valid"),
-                        "{shape:?}, with id: {with_id}"
-                    );
+        for template in templates {
+            let mut cache = HeaderCache::new(template.into());
+            for with_id in [false, true] {
+                for round in 0..2 {
+                    for (n, shape) in shapes.iter().enumerate() {
+                        let r = record(shape, "k", &format!("payload {n} {round}"));
+                        assert_eq!(
+                            cache.headers(&r, with_id).expect("valid"),
+                            built(&r, with_id, template),
+                            "{shape:?}, with id: {with_id}, {template}"
+                        );
+                    }
                 }
             }
+            // The same values under other names are another key.
+            let a = record(&[("ab", "c"), ("seq", "1")], "", "");
+            let b = record(&[("a", "bc"), ("seq", "1")], "", "");
+            cache.headers(&a, false).expect("valid");
+            assert_eq!(
+                cache.headers(&b, false).expect("valid"),
+                built(&b, false, template)
+            );
         }
-        // The same values under other names are another key.
-        let a = record(&[("ab", "c"), ("seq", "1")], "", "");
-        let b = record(&[("a", "bc"), ("seq", "1")], "", "");
-        cache.headers(&a, false).expect("valid");
-        assert_eq!(
-            cache.headers(&b, false).expect("valid"),
-            headers(&b, false).expect("valid")
-        );
     }
 
     #[test]
