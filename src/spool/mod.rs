@@ -556,7 +556,13 @@ impl Spool {
             let before = lost.len();
             while let Ok(Some((id, mut rec))) = reader.read_next() {
                 if id >= st.acked_floor && !st.acked_above.contains(&id) {
+                    // Copied out of the reader's chunk, which they would otherwise keep whole
+                    // for as long as they wait to be reported.
                     rec.payload = Bytes::new();
+                    rec.key = Bytes::copy_from_slice(&rec.key);
+                    for (_, value) in &mut rec.headers {
+                        *value = Bytes::copy_from_slice(value);
+                    }
                     if id < st.handed_out {
                         // The sink may still confirm it: lost only if it does not.
                         st.in_doubt.insert(id, rec);

@@ -9,7 +9,7 @@
 //! reported as [`Torn`], and the reader stops there).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -142,10 +142,17 @@ fn decode_body(mut body: Bytes) -> Option<(u64, Record)> {
     ))
 }
 
-/// Reads a segment from the start, record by record.
+/// How much a [`SegmentReader`] reads at a time.
+const CHUNK: usize = 256 << 10;
+
+/// Reads a segment's records in order. Reads the file a chunk at a time and hands out records
+/// whose key, header values and payload are slices of that chunk: one allocation and one copy
+/// per chunk, where a buffered reader copied each record again into a buffer of its own.
 pub struct SegmentReader {
     path: PathBuf,
-    file: BufReader<File>,
+    file: File,
+    /// Read from the file and not yet handed out; starts at `offset`.
+    chunk: Bytes,
     offset: u64,
 }
 
@@ -153,7 +160,8 @@ impl SegmentReader {
     pub fn open(path: &Path) -> io::Result<Self> {
         Ok(SegmentReader {
             path: path.to_owned(),
-            file: BufReader::with_capacity(256 << 10, File::open(path)?),
+            file: File::open(path)?,
+            chunk: Bytes::new(),
             offset: 0,
         })
     }
@@ -162,64 +170,69 @@ impl SegmentReader {
         &self.path
     }
 
-    /// The offset of the next record.
+    /// Bytes of whole records read so far: where a torn tail starts.
     pub fn offset(&self) -> u64 {
         self.offset
     }
 
-    /// The next record; `Ok(None)` at a clean end of file.
-    ///
-    /// # Errors
-    /// `Err(Ok(Torn))` for a record cut short or failing its checksum; `Err(Err(io))` when
-    /// reading fails.
+    /// The next record; `Ok(None)` at a clean end; `Err(Ok(Torn))` where the file ends inside
+    /// a record or a record fails its checksum. Either way nothing is consumed: the next call
+    /// reads the file again from the same place (the active segment may have grown since).
     pub fn read_next(&mut self) -> Result<Option<(u64, Record)>, Result<Torn, io::Error>> {
         let torn = Torn {
             offset: self.offset,
         };
-        let mut head = [0u8; FRAME_HEADER];
-        match read_full(&mut self.file, &mut head).map_err(Err)? {
-            0 => return Ok(None),
-            n if n < FRAME_HEADER => return Err(Ok(torn)),
-            _ => {}
+        if !self.fill(FRAME_HEADER).map_err(Err)? {
+            return if self.chunk.is_empty() {
+                Ok(None)
+            } else {
+                self.forget().map_err(Err)?;
+                Err(Ok(torn))
+            };
         }
+        let head = &self.chunk[..FRAME_HEADER];
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if len > MAX_RECORD_BYTES {
+        if len > MAX_RECORD_BYTES || !self.fill(FRAME_HEADER + len).map_err(Err)? {
+            self.forget().map_err(Err)?;
             return Err(Ok(torn));
         }
-        // read_to_end into spare capacity: no zeroing of a buffer about to be overwritten.
-        let mut body = Vec::with_capacity(len);
-        if (&mut self.file)
-            .take(len as u64)
-            .read_to_end(&mut body)
-            .map_err(Err)?
-            < len
-        {
-            return Err(Ok(torn));
-        }
-        if crc32fast::hash(&body) != crc {
-            return Err(Ok(torn));
-        }
-        let Some(record) = decode_body(Bytes::from(body)) else {
+        let body = self.chunk.slice(FRAME_HEADER..FRAME_HEADER + len);
+        let record = if crc32fast::hash(&body) == crc {
+            decode_body(body)
+        } else {
+            None
+        };
+        let Some(record) = record else {
+            self.forget().map_err(Err)?;
             return Err(Ok(torn));
         };
+        self.chunk.advance(FRAME_HEADER + len);
         self.offset += (FRAME_HEADER + len) as u64;
         Ok(Some(record))
     }
-}
 
-/// Read until `buf` is full or the file ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    /// Make `chunk` hold at least `need` bytes if the file has them; false if it ends first.
+    fn fill(&mut self, need: usize) -> io::Result<bool> {
+        if self.chunk.len() >= need {
+            return Ok(true);
         }
+        let want = need.max(CHUNK);
+        let mut buf = Vec::with_capacity(want);
+        buf.extend_from_slice(&self.chunk);
+        // Reads into the spare capacity without zeroing it first; stops at `want` or the end.
+        (&mut self.file)
+            .take((want - buf.len()) as u64)
+            .read_to_end(&mut buf)?;
+        self.chunk = Bytes::from(buf);
+        Ok(self.chunk.len() >= need)
     }
-    Ok(got)
+
+    /// Drop what was read past `offset`, so the next read sees the file as it is then.
+    fn forget(&mut self) -> io::Result<()> {
+        self.chunk = Bytes::new();
+        self.file.seek(io::SeekFrom::Start(self.offset)).map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +269,45 @@ mod tests {
         assert_eq!(r.read_next().expect("ok").map(|r| r.0), Some(8));
         assert_eq!(r.offset(), whole as u64);
         assert!(matches!(r.read_next(), Err(Ok(Torn { offset })) if offset == whole as u64));
+    }
+
+    #[test]
+    fn records_across_chunks_and_a_tail_that_grows_while_read() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(0));
+        // Small records spanning several chunk boundaries, one larger than a chunk.
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for id in 0..2_000u64 {
+            let payload = if id == 700 {
+                "x".repeat(CHUNK + 10)
+            } else {
+                format!("payload {id} {}", "y".repeat((id % 300) as usize))
+            };
+            let rec = record(&format!("k{id}"), &payload);
+            encode(id, &rec, &mut bytes);
+            want.push(rec);
+        }
+        assert!(bytes.len() > 2 * CHUNK);
+        // The last record arrives in two writes, as an append being flushed would.
+        let last = record("last", "z");
+        let mut tail = Vec::new();
+        encode(2_000, &last, &mut tail);
+        let (first_half, second_half) = tail.split_at(tail.len() / 2);
+        let mut file = std::fs::File::create(&path).expect("create");
+        file.write_all(&bytes).expect("write");
+        file.write_all(first_half).expect("write");
+        let mut r = SegmentReader::open(&path).expect("open");
+        for (id, rec) in want.iter().enumerate() {
+            assert_eq!(r.read_next().expect("ok"), Some((id as u64, rec.clone())));
+        }
+        let whole = bytes.len() as u64;
+        assert!(matches!(r.read_next(), Err(Ok(Torn { offset })) if offset == whole));
+        assert_eq!(r.offset(), whole);
+        file.write_all(second_half).expect("write");
+        assert_eq!(r.read_next().expect("ok"), Some((2_000, last)));
+        assert_eq!(r.read_next().expect("ok"), None);
     }
 
     #[test]
