@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! scripts/bench-e2e [--events 200000] [--servers 4] [--modes core,jetstream,kafka,file]
-//!                   [--repeat N] [--rate EVENTS_PER_S_PER_SERVER] [--out FILE] [--work DIR]
+//!                   [--repeat N] [--warmup N] [--rate EVENTS_PER_S_PER_SERVER] [--out FILE]
+//!                   [--work DIR]
 //! ```
 //!
 //! For each mode, three processes: `amibus sim --rate R --count N/servers` (the AMI side;
@@ -36,6 +37,12 @@
 //! the connections drop records at the hand-off queue (reported as gap records, and listed
 //! under the table). Throughput counts what was delivered; with `--repeat`, the medians count
 //! only runs that lost nothing, when there are any (a run with loss did less work).
+//!
+//! Each mode first runs `--warmup` rounds (default 1) that are not counted. Within a run the
+//! floor goes second, so it met a broker, a consumer and a page cache that amibus's half had
+//! just warmed, while amibus's half of the first run met them cold: in three sets of four runs,
+//! the first was the slowest amibus every time (133-140k events/s against 155-181k). After a
+//! warm-up round both halves find them warm. Every amibus run is still a fresh process.
 //!
 //! Linux only (/proc); assumes 100 clock ticks per second.
 
@@ -107,6 +114,8 @@ struct Opts {
     work: Option<PathBuf>,
     /// Runs per mode (round-robin over the modes); the summary gives the median ratio.
     repeat: usize,
+    /// Unmeasured rounds first (see the module docs).
+    warmup: usize,
     /// Events per second per simulated server; 0 = as fast as TCP allows (the throughput
     /// run). With a rate, amibus is not saturated: the latencies are what a consumer sees at
     /// that load, and the ratio means little (both sides keep up with the offered load).
@@ -129,6 +138,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         amibus: std::env::var_os("AMIBUS_BIN").map_or(default_bin, PathBuf::from),
         work: None,
         repeat: 1,
+        warmup: 1,
         rate: 0,
     };
     let mut args = std::env::args().skip(1);
@@ -141,6 +151,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--amibus" => o.amibus = val()?.into(),
             "--work" => o.work = Some(val()?.into()),
             "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
+            "--warmup" => o.warmup = val()?.parse()?,
             "--rate" => o.rate = val()?.parse()?,
             "--modes" => {
                 o.modes = val()?
@@ -939,17 +950,23 @@ fn main() -> anyhow::Result<()> {
             kafka: kafka.as_ref().map_or("", |(_, b)| b.as_str()).to_owned(),
         };
         let mut rows = Vec::new();
-        for round in 0..o.repeat {
+        for round in 0..o.warmup + o.repeat {
             for &mode in &o.modes {
+                let what = if round < o.warmup {
+                    format!("warm-up {} of {}, not counted", round + 1, o.warmup)
+                } else {
+                    format!("run {} of {}", round - o.warmup + 1, o.repeat)
+                };
                 eprintln!(
-                    "bench-e2e: {} ({} events, {} servers, run {} of {})…",
+                    "bench-e2e: {} ({} events, {} servers, {what})…",
                     mode.name(),
                     o.events,
                     o.servers,
-                    round + 1,
-                    o.repeat
                 );
-                rows.push(run_mode(&o, mode, &brokers, &work, round).await?);
+                let row = run_mode(&o, mode, &brokers, &work, round).await?;
+                if round >= o.warmup {
+                    rows.push(row);
+                }
             }
         }
         anyhow::Ok(rows)
@@ -1050,6 +1067,7 @@ fn main() -> anyhow::Result<()> {
         "rate_per_server": o.rate,
         "servers": o.servers,
         "repeat": o.repeat,
+        "warmup_rounds": o.warmup,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "medians": medians,
         "runs": rows,
