@@ -964,8 +964,12 @@ pub enum SinkConfig {
 pub struct PipelineConfig {
     pub format: PayloadFormat,
     /// Records waiting between the connections and the spool, at most. When it is full the
-    /// connections drop records and report the range as a `gap` (they never stop reading).
+    /// connections drop records and report the range as a `gap`.
     pub handoff_queue: usize,
+    /// How long a connection holds its next read while the queue is nearly full, letting the
+    /// socket buffer the burst instead of dropping it; after that it reads on and drops until
+    /// there is room again. Kept well under Asterisk's `writetimeout` (100 ms by default).
+    pub handoff_wait: Duration,
     /// Pipeline tasks that normalize, encode and append to the spool in parallel. Each server
     /// is read into one of them, so a server's (and so a call's) records stay in order.
     pub workers: usize,
@@ -1105,6 +1109,7 @@ struct RawFileSink {
 struct RawPipeline {
     format: Option<String>,
     handoff_queue: Option<usize>,
+    handoff_wait: Option<String>,
     workers: Option<usize>,
     drain_timeout: Option<String>,
 }
@@ -1587,6 +1592,31 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
         &mut handoff_queue,
         problems,
     );
+    let handoff_wait = match raw.handoff_wait {
+        None => DEFAULT_HANDOFF_WAIT,
+        Some(s) => match parse_duration(&s) {
+            Some(d) if d < Duration::from_millis(100) => d,
+            Some(_) => {
+                problem(
+                    problems,
+                    "pipeline.handoff_wait",
+                    format!(
+                        "{s:?}: must be under 100ms, Asterisk's default writetimeout, after \
+                         which it drops a session that does not read"
+                    ),
+                );
+                DEFAULT_HANDOFF_WAIT
+            }
+            None => {
+                problem(
+                    problems,
+                    "pipeline.handoff_wait",
+                    format!("{s:?} is not a duration"),
+                );
+                DEFAULT_HANDOFF_WAIT
+            }
+        },
+    };
     let mut workers = default_workers();
     set_positive("pipeline.workers", raw.workers, &mut workers, problems);
     let drain_timeout = match raw.drain_timeout {
@@ -1603,10 +1633,14 @@ fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -> PipelineC
     PipelineConfig {
         format,
         handoff_queue,
+        handoff_wait,
         workers,
         drain_timeout,
     }
 }
+
+/// See [`PipelineConfig::handoff_wait`].
+pub const DEFAULT_HANDOFF_WAIT: Duration = Duration::from_millis(20);
 
 /// One pipeline per core, at most 8 (one pipeline keeps up with well over 100k records/s).
 pub fn default_workers() -> usize {
@@ -2409,6 +2443,32 @@ mod tests {
             ]
         );
         assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn handoff_wait_stays_under_asterisks_writetimeout() {
+        let server = "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"x\"\n";
+        let parse = |wait: &str| {
+            Config::parse(
+                &format!("{server}[pipeline]\nhandoff_wait = \"{wait}\"\n"),
+                &FakeEnv,
+            )
+        };
+        assert_eq!(
+            Config::parse(server, &FakeEnv)
+                .expect("valid")
+                .pipeline
+                .handoff_wait,
+            DEFAULT_HANDOFF_WAIT
+        );
+        for (wait, want) in [("0s", 0), ("50ms", 50), ("99ms", 99)] {
+            let cfg = parse(wait).expect("valid");
+            assert_eq!(cfg.pipeline.handoff_wait, Duration::from_millis(want));
+        }
+        for wait in ["100ms", "1s", "soon"] {
+            let err = parse(wait).unwrap_err();
+            assert_eq!(err.problems()[0].path, "pipeline.handoff_wait", "{wait}");
+        }
     }
 
     #[test]

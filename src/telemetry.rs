@@ -19,6 +19,8 @@
 //! | `amibus_ami_auth_failures_total` | counter | server | logins refused |
 //! | `amibus_ami_seconds_since_last_byte` | gauge | server | silence on the socket |
 //! | `amibus_ami_dropped_records_total` | counter | server | records dropped at a full hand-off queue |
+//! | `amibus_ami_read_pauses_total` | counter | server | reads held back for room in a nearly full hand-off queue |
+//! | `amibus_ami_read_pause_timeouts_total` | counter | server | pauses that lasted `pipeline.handoff_wait`, after which the connection read on and dropped |
 //! | `amibus_ami_gap_records_total` | counter | server | gap records sent for them |
 //! | `amibus_pipeline_records_total` | counter | | records encoded into the spool |
 //! | `amibus_spool_records` | gauge | | records held (not yet acknowledged) |
@@ -106,6 +108,14 @@ fn describe() {
     describe_counter!(
         "amibus_ami_dropped_records_total",
         "records dropped because the hand-off queue was full"
+    );
+    describe_counter!(
+        "amibus_ami_read_pauses_total",
+        "reads held back for room in a nearly full hand-off queue"
+    );
+    describe_counter!(
+        "amibus_ami_read_pause_timeouts_total",
+        "read pauses that lasted pipeline.handoff_wait; the connection then read on and dropped"
     );
     describe_counter!(
         "amibus_ami_gap_records_total",
@@ -259,6 +269,8 @@ impl Sources {
             counter!("amibus_ami_auth_failures_total", &l).absolute(s.auth_failures);
             counter!("amibus_ami_dropped_records_total", &l).absolute(s.dropped_records);
             counter!("amibus_ami_gap_records_total", &l).absolute(s.gaps);
+            counter!("amibus_ami_read_pauses_total", &l).absolute(s.read_pauses);
+            counter!("amibus_ami_read_pause_timeouts_total", &l).absolute(s.read_pause_timeouts);
             if s.last_byte_ns > 0 {
                 let silent = (now - s.last_byte_ns).max(0) as f64 / 1e9;
                 gauge!("amibus_ami_seconds_since_last_byte", &l).set(silent);

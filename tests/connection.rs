@@ -770,8 +770,11 @@ async fn overflow_becomes_gap_records_and_every_seq_is_accounted_for() {
     while conn.stats.snapshot().frames < EVENTS as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // The reader kept reading: every frame was decoded although the queue was full.
-    assert!(conn.stats.snapshot().dropped_records > 0);
+    // The reader held back for `handoff_wait`, then read on: every frame was decoded although
+    // the queue was full.
+    let st = conn.stats.snapshot();
+    assert!(st.dropped_records > 0);
+    assert!(st.read_pauses > 0 && st.read_pause_timeouts > 0, "{st:?}");
     // Reading makes room: the gap is sent without any new input.
     got.extend(until(&mut rx, |r| matches!(r.record, Record::Gap { .. })).await);
     fc.send(event("Last", 0));
@@ -822,6 +825,50 @@ async fn overflow_becomes_gap_records_and_every_seq_is_accounted_for() {
         .filter(|r| matches!(r.record, Record::Gap { .. }))
         .count();
     assert_eq!(st.gaps as usize, gaps);
+    stop(conn, shutdown).await;
+}
+
+#[tokio::test]
+async fn a_burst_waits_in_the_socket_while_a_slow_reader_catches_up() {
+    // Far more than the queue holds, taken by a reader slower than the socket: the connection
+    // holds its reads back while the queue is nearly full (the burst waits in the socket)
+    // instead of dropping, as long as room comes within `handoff_wait`. (The queue is large
+    // enough that the 1,024 slots a read waits for hold what one read can bring.)
+    const EVENTS: usize = 6_000;
+    let mut fake = Fake::start(Behaviour::default()).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2_048);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let opts = Options {
+        // The most allowed: a loaded test machine may leave this task unscheduled for a while.
+        handoff_wait: Duration::from_millis(99),
+        ..Default::default()
+    };
+    let conn = Connection::spawn(Arc::new(cfg(fake.addr)), tx, shutdown.clone(), opts);
+    let fc = fake.next_conn().await;
+    assert!(is_up(&next(&mut rx).await));
+    let mut burst = Vec::new();
+    for i in 0..EVENTS {
+        burst.extend(event("Burst", i));
+    }
+    fc.send(burst);
+    let mut seqs = Vec::new();
+    while seqs.len() < EVENTS {
+        let r = next(&mut rx).await;
+        assert_eq!(event_name(&r).as_deref(), Some("Burst"), "{r:?}");
+        seqs.push(r.stamp.seq);
+        if seqs.len() % 256 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(
+        seqs,
+        (2..=EVENTS as u64 + 1).collect::<Vec<_>>(),
+        "in order, none lost"
+    );
+    let st = conn.stats.snapshot();
+    assert_eq!((st.dropped_records, st.gaps), (0, 0), "{st:?}");
+    assert!(st.read_pauses > 0, "the queue filled: {st:?}");
+    assert_eq!(st.read_pause_timeouts, 0, "{st:?}");
     stop(conn, shutdown).await;
 }
 

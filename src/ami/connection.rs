@@ -5,11 +5,17 @@
 //! ActionID → waiting caller table, keepalive, reconnect with backoff, and [`Stats`].
 //!
 //! Must never:
-//! - wait on the consumer. Asterisk drops a session whose socket stays unwritable for 100 ms, so
-//!   records go downstream with `try_send`; when the queue is full the record is dropped, its
-//!   seq is remembered, and a [`Record::Gap`] naming the dropped range is sent as soon as the
-//!   queue has room again, while reading goes on. Pending gaps are bounded
+//! - wait on the consumer for long. Asterisk drops a session whose socket stays unwritable for
+//!   100 ms, so records go downstream with `try_send`; when the queue is full the record is
+//!   dropped, its seq is remembered, and a [`Record::Gap`] naming the dropped range is sent as
+//!   soon as the queue has room again, while reading goes on. Pending gaps are bounded
 //!   ([`MAX_PENDING_GAPS`]; past it the oldest is forgotten and counted in `gaps_lost`).
+//!   Before that point, while the queue is nearly full, a read is held back for at most
+//!   [`Options::handoff_wait`] (20 ms, under 100 ms by validation): a burst the pipelines take
+//!   a moment to absorb then waits in the socket buffers (megabytes, which fill long before
+//!   Asterisk's writes block) instead of being dropped. A wait that runs out switches the
+//!   connection to reading on and dropping until the queue has room again, so a stalled
+//!   pipeline can never hold the socket unread for longer than one wait.
 //! - wait on a write: actions are written from a buffer polled next to the read, so a stalled
 //!   write never stops the read.
 //! - re-send an action: one in flight when the session ends is answered
@@ -66,6 +72,9 @@ pub struct Options {
     pub previous_epoch: u64,
     /// How long to wait for `Response: Goodbye` after `Logoff` at shutdown.
     pub logoff_timeout: Duration,
+    /// How long a read waits for room in a nearly full hand-off queue before it goes ahead
+    /// (and what does not fit is dropped); zero: never wait.
+    pub handoff_wait: Duration,
 }
 
 impl Default for Options {
@@ -77,6 +86,7 @@ impl Default for Options {
             limits: Limits::default(),
             previous_epoch: 0,
             logoff_timeout: Duration::from_secs(1),
+            handoff_wait: crate::config::DEFAULT_HANDOFF_WAIT,
         }
     }
 }
@@ -92,6 +102,8 @@ pub struct Stats {
     dropped_records: AtomicU64,
     gaps: AtomicU64,
     gaps_lost: AtomicU64,
+    read_pauses: AtomicU64,
+    read_pause_timeouts: AtomicU64,
     late_replies: AtomicU64,
     last_byte_ns: AtomicI64,
     connected: AtomicBool,
@@ -116,6 +128,11 @@ pub struct StatsSnapshot {
     pub gaps: u64,
     /// Gap ranges forgotten because more than [`MAX_PENDING_GAPS`] were waiting.
     pub gaps_lost: u64,
+    /// Reads held back for room in a nearly full hand-off queue.
+    pub read_pauses: u64,
+    /// Of those, the ones that waited the whole `handoff_wait` and read on (dropping what did
+    /// not fit).
+    pub read_pause_timeouts: u64,
     /// Replies to actions whose caller had given up; discarded.
     pub late_replies: u64,
     /// When the last byte arrived (ns since the Unix epoch; 0 = never).
@@ -137,6 +154,8 @@ impl Stats {
             dropped_records: r(&self.dropped_records),
             gaps: r(&self.gaps),
             gaps_lost: r(&self.gaps_lost),
+            read_pauses: r(&self.read_pauses),
+            read_pause_timeouts: r(&self.read_pause_timeouts),
             late_replies: r(&self.late_replies),
             last_byte_ns: self.last_byte_ns.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
@@ -464,7 +483,17 @@ struct Session {
     /// How much room the next read gets: doubled while reads fill it (a flood), halved while
     /// they come back small, between [`READ_MIN`] and [`READ_MAX`].
     read_size: usize,
+    /// The hand-off queue stayed full for `handoff_wait`: reads go on without waiting (and
+    /// records are dropped) until it has room again.
+    shedding: bool,
 }
+
+/// Free slots in the hand-off queue a read waits for (at most half the queue): as many frames
+/// as a 64 KiB read can bring if they are 64 bytes or more (AMI events are 300 to 1,500).
+const HANDOFF_HEADROOM: usize = 1024;
+
+/// How often a held-back read looks for room.
+const ROOM_POLL: Duration = Duration::from_millis(1);
 
 /// The read size of a quiet connection (and its buffer's growth step).
 const READ_MIN: usize = 8 << 10;
@@ -701,6 +730,7 @@ impl Task {
             last_byte: started,
             wbuf: BytesMut::new(),
             read_size: READ_MIN,
+            shedding: false,
         };
         // Frames that came with the login responses, then bytes already buffered behind them.
         let mut result = Ok(());
@@ -766,6 +796,9 @@ impl Task {
             let mut wake = s.next_ping.min(s.last_byte + idle_limit);
             if let Some((_, deadline)) = &s.ping {
                 wake = wake.min(*deadline);
+            }
+            if !self.room_for_a_read(s).await {
+                return None;
             }
             if buf.capacity() - buf.len() < s.read_size / 4 {
                 buf.reserve(s.read_size);
@@ -842,6 +875,40 @@ impl Task {
                         tokio::task::consume_budget().await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Before a read, wait (at most `handoff_wait`) while the hand-off queue has less room than
+    /// a read can bring; `false` if downstream is gone.
+    async fn room_for_a_read(&mut self, s: &mut Session) -> bool {
+        let wait = self.opts.handoff_wait;
+        let tx = &self.out.tx;
+        let headroom = HANDOFF_HEADROOM.min(tx.max_capacity() / 2).max(1);
+        if wait.is_zero() || tx.capacity() >= headroom {
+            s.shedding = false;
+            return true;
+        }
+        if s.shedding {
+            return true;
+        }
+        inc(&self.stats.read_pauses);
+        // Looked at every millisecond rather than waited for with `reserve_many`: the channel's
+        // semaphore is fair, so a waiter collects the slots freed while it waits, and the other
+        // connections on the queue found it full and dropped records meanwhile.
+        let deadline = Instant::now() + wait;
+        loop {
+            tokio::time::sleep(ROOM_POLL).await;
+            if tx.is_closed() {
+                return false;
+            }
+            if tx.capacity() >= headroom {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                inc(&self.stats.read_pause_timeouts);
+                s.shedding = true;
+                return true;
             }
         }
     }

@@ -328,6 +328,10 @@ pub async fn run_with(
         assigned: 0,
         read_stop: read_stop.clone(),
         registry: registry.clone(),
+        conn_opts: Options {
+            handoff_wait: cfg.pipeline.handoff_wait,
+            ..Options::default()
+        },
     };
     running.apply(cfg.servers.clone()).await;
     // The action consumer, after the connections it sends through; stopped before them.
@@ -493,6 +497,8 @@ struct Running {
     assigned: usize,
     read_stop: CancellationToken,
     registry: telemetry::Registry,
+    /// Given to every connection started.
+    conn_opts: Options,
 }
 
 struct RunningServer {
@@ -530,7 +536,7 @@ impl Running {
                 Arc::new(server.clone()),
                 tx,
                 stop.clone(),
-                Options::default(),
+                self.conn_opts.clone(),
             );
             self.tasks.insert(
                 id,
