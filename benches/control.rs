@@ -1,7 +1,7 @@
 //! Request → result latency (p50/p99) and throughput of the action consumer, through the
 //! simulator, against a floor: a bare `Ping` round trip on the same AMI connection handle.
 //!
-//! The consumer is fed from an in-memory [`Source`] and publishes to an in-memory
+//! The consumer is fed from an in-memory [`RequestSource`] and publishes to an in-memory
 //! [`Publisher`], so the numbers are amibus's own cost (decode, checks, dedupe, rate, the
 //! handle, result encoding) without a broker's.
 //!
@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amibus::ami::server::ServerConfig;
 use amibus::ami::{Action, Connection, Options};
-use amibus::config::{Secret, ServerConfig};
 use amibus::control::{
-    AllowList, ControlConfig, Controller, Incoming, PublishError, Publisher, Source, Target,
+    AllowList, ControlConfig, Controller, Incoming, PublishError, Publisher, RequestSource, Target,
 };
 use amibus::model::pb::{ActionRequest, ActionResult};
+use amibus::secret::Secret;
 use amibus::sim::{Sim, SimConfig};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 struct ChanSource(mpsc::Receiver<Incoming>);
 
-impl Source for ChanSource {
+impl RequestSource for ChanSource {
     async fn next(&mut self) -> Option<Incoming> {
         self.0.recv().await
     }
@@ -68,7 +69,7 @@ fn main() {
             "admin",
             Secret::new("amp111"),
         );
-        let (tx, _rx) = mpsc::channel(1 << 16);
+        let (tx, _rx) = amibus::ami::handoff::channel(1 << 16);
         let stop = CancellationToken::new();
         let conn = Connection::spawn(Arc::new(cfg), tx, stop.clone(), Options::default());
         while !conn.stats.snapshot().connected {

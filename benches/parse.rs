@@ -7,33 +7,29 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use amibus::ami::{Parsed, Parser, Stamp};
+use amibus::ami::{Classifier, Limits, Parsed, Parser, Stamp};
 use amibus::model;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use memchr::{memchr, memchr_iter};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// The floor: split lines with memchr and each line at its first colon.
-fn floor(input: &[u8]) -> usize {
-    let mut start = 0;
-    let mut pairs = 0;
-    for nl in memchr_iter(b'\n', input) {
-        let line = &input[start..nl];
-        if let Some(colon) = memchr(b':', line) {
-            black_box((&line[..colon], &line[colon + 1..]));
-            pairs += 1;
-        }
-        start = nl + 1;
-    }
-    pairs
+#[path = "support/floor.rs"]
+mod floor;
+use floor::floor;
+
+fn for_each_frame(input: &[u8], f: impl FnMut(&amibus::ami::Frame<'_>)) -> usize {
+    for_each_frame_with(Classifier::detect(), input, f)
 }
 
-fn for_each_frame(input: &[u8], mut f: impl FnMut(&amibus::ami::Frame<'_>)) -> usize {
-    let mut parser = Parser::default();
+fn for_each_frame_with(
+    classifier: Classifier,
+    input: &[u8],
+    mut f: impl FnMut(&amibus::ami::Frame<'_>),
+) -> usize {
+    let mut parser = Parser::with_classifier(Limits::default(), classifier);
     let mut at = 0;
     let mut frames = 0;
     loop {
@@ -89,6 +85,16 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
+        // The same parse with each classifier the CPU runs (`parse` uses the fastest).
+        for classifier in Classifier::available() {
+            g.bench_function(format!("parse_{}", classifier.name()), |b| {
+                b.iter(|| {
+                    for_each_frame_with(classifier, black_box(&input), |f| {
+                        black_box(f.len());
+                    })
+                })
+            });
+        }
         g.bench_function("parse_normalize", |b| {
             b.iter(|| {
                 for_each_frame(black_box(&input), |f| {

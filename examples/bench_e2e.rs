@@ -393,7 +393,7 @@ fn consume_file(path: &Path, want: u64) -> anyhow::Result<Seen> {
     let mut f = std::fs::File::open(path)?;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut chunk = vec![0u8; 1 << 20];
-    let finder = memchr::memmem::Finder::new(b"\"received_at_ns\":");
+    let finder = memchr::memmem::Finder::new(b"\"received_at_ns\":\"");
     while seen.events < want {
         let n = f.read(&mut chunk)?;
         if n == 0 {

@@ -13,11 +13,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amibus::ami::{Connection, Options, Record};
-use amibus::config::{Auth, Secret, ServerConfig};
+use amibus::ami::server::{Auth, ServerConfig};
+use amibus::ami::{Connection, Options, Record, handoff};
+use amibus::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +46,7 @@ async fn measure(n: usize, idle: u64, keepalive: u64) -> anyhow::Result<()> {
     let port: u16 = line.trim().parse()?;
 
     let rss0 = rss_kib()?;
-    let (tx, mut rx) = mpsc::channel(n * 4);
+    let (tx, mut rx) = handoff::channel(n * 4);
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);

@@ -12,15 +12,23 @@
 //!
 //! Dependencies point one way: `ami` knows nothing of protobuf or brokers; `model` knows nothing
 //! of sockets.
+//!
+//! No `unsafe` outside `ami::scan`, the one module that holds the SIMD loads; each of its
+//! `unsafe` blocks says why it is sound.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod ami;
 pub mod app;
+pub mod broker;
 pub mod config;
 pub mod control;
 pub mod model;
+pub mod pipeline;
 pub mod secret;
 pub mod shard;
 pub mod sim;
 pub mod sink;
 pub mod spool;
+pub mod supervise;
 pub mod telemetry;

@@ -31,20 +31,25 @@ enum Command {
     Sim(Box<amibus::app::sim::Args>),
     /// Read records back from the bus and print them as JSON lines, filtered by server and event.
     Tail(amibus::app::tail::Args),
+    /// Send one action request over NATS or Kafka and print its result as JSON (exit 0: success,
+    /// 2: another status, 1: no result).
+    Action(Box<amibus::app::action::Args>),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     amibus::app::init_logging(cli.log_format);
+    let ok = |r: anyhow::Result<()>| r.map(|()| std::process::ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Run(args) => amibus::app::run::run(args),
-        Command::CheckConfig(args) => amibus::app::check_config(args),
-        Command::Decode(args) => amibus::app::decode::run(args),
-        Command::Sim(args) => amibus::app::sim::run(*args),
-        Command::Tail(args) => amibus::app::tail::run(args),
+        Command::Run(args) => ok(amibus::app::run::run(args)),
+        Command::CheckConfig(args) => ok(amibus::app::check_config(args)),
+        Command::Decode(args) => ok(amibus::app::decode::run(args)),
+        Command::Sim(args) => ok(amibus::app::sim::run(*args)),
+        Command::Tail(args) => ok(amibus::app::tail::run(args)),
+        Command::Action(args) => amibus::app::action::run(*args),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // The error chain, not a backtrace: what went wrong and what it was doing.
             eprintln!("amibus: {e:#}");

@@ -22,6 +22,11 @@
 //! | `amibus_ami_read_pauses_total` | counter | server | reads held back for room in a nearly full hand-off queue |
 //! | `amibus_ami_read_pause_timeouts_total` | counter | server | pauses that lasted `pipeline.handoff_wait`, after which the connection read on and dropped |
 //! | `amibus_ami_gap_records_total` | counter | server | gap records sent for them |
+//! | `amibus_snapshots_total` | counter | server, trigger | state snapshots begun (`login`, `gap`) |
+//! | `amibus_snapshot_items_total` | counter | server | snapshot list items published |
+//! | `amibus_snapshots_incomplete_total` | counter | server | snapshots that ended incomplete (timeout, connection ended, a list refused) |
+//! | `amibus_snapshot_late_frames_total` | counter | server | frames of lists abandoned at the snapshot deadline that came later, dropped |
+//! | `amibus_snapshot_duration_seconds` | histogram | server, trigger | from `snapshot_begin` to `snapshot_end` |
 //! | `amibus_pipeline_records_total` | counter | | records encoded into the spool |
 //! | `amibus_spool_records` | gauge | | records held (not yet acknowledged) |
 //! | `amibus_spool_bytes` | gauge | | bytes of segments on disk |
@@ -29,6 +34,14 @@
 //! | `amibus_spool_oldest_record_age_seconds` | gauge | | age of the oldest unacknowledged record |
 //! | `amibus_spool_dropped_records_total` | counter | reason | `drop_oldest`, `drop_newest` |
 //! | `amibus_spool_gap_records_total` | counter | | gap records for spool drops |
+//! | `amibus_spool_write_errors_total` | counter | | spool appends and flushes that failed (disk full, I/O error) |
+//! | `amibus_spool_writable` | gauge | | 0 while the spool's last write failed (records are dropped and reported as gaps) |
+//! | `amibus_pipeline_too_large_records_total` | counter | | records too large for the spool, published as `parse_error` in their place |
+//! | `amibus_pipeline_write_failed_records_total` | counter | | records the spool could not write, reported as gaps |
+//! | `amibus_healthy` | gauge | | 1 while `/healthz` passes |
+//! | `amibus_spool_damaged_records_total` | counter | | records found damaged on disk (on open or while read), skipped and reported as `spool damaged` gaps |
+//! | `amibus_spool_damaged_bytes_total` | counter | | bytes skipped with them |
+//! | `amibus_spool_damaged_unattributed_records_total` | counter | | damaged records whose (server, epoch, seq) could not be inferred: lost without a gap record |
 //! | `amibus_sink_records_sent_total` | counter | sink | records handed to the sink |
 //! | `amibus_sink_records_acknowledged_total` | counter | sink | records the broker confirmed |
 //! | `amibus_sink_records_failed_total` | counter | sink, reason | `permanent` (dropped), `retriable` (sent again) |
@@ -62,9 +75,6 @@ use tokio::net::TcpListener;
 use crate::ami::connection::Stats as ConnectionStats;
 use crate::sink::driver::DriverStats;
 use crate::spool::Spool;
-
-/// The send-latency histogram's name (recorded by the sink driver per acknowledgement).
-pub const SINK_SEND_SECONDS: &str = "amibus_sink_send_seconds";
 
 /// Install the Prometheus recorder and describe every metric.
 ///
@@ -122,8 +132,49 @@ fn describe() {
         "gap records sent for records dropped at the hand-off queue"
     );
     describe_counter!(
+        "amibus_snapshots_total",
+        "state snapshots begun, by trigger (login, gap)"
+    );
+    describe_counter!(
+        "amibus_snapshot_items_total",
+        "snapshot list items published"
+    );
+    describe_counter!(
+        "amibus_snapshots_incomplete_total",
+        "snapshots that ended incomplete (timeout, connection ended, a list refused)"
+    );
+    describe_counter!(
+        "amibus_snapshot_late_frames_total",
+        "frames of lists abandoned at the snapshot deadline that arrived later, dropped"
+    );
+    describe_histogram!(
+        crate::ami::snapshot::DURATION_SECONDS,
+        Unit::Seconds,
+        "time from snapshot_begin to snapshot_end"
+    );
+    describe_counter!(
         "amibus_pipeline_records_total",
         "records encoded into the spool"
+    );
+    describe_counter!(
+        "amibus_pipeline_too_large_records_total",
+        "records too large for the spool, published as a parse_error record in their place"
+    );
+    describe_counter!(
+        "amibus_pipeline_write_failed_records_total",
+        "records the spool could not write (disk full, I/O error), dropped and reported as gaps"
+    );
+    describe_counter!(
+        "amibus_spool_write_errors_total",
+        "spool appends and flushes that failed (disk full, I/O error)"
+    );
+    describe_gauge!(
+        "amibus_spool_writable",
+        "0 while the spool's last write failed and none has succeeded since"
+    );
+    describe_gauge!(
+        "amibus_healthy",
+        "1 while /healthz passes: no stage failed and the sink driver is not stalled"
     );
     describe_gauge!(
         "amibus_spool_records",
@@ -152,6 +203,19 @@ fn describe() {
         "gap records sent for records the spool dropped"
     );
     describe_counter!(
+        "amibus_spool_damaged_records_total",
+        "records found damaged in spool segments (on open or while read), skipped and reported as lost"
+    );
+    describe_counter!(
+        "amibus_spool_damaged_bytes_total",
+        Unit::Bytes,
+        "bytes of spool segments skipped as damaged"
+    );
+    describe_counter!(
+        "amibus_spool_damaged_unattributed_records_total",
+        "damaged spool records whose server, epoch and seq could not be inferred (lost without a gap record)"
+    );
+    describe_counter!(
         "amibus_sink_records_sent_total",
         "records handed to the sink"
     );
@@ -168,7 +232,7 @@ fn describe() {
         "resends from the oldest unacknowledged record after a retriable failure"
     );
     describe_histogram!(
-        SINK_SEND_SECONDS,
+        crate::sink::driver::SEND_SECONDS,
         Unit::Seconds,
         "time from handing a record to the sink to its acknowledgement"
     );
@@ -241,8 +305,30 @@ pub struct Sources {
     pub connections: Registry,
     pub spool: Option<Spool>,
     pub sink: Option<(&'static str, Arc<DriverStats>)>,
-    pub pipeline: Option<Arc<crate::app::pipeline::SharedStats>>,
+    pub pipeline: Option<Arc<crate::pipeline::SharedStats>>,
     pub control: Option<Arc<crate::control::ControlStats>>,
+    /// The run's stages: a failed one makes `/healthz` fail.
+    pub supervisor: Option<crate::supervise::Supervisor>,
+    /// See [`crate::config::MetricsConfig::stall_timeout`].
+    pub stall_timeout: std::time::Duration,
+    /// The sink driver's progress as last seen, for stall detection.
+    pub progress: Arc<std::sync::Mutex<Progress>>,
+}
+
+/// What the sink driver had settled when it was last seen to move, and when that was.
+#[derive(Debug)]
+pub struct Progress {
+    settled: u64,
+    since: std::time::Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            settled: 0,
+            since: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Sources {
@@ -271,6 +357,14 @@ impl Sources {
             counter!("amibus_ami_gap_records_total", &l).absolute(s.gaps);
             counter!("amibus_ami_read_pauses_total", &l).absolute(s.read_pauses);
             counter!("amibus_ami_read_pause_timeouts_total", &l).absolute(s.read_pause_timeouts);
+            let snap = &s.snapshot;
+            for (trigger, n) in [("login", snap.login), ("gap", snap.gap)] {
+                counter!("amibus_snapshots_total", "server" => server.clone(), "trigger" => trigger)
+                    .absolute(n);
+            }
+            counter!("amibus_snapshot_items_total", &l).absolute(snap.items);
+            counter!("amibus_snapshots_incomplete_total", &l).absolute(snap.incomplete);
+            counter!("amibus_snapshot_late_frames_total", &l).absolute(snap.late_frames);
             if s.last_byte_ns > 0 {
                 let silent = (now - s.last_byte_ns).max(0) as f64 / 1e9;
                 gauge!("amibus_ami_seconds_since_last_byte", &l).set(silent);
@@ -280,6 +374,8 @@ impl Sources {
             let p = p.snapshot();
             counter!("amibus_pipeline_records_total").absolute(p.records);
             counter!("amibus_spool_gap_records_total").absolute(p.gap_records);
+            counter!("amibus_pipeline_too_large_records_total").absolute(p.too_large);
+            counter!("amibus_pipeline_write_failed_records_total").absolute(p.write_failures);
         }
         if let Some(spool) = &self.spool {
             let s = spool.stats();
@@ -291,6 +387,12 @@ impl Sources {
                 .absolute(s.dropped_oldest);
             counter!("amibus_spool_dropped_records_total", "reason" => "drop_newest")
                 .absolute(s.dropped_newest);
+            counter!("amibus_spool_write_errors_total").absolute(s.write_errors);
+            gauge!("amibus_spool_writable").set(if s.write_failing { 0.0 } else { 1.0 });
+            counter!("amibus_spool_damaged_records_total").absolute(s.damaged_records);
+            counter!("amibus_spool_damaged_bytes_total").absolute(s.damaged_bytes);
+            counter!("amibus_spool_damaged_unattributed_records_total")
+                .absolute(s.damaged_unattributed);
         }
         if let Some((sink, d)) = &self.sink {
             let l = [("sink", (*sink).to_owned())];
@@ -304,6 +406,7 @@ impl Sources {
             counter!("amibus_sink_rewinds_total", &l).absolute(d.rewinds.load(Ordering::Relaxed));
             gauge!("amibus_sink_ready", &l).set(if d.is_ready() { 1.0 } else { 0.0 });
         }
+        gauge!("amibus_healthy").set(if self.healthy().is_ok() { 1.0 } else { 0.0 });
         if let Some(c) = &self.control {
             let s = c.snapshot();
             for (server, status, n) in &s.results {
@@ -329,9 +432,53 @@ impl Sources {
         }
     }
 
-    /// Ready: the sink is not failing, and at least `min_connected` of the servers (a share,
-    /// 0 to 1) are logged in.
+    /// Alive: no stage has failed, and the sink driver is not stalled (it settled something
+    /// within `stall_timeout`, or nothing waits). What recovers by itself (a broker that is
+    /// down, a full disk) is not a liveness failure: a restart would not help.
+    pub fn healthy(&self) -> Result<(), String> {
+        if let Some(failure) = self.supervisor.as_ref().and_then(|s| s.failure()) {
+            return Err(failure.to_string());
+        }
+        let (Some(spool), Some((sink, d))) = (&self.spool, &self.sink) else {
+            return Ok(());
+        };
+        let settled = d.acknowledged.load(Ordering::Relaxed)
+            + d.failed_permanent.load(Ordering::Relaxed)
+            + d.failed_retriable.load(Ordering::Relaxed)
+            + d.rewinds.load(Ordering::Relaxed);
+        let waiting = spool.stats().records_held;
+        let mut p = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if settled != p.settled || waiting == 0 {
+            p.settled = settled;
+            p.since = std::time::Instant::now();
+            return Ok(());
+        }
+        let idle = p.since.elapsed();
+        if !self.stall_timeout.is_zero() && idle >= self.stall_timeout {
+            return Err(format!(
+                "sink {sink} stalled: nothing settled for {}s with {waiting} records waiting",
+                idle.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ready: alive, the spool can be written, the sink is not failing, and at least
+    /// `min_connected` of the servers (a share, 0 to 1) are logged in.
     pub fn ready(&self, min_connected: f64) -> Result<(), String> {
+        self.healthy()?;
+        if let Some(spool) = &self.spool {
+            let s = spool.stats();
+            if s.write_failing {
+                return Err(format!(
+                    "the spool cannot be written ({} write errors; disk full?): new records are dropped and reported as gaps",
+                    s.write_errors
+                ));
+            }
+        }
         if let Some((sink, d)) = &self.sink
             && !d.is_ready()
         {
@@ -409,7 +556,14 @@ pub async fn serve(
                     sources.collect();
                     ("200 OK", "text/plain; version=0.0.4", handle.render())
                 }
-                (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                (b"GET", b"/healthz") => match sources.healthy() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
+                    Err(why) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("unhealthy: {why}\n"),
+                    ),
+                },
                 (b"GET", b"/readyz") => match sources.ready(min_connected) {
                     Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
                     Err(why) => (

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amibus::ami::login::md5_key;
-use amibus::ami::{Action, ActionError, Connection, Options, Record, Request, Stamped};
-use amibus::config::{Auth, Filter, Secret, ServerConfig, TlsConfig};
+use amibus::ami::server::{Auth, Filter, ServerConfig, TlsConfig};
+use amibus::ami::{Action, ActionError, Connection, Options, Record, Request, Stamped, handoff};
+use amibus::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use support::*;
@@ -35,6 +35,9 @@ fn cfg(addr: SocketAddr) -> ServerConfig {
     c.backoff_max = Duration::from_millis(50);
     c.auth_failure_backoff = Duration::from_secs(3600);
     c.keepalive_interval = Duration::from_secs(60);
+    // These tests script every action the fake answers; snapshots have their own tests
+    // (tests/snapshot.rs).
+    c.snapshot.lists.clear();
     c
 }
 
@@ -439,7 +442,7 @@ async fn reconnects_after_the_server_restarts_with_a_new_epoch() {
 async fn epochs_grow_even_when_the_clock_does_not() {
     // A previous run's epoch far in the future: the next one is still larger.
     let mut fake = Fake::start(Behaviour::default()).await;
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, mut rx) = handoff::channel(16);
     let shutdown = CancellationToken::new();
     let future = u64::MAX / 2;
     let conn = Connection::spawn(
@@ -836,7 +839,7 @@ async fn a_burst_waits_in_the_socket_while_a_slow_reader_catches_up() {
     // enough that the 1,024 slots a read waits for hold what one read can bring.)
     const EVENTS: usize = 6_000;
     let mut fake = Fake::start(Behaviour::default()).await;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(2_048);
+    let (tx, mut rx) = handoff::channel(2_048);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let opts = Options {
         // The most allowed: a loaded test machine may leave this task unscheduled for a while.
@@ -870,6 +873,102 @@ async fn a_burst_waits_in_the_socket_while_a_slow_reader_catches_up() {
     assert!(st.read_pauses > 0, "the queue filled: {st:?}");
     assert_eq!(st.read_pause_timeouts, 0, "{st:?}");
     stop(conn, shutdown).await;
+}
+
+/// A connection on a queue of 4 (headroom 2) that nobody drains, held: the server sent more
+/// than the queue holds, and the hold (60 s) cannot run out within a test. Returns the stats
+/// at the moment the hold was seen.
+async fn held(
+    c: ServerConfig,
+    fake: &mut Fake,
+) -> (
+    Connection,
+    handoff::Receiver,
+    CancellationToken,
+    FakeConn,
+    amibus::ami::StatsSnapshot,
+) {
+    let (tx, rx) = handoff::channel(4);
+    let shutdown = CancellationToken::new();
+    let opts = Options {
+        handoff_wait: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let conn = Connection::spawn(Arc::new(c), tx, shutdown.clone(), opts);
+    let fc = fake.next_conn().await;
+    let mut burst = Vec::new();
+    for i in 0..8 {
+        burst.extend(event("Burst", i));
+    }
+    fc.send(burst);
+    let seen = tokio::time::timeout(T, async {
+        loop {
+            let st = conn.stats.snapshot();
+            if st.read_pauses > 0 {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("no hold within 10 s");
+    assert_eq!((seen.read_pauses, seen.read_pause_timeouts), (1, 0));
+    (conn, rx, shutdown, fc, seen)
+}
+
+#[tokio::test]
+async fn a_held_read_still_serves_keepalive_and_actions_and_ends_on_room() {
+    let mut fake = Fake::start(Behaviour::default()).await;
+    let mut c = cfg(fake.addr);
+    // Long enough that the first Ping comes after the hold began (a Ping answered but not read
+    // when it began would be outstanding for the whole hold, and no other would be sent).
+    c.keepalive_interval = Duration::from_secs(1);
+    c.keepalive_timeout = Duration::from_secs(60);
+    let (conn, mut rx, shutdown, mut fc, seen) = held(c, &mut fake).await;
+    while fc.actions.try_recv().is_ok() {}
+
+    // Both the keepalive Ping and an action sent through the handle reach the server.
+    let h = conn.handle.clone();
+    let call = tokio::spawn(async move { h.send(Action::new("Status"), T).await });
+    let (mut ping, mut status) = (false, false);
+    while !(ping && status) {
+        let a = fc.next_action().await;
+        ping |= a.action() == "Ping";
+        status |= a.action() == "Status";
+    }
+    // Still held: nothing was read since the hold began, so the reply waits in the socket.
+    let st = conn.stats.snapshot();
+    assert_eq!(st.bytes, seen.bytes, "read during the hold: {st:?}");
+    assert_eq!((st.read_pauses, st.read_pause_timeouts), (1, 0), "{st:?}");
+    assert!(!call.is_finished());
+
+    // Taking records makes room: the hold ends on the notification (its deadline is 60 s
+    // away), the reply is read, and the Ping's answer too, so the next Ping is sent.
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let reply = tokio::time::timeout(T, call)
+        .await
+        .expect("no reply within 10 s")
+        .unwrap()
+        .expect("the action is answered");
+    assert!(!reply.is_success(), "the fake does not know Status");
+    fc.until_action("Ping").await;
+    assert_eq!(conn.stats.snapshot().read_pause_timeouts, 0);
+    stop(conn, shutdown).await;
+    tokio::time::timeout(T, drain).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_during_a_held_read_logs_off() {
+    let mut fake = Fake::start(Behaviour::default()).await;
+    let (conn, _rx, shutdown, mut fc, _) = held(cfg(fake.addr), &mut fake).await;
+    let stats = conn.stats.clone();
+    // `stop` allows 20 s; the hold would last 60.
+    stop(conn, shutdown).await;
+    let logoff = fc.until_action("Logoff").await;
+    assert_eq!(logoff.last().unwrap().action(), "Logoff");
+    let st = stats.snapshot();
+    assert_eq!((st.read_pauses, st.read_pause_timeouts), (1, 0), "{st:?}");
+    assert!(!st.connected);
 }
 
 // ---- actions through the handle ----
@@ -961,7 +1060,7 @@ async fn a_list_longer_than_the_bound_is_truncated_and_still_completes() {
         ..Behaviour::default()
     })
     .await;
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = handoff::channel(64);
     let shutdown = CancellationToken::new();
     let conn = Connection::spawn(
         Arc::new(cfg(fake.addr)),
@@ -985,6 +1084,49 @@ async fn a_list_longer_than_the_bound_is_truncated_and_still_completes() {
     // The dropped items did not leak downstream either.
     conn.handle.send(Action::new("Ping"), T).await.unwrap();
     assert!(rx.try_recv().is_err());
+    stop(conn, shutdown).await;
+}
+
+/// Issue 14: replies are bounded by bytes per connection too, not only by items per reply.
+#[tokio::test]
+async fn a_list_past_the_connections_byte_bound_is_truncated_and_still_completes() {
+    let mut fake = Fake::start(Behaviour {
+        list_items: 100,
+        ..Behaviour::default()
+    })
+    .await;
+    let (tx, mut rx) = handoff::channel(64);
+    let shutdown = CancellationToken::new();
+    let conn = Connection::spawn(
+        Arc::new(cfg(fake.addr)),
+        tx,
+        shutdown.clone(),
+        Options {
+            max_reply_bytes: 1000,
+            ..Options::default()
+        },
+    );
+    let _fc = fake.next_conn().await;
+    assert!(is_up(&next(&mut rx).await));
+    let reply = conn
+        .handle
+        .send(Action::new("CoreShowChannels"), T)
+        .await
+        .unwrap();
+    assert!(reply.truncated);
+    let held: usize = reply.events.iter().map(|e| e.bytes().len()).sum();
+    let (complete, items) = reply.events.split_last().unwrap();
+    assert!(!items.is_empty() && items.len() < 100, "{}", items.len());
+    let last = complete.bytes().len();
+    assert!(held - last <= 1000, "items within the bound: {held}");
+    assert_eq!(complete.frame().get("ListItems"), Some(&b"100"[..]));
+    // The bytes were given back: the next list gets as much room again.
+    let again = conn
+        .handle
+        .send(Action::new("CoreShowChannels"), T)
+        .await
+        .unwrap();
+    assert_eq!(again.events.len(), reply.events.len());
     stop(conn, shutdown).await;
 }
 
@@ -1030,13 +1172,44 @@ async fn an_unanswered_action_times_out_and_the_session_stays_up() {
     stop(conn, shutdown).await;
 }
 
+/// Issue 14 through the real connection: the keepalive sweep finds the action past its deadline
+/// before the caller is polled again (the caller's future is not polled meanwhile, so the
+/// connection's turn certainly comes first). The caller must read "timed out", never "not
+/// sent".
+#[tokio::test]
+async fn a_reply_dropped_by_the_deadline_sweep_before_the_caller_looks_is_timed_out() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let mut fake = Fake::start(Behaviour::default()).await;
+    let mut c = cfg(fake.addr);
+    c.keepalive_interval = Duration::from_millis(100);
+    let (conn, mut rx, shutdown) = start(c, 64);
+    let mut fc = fake.next_conn().await;
+    assert!(is_up(&next(&mut rx).await));
+    let h = conn.handle.clone();
+    let mut call = std::pin::pin!(h.send(Action::new("Swallow"), Duration::from_millis(20)));
+    assert!(
+        call.as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    );
+    fc.until_action("Swallow").await;
+    // Past the deadline and past a keepalive tick: the sweep has run.
+    fc.until_action("Ping").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = call.await.unwrap_err();
+    assert_eq!(err, ActionError::TimedOut);
+    assert!(!err.is_retriable());
+    stop(conn, shutdown).await;
+}
+
 // ---- many connections ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_log_in_and_stop() {
     const N: usize = 1000;
     let mut fake = Fake::start(Behaviour::default()).await;
-    let (tx, mut rx) = mpsc::channel(N * 2);
+    let (tx, mut rx) = handoff::channel(N * 2);
     let shutdown = CancellationToken::new();
     let mut conns = Vec::new();
     for i in 0..N {

@@ -12,18 +12,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use amibus::ami::{Connection, Options, Stamped};
-use amibus::config::{Secret, ServerConfig};
+use amibus::ami::handoff;
+use amibus::ami::server::ServerConfig;
+use amibus::ami::{Connection, Options};
 use amibus::control::nats::{NatsRequestSource, NatsResultPublisher, subject_for};
 use amibus::control::{
     AllowList, ControlConfig, ControlStats, Controller, Owns, RejectCode, Target,
 };
 use amibus::model::pb::{ActionHeader, ActionRequest, ActionResult, ActionStatus, ReplyFrame};
+use amibus::secret::Secret;
 use amibus::sim::{Sim, SimConfig, SimHandle};
 use futures_util::StreamExt;
 use nats_support::NatsServer;
 use prost::Message;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(20);
@@ -70,7 +71,7 @@ struct Rig {
     stop: CancellationToken,
     consumer: tokio::task::JoinHandle<()>,
     conns: Vec<(Connection, CancellationToken)>,
-    _records: Vec<mpsc::Receiver<Stamped>>,
+    _records: Vec<handoff::Receiver>,
 }
 
 struct RigConfig {
@@ -129,7 +130,7 @@ impl Rig {
             );
             c.backoff_min = Duration::from_millis(10);
             c.backoff_max = Duration::from_millis(50);
-            let (tx, rx) = mpsc::channel(1 << 16);
+            let (tx, rx) = handoff::channel(1 << 16);
             let shutdown = CancellationToken::new();
             let conn = Connection::spawn(Arc::new(c), tx, shutdown.clone(), Options::default());
             targets.insert(
@@ -155,7 +156,8 @@ impl Rig {
         }
         let source = NatsRequestSource::subscribe(&client, &subjects, Some("amibus-control"))
             .await
-            .unwrap();
+            .unwrap()
+            .with_template(SUBJECT);
         let publisher = NatsResultPublisher::new(client.clone(), "t.result.{server}");
         let controller = Controller::new(targets, rc.owns, rc.control, publisher);
         let stats = controller.stats();
@@ -492,6 +494,17 @@ async fn malformed_requests_are_rejected_counted_and_the_consumer_goes_on() {
         assert_eq!(r.reject_code, "invalid_header", "{}", r.reason);
         assert!(r.reason.contains("CR or LF"), "{}", r.reason);
     }
+    // A NUL would cut the value where Asterisk reads it (issue 14).
+    let r = rig
+        .ask(&request(
+            "nul-1",
+            "sim-0",
+            "Setvar",
+            &[("Variable", "V"), ("Value", "a\0b")],
+        ))
+        .await;
+    assert_eq!(r.reject_code, "invalid_header");
+    assert!(r.reason.contains("control character 0x00"), "{}", r.reason);
     // A line Asterisk would refuse (over 1024 bytes with CRLF).
     let long = "v".repeat(1100);
     let r = rig
@@ -513,7 +526,7 @@ async fn malformed_requests_are_rejected_counted_and_the_consumer_goes_on() {
     let s = rig.stats.snapshot();
     assert_eq!(s.rejected(RejectCode::Malformed), 1);
     assert_eq!(s.rejected(RejectCode::MissingField), 1);
-    assert_eq!(s.rejected(RejectCode::InvalidHeader), 4);
+    assert_eq!(s.rejected(RejectCode::InvalidHeader), 5);
     assert_eq!(
         s.count("-", "rejected"),
         1,
@@ -557,11 +570,18 @@ async fn requests_run_only_on_their_servers_connection() {
         (status(&r), r.reject_code.as_str()),
         (ActionStatus::Rejected, "unknown_server")
     );
-    // A request published on sim-0's subject for sim-1 still runs on sim-1's connection.
+    // A request published on sim-0's subject naming sim-1 in its body is refused: a client
+    // allowed to publish on sim-0's subject only must not reach sim-1 (issue 14).
     let req = request("p-cross", "sim-1", "Ping", &[]);
     let r = rig.ask_raw("sim-0", req.encode_to_vec()).await;
-    assert!(r.action_id.contains("-sim-1-"), "{}", r.action_id);
+    assert_eq!(
+        (status(&r), r.reject_code.as_str(), r.retriable),
+        (ActionStatus::Rejected, "server_mismatch", false),
+        "{r:?}"
+    );
+    assert!(r.action_id.is_empty(), "nothing was sent");
     let s = rig.stats.snapshot();
+    assert_eq!(s.rejected(RejectCode::ServerMismatch), 1);
     assert_eq!(s.count("sim-2", "rejected"), 1);
     assert_eq!(s.count("-", "rejected"), 1, "an unknown id is not a label");
     rig.shutdown().await;

@@ -12,15 +12,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use amibus::ami::server::{Auth, ServerConfig};
 use amibus::ami::{Connection, Options, Request};
-use amibus::config::{Auth, Secret, ServerConfig};
 use amibus::control::RejectCode;
-use amibus::control::consumer::fill_reply;
+use amibus::control::result::fill_reply;
 use amibus::control::rules::check_request;
 use amibus::model::pb::{ActionHeader, ActionRequest, ActionResult};
+use amibus::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 type Lines = Vec<(String, String)>;
@@ -230,7 +230,10 @@ async fn recorded_pairs_land_on_their_requests() {
 
     let mut cfg = ServerConfig::new("pbx", "127.0.0.1", port, "bench", Secret::new("x"));
     cfg.auth = Auth::Plain;
-    let (tx, mut rx) = mpsc::channel(1 << 20);
+    // The scripted server answers the recording's actions in order; a snapshot's would take
+    // their answers (snapshots are tested in tests/snapshot.rs).
+    cfg.snapshot.lists.clear();
+    let (tx, mut rx) = amibus::ami::handoff::channel(1 << 20);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let stop = CancellationToken::new();
     let opts = Options {

@@ -147,18 +147,18 @@ impl Amibus {
 /// The fake AMI server, its one session, and the target for it.
 type Conn = (
     amibus::ami::connection::Connection,
-    tokio::sync::mpsc::Receiver<amibus::ami::Stamped>,
+    amibus::ami::handoff::Receiver,
     tokio_util::sync::CancellationToken,
 );
 
 async fn fake() -> (Fake, FakeConn, HashMap<String, Target>, Conn) {
     let mut fake = Fake::start(Behaviour::default()).await;
-    let cfg = amibus::config::ServerConfig::new(
+    let cfg = amibus::ami::server::ServerConfig::new(
         "fake",
         "127.0.0.1",
         fake.addr.port(),
         "admin",
-        amibus::config::Secret::new("s3cret"),
+        amibus::secret::Secret::new("s3cret"),
     );
     let (conn, rx, stop) = support::start(cfg, 1 << 16);
     let session = fake.next_conn().await;
@@ -433,9 +433,11 @@ async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twic
         let r = ActionResult::decode(m.payload).expect("an ActionResult");
         match r.request_id.as_str() {
             "lost" => {
+                // Nothing was published for it before the crash: its first answer is not a
+                // replay (issue 14).
                 assert_eq!(
                     (status(&r), r.reason.as_str(), r.replayed),
-                    (ActionStatus::OutcomeUnknown, RESTARTED_REASON, true)
+                    (ActionStatus::OutcomeUnknown, RESTARTED_REASON, false)
                 );
                 seen_lost = true;
             }
@@ -451,8 +453,9 @@ async fn after_a_crash_the_journal_answers_redeliveries_and_nothing_is_sent_twic
     let snap = amibus.stats.snapshot();
     assert_eq!(snap.journal_loaded, 2, "{snap:?}");
     assert!(snap.journal_restart_unknown >= 1, "{snap:?}");
+    // Both answered from the journal; the running one's first answer is not a replay.
     assert!(
-        snap.replayed >= 2,
+        snap.replayed + snap.journal_restart_unknown >= 2,
         "both answered from the journal: {snap:?}"
     );
     assert_eq!(snap.journal_write_failures, 0, "{snap:?}");

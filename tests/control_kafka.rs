@@ -16,14 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amibus::ami::Connection;
-use amibus::config::{Secret, ServerConfig};
-use amibus::control::kafka::{KafkaControlConfig, KafkaRequestSource, KafkaResultPublisher};
+use amibus::ami::server::ServerConfig;
+use amibus::broker::kafka::{KafkaReader, KafkaReaderConfig};
+use amibus::control::kafka::{
+    GroupStart, KafkaControlConfig, KafkaRequestSource, KafkaResultPublisher,
+};
 use amibus::control::{
     AllowList, ControlConfig, ControlStats, Controller, Owns, RejectCode, Target,
 };
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus};
+use amibus::secret::Secret;
 use amibus::sim::{Sim, SimConfig};
-use amibus::sink::kafka::{KafkaSource, KafkaSourceConfig};
 use kafka_support::Broker;
 use prost::Message;
 use rdkafka::config::ClientConfig;
@@ -72,15 +75,15 @@ async fn produce(p: &FutureProducer, key: &str, payload: Vec<u8>) {
 
 /// Results read from a topic, each with its record key.
 struct Results {
-    source: KafkaSource,
+    source: KafkaReader,
 }
 
 impl Results {
     fn new(broker: &Broker, topic: &str) -> Results {
-        let mut cfg = KafkaSourceConfig::new(broker.bootstrap(), format!("reader-{topic}"));
+        let mut cfg = KafkaReaderConfig::new(broker.bootstrap(), format!("reader-{topic}"));
         cfg.topics = vec![topic.to_owned()];
         Results {
-            source: KafkaSource::new(&cfg).expect("reader"),
+            source: KafkaReader::new(&cfg).expect("reader"),
         }
     }
 
@@ -90,9 +93,9 @@ impl Results {
             .await
             .expect("a result in time")
             .expect("a result");
-        let result = ActionResult::decode(r.record.payload.clone()).expect("an ActionResult");
+        let result = ActionResult::decode(r.payload.clone()).expect("an ActionResult");
         assert_eq!(
-            r.record.key.as_ref(),
+            r.key.as_ref(),
             result.request_id.as_bytes(),
             "results are keyed by request id"
         );
@@ -124,7 +127,7 @@ fn server(id: &str, port: u16, username: &str, secret: &str) -> ServerConfig {
 struct Servers {
     targets: HashMap<String, Target>,
     conns: Vec<(Connection, CancellationToken)>,
-    _records: Vec<tokio::sync::mpsc::Receiver<amibus::ami::Stamped>>,
+    _records: Vec<amibus::ami::handoff::Receiver>,
 }
 
 impl Servers {
@@ -176,13 +179,28 @@ fn kafka_cfg(broker: &Broker, group: &str) -> KafkaControlConfig {
         request_topic: REQUESTS.into(),
         result_topic: RESULTS.into(),
         group_id: group.into(),
+        // These tests produce right after the consumer starts, before its group has joined.
+        start: GroupStart::Earliest,
         ..KafkaControlConfig::new(broker.bootstrap())
     }
 }
 
 impl Consumer {
     fn start(broker: &Broker, servers: &Servers, group: &str, owns: Owns) -> Consumer {
-        let cfg = kafka_cfg(broker, group);
+        Consumer::start_at(broker, servers, group, owns, GroupStart::Earliest)
+    }
+
+    fn start_at(
+        broker: &Broker,
+        servers: &Servers,
+        group: &str,
+        owns: Owns,
+        start: GroupStart,
+    ) -> Consumer {
+        let cfg = KafkaControlConfig {
+            start,
+            ..kafka_cfg(broker, group)
+        };
         let control = ControlConfig {
             rate: 0.0,
             answer_not_owned: false,
@@ -593,6 +611,77 @@ async fn two_thousand_requests_across_ten_servers_each_answered_once_and_committ
         );
     }
     assert_eq!(consumer.stats.snapshot().total("success"), 10);
+    consumer.shutdown().await;
+    servers.stop().await;
+    sim.shutdown().await;
+}
+
+/// Issue 14: a new group (a shard added later) must not run old, unexpired requests, and that
+/// start is pinned at the group's first assignment: requests published while amibus is down
+/// (even before it ever answered anything) are read after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_starts_at_the_end_and_keeps_that_start_across_a_crash() {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let broker = Broker::start().await;
+    broker.create_topic(REQUESTS, 1).await;
+    broker.create_topic(RESULTS, 1).await;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let servers = Servers::start(vec![(
+        server("sim-0", sim.addrs()[0].port(), "admin", "amp111"),
+        vec!["read-only"],
+    )])
+    .await;
+    let results = Results::new(&broker, RESULTS);
+    let p = producer(&broker);
+    produce(&p, "sim-0", request("old", "sim-0", "Ping").encode_to_vec()).await;
+
+    let group = "amibus-control-new";
+    let consumer = Consumer::start_at(&broker, &servers, group, everything(), GroupStart::Latest);
+    // The group's start is committed at its first assignment: after "old".
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", group)
+        .create()
+        .expect("offset reader");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(REQUESTS, 0);
+    tokio::time::timeout(T, async {
+        loop {
+            let committed = tokio::task::block_in_place(|| {
+                probe.committed_offsets(tpl.clone(), Duration::from_secs(5))
+            });
+            if let Ok(c) = committed {
+                if c.elements()[0].offset() == rdkafka::Offset::Offset(1) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the start is pinned at the end");
+    consumer.crash().await;
+
+    produce(
+        &p,
+        "sim-0",
+        request("while-down", "sim-0", "Ping").encode_to_vec(),
+    )
+    .await;
+    let consumer = Consumer::start_at(&broker, &servers, group, everything(), GroupStart::Latest);
+    let got = results.until("while-down").await;
+    assert_eq!(status(&got["while-down"][0]), ActionStatus::Success);
+    produce(
+        &p,
+        "sim-0",
+        request("last", "sim-0", "Ping").encode_to_vec(),
+    )
+    .await;
+    let more = results.until("last").await;
+    assert!(
+        !got.contains_key("old") && !more.contains_key("old"),
+        "a request older than the group never runs"
+    );
     consumer.shutdown().await;
     servers.stop().await;
     sim.shutdown().await;

@@ -14,8 +14,9 @@ mod nats_support;
 use std::path::Path;
 use std::time::Duration;
 
+use amibus::ami::server::ServerConfig;
 use amibus::app::run::run_with;
-use amibus::config::{Config, ProcessEnv, ServerConfig};
+use amibus::config::{Config, ProcessEnv};
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus, ReplyFrame};
 use amibus::sim::{Sim, SimConfig, SimHandle};
 use async_nats::client::RequestErrorKind;
@@ -316,7 +317,7 @@ async fn amibus_run_answers_actions_from_a_kafka_topic() {
     .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let control = format!(
-        "[control]\ntransport = \"kafka\"\nrate = 0\n[control.kafka]\nbrokers = \"{}\"\n",
+        "[control]\ntransport = \"kafka\"\nrate = 0\n[control.kafka]\nbrokers = \"{}\"\nstart = \"earliest\"\n",
         broker.bootstrap()
     );
     let amibus = Running::start(config(dir.path(), &server_block("a", &sim, 0), &control));
@@ -341,17 +342,17 @@ async fn amibus_run_answers_actions_from_a_kafka_topic() {
             .map_err(|(e, _)| e)
             .expect("produced");
     }
-    let mut reader = amibus::sink::kafka::KafkaSourceConfig::new(broker.bootstrap(), "reader");
+    let mut reader = amibus::broker::kafka::KafkaReaderConfig::new(broker.bootstrap(), "reader");
     reader.topics = vec!["amibus.results".into()];
-    let reader = amibus::sink::kafka::KafkaSource::new(&reader).expect("reader");
+    let reader = amibus::broker::kafka::KafkaReader::new(&reader).expect("reader");
     let mut got = std::collections::HashMap::new();
     while got.len() < 3 {
         let r = tokio::time::timeout(T, reader.recv())
             .await
             .expect("a result in time")
             .expect("a result");
-        let result = ActionResult::decode(r.record.payload.clone()).expect("an ActionResult");
-        assert_eq!(r.record.key.as_ref(), result.request_id.as_bytes());
+        let result = ActionResult::decode(r.payload.clone()).expect("an ActionResult");
+        assert_eq!(r.key.as_ref(), result.request_id.as_bytes());
         assert!(
             got.insert(result.request_id.clone(), result).is_none(),
             "one result per request"

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use amibus::broker::kafka::{KafkaReader, KafkaReaderConfig};
 use amibus::model::pb::Envelope;
 use amibus::sink::driver::{self, DriverConfig, DriverStats};
-use amibus::sink::kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, NewTopics};
+use amibus::sink::kafka::{KafkaSink, KafkaSinkConfig, NewTopics};
 use amibus::sink::{Record, Sink, SinkError};
 use amibus::spool::{Fsync, Spool, SpoolConfig};
 use bytes::Bytes;
@@ -65,9 +66,9 @@ fn sink_config(broker: &Broker, topic: &str) -> KafkaSinkConfig {
 /// Read `topic` from the start until `want` distinct seqs arrived; returns every record read
 /// in order (duplicates included).
 async fn read_back(broker: &Broker, topic: &str, want: usize) -> Vec<Record> {
-    let mut cfg = KafkaSourceConfig::new(broker.bootstrap(), format!("test-{topic}"));
+    let mut cfg = KafkaReaderConfig::new(broker.bootstrap(), format!("test-{topic}"));
     cfg.topics = vec![topic.into()];
-    let source = KafkaSource::new(&cfg).expect("source");
+    let source = KafkaReader::new(&cfg).expect("source");
     let mut got = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let started = Instant::now();
@@ -75,8 +76,13 @@ async fn read_back(broker: &Broker, topic: &str, want: usize) -> Vec<Record> {
         let left = GUARD.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, source.recv()).await {
             Ok(Ok(m)) => {
-                seen.insert(seq_of(&m.record));
-                got.push(m.record);
+                let r = Record {
+                    key: m.key,
+                    headers: m.headers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                    payload: m.payload,
+                };
+                seen.insert(seq_of(&r));
+                got.push(r);
             }
             Ok(Err(e)) => eprintln!("read error (retrying): {e}"),
             Err(_) => panic!(
@@ -252,6 +258,7 @@ async fn nothing_is_lost_while_the_broker_is_down() {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(500),
             drain_deadline: Duration::from_secs(10),
+            ack_deadline: None,
         },
         stats.clone(),
         async move {

@@ -2,20 +2,13 @@
 //! graceful stop (SIGTERM) that leaves nothing undelivered.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "support/child.rs"]
 mod child;
-use child::KillOnDrop;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use child::{KillOnDrop, metrics_addr};
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -38,7 +31,6 @@ fn value(body: &str, metric: &str, labels: &str) -> Option<f64> {
 #[test]
 fn metrics_move_health_answers_and_sigterm_delivers_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     let out = dir.path().join("out.jsonl");
     let config = dir.path().join("amibus.toml");
     std::fs::write(
@@ -57,7 +49,7 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
             [sink.file]
             path = "{out}"
             [metrics]
-            listen = "127.0.0.1:{port}"
+            listen = "127.0.0.1:0"
             ready_min_connected = 1.0
             "#,
             spool = dir.path().join("spool").display(),
@@ -65,15 +57,17 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
         ),
     )
     .expect("config");
+    let log = dir.path().join("amibus.log");
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_amibus"))
             .args(["run", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("starts"),
     );
+    let port = metrics_addr(&log, &mut child).port();
 
     // Wait until it is ready: both servers connected, the sink healthy.
     let started = Instant::now();
@@ -105,12 +99,20 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
         "amibus_spool_bytes",
         "amibus_spool_oldest_record_age_seconds",
         "amibus_spool_dropped_records_total",
+        "amibus_spool_damaged_records_total",
+        "amibus_spool_damaged_bytes_total",
+        "amibus_spool_damaged_unattributed_records_total",
         "amibus_sink_records_sent_total",
         "amibus_sink_records_acknowledged_total",
         "amibus_sink_records_failed_total",
         "amibus_sink_send_seconds_bucket",
         "amibus_sink_ready",
         "amibus_servers_configured",
+        // The login snapshot of each simulated server.
+        "amibus_snapshots_total",
+        "amibus_snapshot_items_total",
+        "amibus_snapshots_incomplete_total",
+        "amibus_snapshot_duration_seconds_bucket",
     ] {
         assert!(first.contains(series), "{series} missing from:\n{first}");
     }
@@ -151,10 +153,7 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
         .expect("kill");
     assert!(killed.success());
     let status = child.wait().expect("exits");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("0 left in the spool"), "{stderr}");
     // Every record read is in the file: per connection, seqs 1..N without a hole, ending with
@@ -164,7 +163,10 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
         let server = v["server"].as_str().unwrap_or_default().to_owned();
-        let seq = v["seq"].as_u64().unwrap_or(0);
+        let seq = v["seq"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
         let prev = last.get(&server).map_or(0, |p| p.0);
         assert_eq!(seq, prev + 1, "hole or duplicate at {line}");
         last.insert(
@@ -179,4 +181,189 @@ fn metrics_move_health_answers_and_sigterm_delivers_everything() {
             "{server} ends with its shutdown record"
         );
     }
+}
+
+/// Run `promtool` (Debian's `prometheus` package; scripts/test installs it) with `args`, the
+/// given standard input; returns (success, stdout + stderr).
+fn promtool(args: &[&str], stdin: &[u8]) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (scripts/test installs the prometheus package)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("promtool exits");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every PromQL expression of the dashboard: panel targets' `expr`, and the metric selector of
+/// each `label_values(selector, label)` variable query, with Grafana's variables replaced by
+/// what Prometheus would see.
+fn dashboard_queries() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/amibus/dashboards/amibus.json"
+    ))
+    .expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v.as_str()) {
+                        ("expr", Some(e)) => out.push(e.to_owned()),
+                        ("query" | "definition", Some(q)) if q.starts_with("label_values(") => {
+                            let inner = &q["label_values(".len()..q.rfind(',').unwrap_or(q.len())];
+                            out.push(inner.to_owned());
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dash, &mut out);
+    out.sort();
+    out.dedup();
+    out.into_iter()
+        .map(|e| {
+            e.replace("$__rate_interval", "1m")
+                .replace("$__interval", "1m")
+                .replace("${pod}", ".*")
+                .replace("$pod", ".*")
+                .replace("${server}", ".*")
+                .replace("$server", ".*")
+        })
+        .collect()
+}
+
+fn rules_file(exprs: &[String]) -> Vec<u8> {
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": e}))
+        .collect();
+    // JSON is YAML: promtool reads it as a rule file.
+    serde_json::to_vec(&serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}))
+        .expect("rules")
+}
+
+#[test]
+fn promtool_accepts_a_real_scrape_and_every_dashboard_query() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("amibus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sim]\nservers = 2\nrate = 500\n[pipeline]\nformat = \"json\"\n[spool]\ndir = {:?}\n\
+             [sink]\nkind = \"file\"\n[sink.file]\npath = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("spool").display().to_string(),
+            dir.path().join("out.jsonl").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("amibus.log");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_amibus"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("starts"),
+    );
+    let port = metrics_addr(&log, &mut child).port();
+    let started = Instant::now();
+    let body = loop {
+        // Ready, and a delivery was timed (so the histogram has samples).
+        if let Some((200, _)) = get(port, "/readyz")
+            && let Some((200, body)) = get(port, "/metrics")
+            && value(&body, "amibus_sink_send_seconds_count", "").unwrap_or(0.0) > 0.0
+        {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // The exposition format and Prometheus's naming rules (units, _total on counters, ...).
+    let (ok, out) = promtool(&["check", "metrics"], body.as_bytes());
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}"
+    );
+
+    // Every dashboard query parses as PromQL ...
+    let exprs = dashboard_queries();
+    assert!(exprs.len() > 40, "{} queries", exprs.len());
+    let rules = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&rules, rules_file(&exprs)).expect("rules");
+    let (ok, out) = promtool(&["check", "rules", &rules.display().to_string()], b"");
+    assert!(
+        ok && out.contains(&format!("{} rules found", exprs.len())),
+        "{out}"
+    );
+    // ... and the check would see a broken one.
+    let broken = dir.path().join("broken-rules.yml");
+    std::fs::write(
+        &broken,
+        rules_file(&["sum(rate(amibus_ami_frames_total[1m])".into()]),
+    )
+    .expect("rules");
+    let (ok, out) = promtool(&["check", "rules", &broken.display().to_string()], b"");
+    assert!(!ok, "promtool accepted an unbalanced query: {out}");
+
+    // ... and names only metrics amibus exports. The control metrics are exported only by a
+    // run with [control]; every other one must be in this scrape under that exact name (a
+    // histogram by its _bucket, _sum and _count series).
+    let exported: std::collections::HashSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut named = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("amibus_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            named.insert(name);
+        }
+    }
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|n| !n.starts_with("amibus_control_"))
+        .filter(|n| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .filter(|b| body.contains(&format!("# TYPE {b} histogram")));
+            !exported.contains(n.as_str()) && base.is_none()
+        })
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard queries name metrics the scrape does not have: {unknown:?}"
+    );
+    assert!(named.len() > 30, "{named:?}");
 }

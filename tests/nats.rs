@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use amibus::sink::driver::{self, DriverConfig, DriverStats};
-use amibus::sink::nats::{
-    NatsAuth, NatsConnection, NatsError, NatsMode, NatsSink, NatsSinkConfig, NatsSource, NatsTls,
-    Secret, SourceMessage, StartAt, StreamSpec, StreamStorage,
+use amibus::broker::nats::{
+    NatsAuth, NatsConnection, NatsError, NatsMessage, NatsReader, NatsTls, Secret, StreamSpec,
+    StreamStart, StreamStorage,
 };
+use amibus::sink::driver::{self, DriverConfig, DriverStats};
+use amibus::sink::nats::{NatsMode, NatsSink, NatsSinkConfig};
 use amibus::sink::{Record, Sink, SinkError};
 use amibus::spool::{Fsync, Spool, SpoolConfig};
 use async_nats::jetstream;
@@ -64,11 +65,11 @@ async fn client(server: &NatsServer) -> async_nats::Client {
 }
 
 /// Everything the stream holds, in stream order.
-async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<SourceMessage> {
+async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<NatsMessage> {
     let js = jetstream::new(client.clone());
     let mut handle = js.get_stream(stream).await.expect("stream exists");
     let count = handle.info().await.expect("stream info").state.messages;
-    let mut source = NatsSource::jetstream(client, stream, None, StartAt::First)
+    let mut source = NatsReader::jetstream(client, stream, None, StreamStart::First)
         .await
         .expect("ordered consumer");
     let mut out = Vec::new();
@@ -97,7 +98,7 @@ async fn create_stream(client: &async_nats::Client, name: &str, subjects: &[&str
 async fn core_publish_arrives_with_headers() {
     let server = NatsServer::start();
     let reader = client(&server).await;
-    let mut source = NatsSource::subscribe(&reader, "core1.>")
+    let mut source = NatsReader::subscribe(&reader, "core1.>")
         .await
         .expect("subscribe");
     let mut sink = NatsSink::connect(config(&server, "core1.{server}.{event}", NatsMode::Core))

@@ -4,12 +4,16 @@
 //!   their raw bytes, errors, the end-of-stream verdict) as one read, through `AmiCodec` and through
 //!   `Parser` directly, with default and with tiny limits (so the discard path runs).
 //! - A naive reference parser, written from the module docs' wire rules (byte by byte, allocating,
-//!   re-reading from the frame start), agrees with the fast parser on arbitrary input.
+//!   re-reading from the frame start), agrees with the fast parser on arbitrary input, with every
+//!   classifier the machine runs (AVX2, SSE2 or NEON, and the portable fallback), under every
+//!   chunking; the headers the parser notes for normalization ([`Known`]) equal a search.
 //! - Progress: every call returns a frame, skips at least one byte, reports an error, or says
 //!   Partial; Partial is stable; what stays buffered after Partial is bounded by the frame limit.
 
 use amibus::ami::parser::{BANNER_PREFIX, END_COMMAND};
-use amibus::ami::{AmiCodec, Decoded, FrameKind, Limits, ParseError, Parsed, Parser};
+use amibus::ami::{
+    AmiCodec, Classifier, Decoded, FrameKind, Known, Limits, ParseError, Parsed, Parser,
+};
 use bytes::BytesMut;
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
@@ -37,10 +41,23 @@ enum Item {
         headers: Vec<Header>,
         body: Option<B>,
         raw: B,
+        /// The value of each of [`KNOWN`], as the frame reports it.
+        known: Vec<Option<B>>,
     },
     Error(ParseError),
     Truncated(usize),
 }
+
+const KNOWN: [Known; 8] = [
+    Known::Channel,
+    Known::Uniqueid,
+    Known::Linkedid,
+    Known::ActionId,
+    Known::Privilege,
+    Known::Timestamp,
+    Known::Extension,
+    Known::PrefixedLinkedid,
+];
 
 fn frame_item(frame: &amibus::ami::Frame<'_>) -> Item {
     Item::Frame {
@@ -51,6 +68,7 @@ fn frame_item(frame: &amibus::ami::Frame<'_>) -> Item {
             .collect(),
         body: frame.body().map(b),
         raw: b(frame.raw()),
+        known: KNOWN.iter().map(|&k| frame.known(k).map(b)).collect(),
     }
 }
 
@@ -110,6 +128,35 @@ mod naive {
 
     fn key_is(h: &Header, name: &str) -> bool {
         h.0.0.eq_ignore_ascii_case(name.as_bytes())
+    }
+
+    /// Each of [`KNOWN`]: the first header after the first line with that key and a value.
+    pub fn known(headers: &[Header]) -> Vec<Option<B>> {
+        let is_known = |key: &[u8], k: Known| -> bool {
+            let named = |name: &str| key.eq_ignore_ascii_case(name.as_bytes());
+            match k {
+                Known::Channel => named("Channel"),
+                Known::Uniqueid => named("Uniqueid"),
+                Known::Linkedid => named("Linkedid"),
+                Known::ActionId => named("ActionID"),
+                Known::Privilege => named("Privilege"),
+                Known::Timestamp => named("Timestamp"),
+                Known::Extension => named("Extension"),
+                Known::PrefixedLinkedid => {
+                    key.len() > 8 && key[key.len() - 8..].eq_ignore_ascii_case(b"Linkedid")
+                }
+            }
+        };
+        KNOWN
+            .iter()
+            .map(|&k| {
+                headers
+                    .iter()
+                    .skip(1)
+                    .find(|(key, value)| value.is_some() && is_known(&key.0, k))
+                    .and_then(|(_, value)| value.clone())
+            })
+            .collect()
     }
 
     fn is_follows(h: &Header) -> bool {
@@ -177,22 +224,13 @@ mod naive {
             let mut follows = false;
             loop {
                 if follows {
-                    // After `Response: Follows`: a CRLF empty line ends the frame; a bare-LF empty
-                    // line or any line but `Privilege:`/`ActionID:` begins the body. The line's
-                    // first `\n` decides it.
+                    // After `Response: Follows`: a `Privilege:` or `ActionID:` line is a header,
+                    // any other line (an empty one too) begins the body. The line's first `\n`
+                    // decides it.
                     let Some(lf) = first_lf(b, i).filter(|&l| l < self.window()) else {
                         return self.need(i);
                     };
-                    let line = &b[i..lf];
-                    if line == b"\r" {
-                        return Outcome::Frame {
-                            end: lf + 1,
-                            kind: FrameKind::Message,
-                            headers,
-                            body: None,
-                        };
-                    }
-                    if line.is_empty() || !is_follows_header(line) {
+                    if !is_follows_header(&b[i..lf]) {
                         return self.body(i, headers);
                     }
                 }
@@ -236,35 +274,30 @@ mod naive {
             }
         }
 
-        /// A `Response: Follows` body from `start`: it ends at the first `\r\n\r\n` (the body
-        /// keeps the first `\r\n`) or at `--END COMMAND--`, whichever comes first; after the
-        /// marker the frame runs to the next `\n`.
+        /// A `Response: Follows` body from `start`: it ends only at `--END COMMAND--` (blank
+        /// lines are body bytes); after the marker the frame runs to the next `\n`.
         fn body(&self, start: usize, headers: Vec<Header>) -> Outcome {
             let b = self.b;
             let mut k = start;
             loop {
-                let (end, body_end) = if b[k..].starts_with(b"\r\n\r\n") {
-                    (k + 4, k + 2)
-                } else if b[k..].starts_with(END_COMMAND) {
-                    match first_lf(b, k + END_COMMAND.len()) {
-                        Some(lf) => (lf + 1, k),
-                        None => return self.need(b.len()),
+                if b[k..].starts_with(END_COMMAND) {
+                    let Some(lf) = first_lf(b, k + END_COMMAND.len()) else {
+                        return self.need(b.len());
+                    };
+                    if lf + 1 > self.window() {
+                        return self.too_large();
                     }
-                } else if k == b.len() {
-                    return self.need(b.len());
-                } else {
-                    k += 1;
-                    continue;
-                };
-                if end > self.window() {
-                    return self.too_large();
+                    return Outcome::Frame {
+                        end: lf + 1,
+                        kind: FrameKind::Message,
+                        headers,
+                        body: Some((start, k)),
+                    };
                 }
-                return Outcome::Frame {
-                    end,
-                    kind: FrameKind::Message,
-                    headers,
-                    body: Some((start, body_end)),
-                };
+                if k == b.len() {
+                    return self.need(b.len());
+                }
+                k += 1;
             }
         }
     }
@@ -299,6 +332,7 @@ mod naive {
                 } => {
                     items.push(Item::Frame {
                         kind,
+                        known: known(&headers),
                         headers,
                         body: body.map(|(s, e)| B(b[s..e].to_vec())),
                         raw: B(b[p..end].to_vec()),
@@ -351,8 +385,13 @@ fn fed_sizes(cuts: &[usize], total: usize) -> impl Iterator<Item = usize> + '_ {
 
 /// Feed `input` to a `Parser` in reads cut by `cuts` (cycled; empty = one read), checking the
 /// per-call invariants. Returns the items and the bytes left buffered.
-fn parse_fed(input: &[u8], limits: Limits, cuts: &[usize]) -> (Vec<Item>, usize) {
-    let mut parser = Parser::new(limits);
+fn parse_fed(
+    input: &[u8],
+    limits: Limits,
+    cuts: &[usize],
+    classifier: Classifier,
+) -> (Vec<Item>, usize) {
+    let mut parser = Parser::with_classifier(limits, classifier);
     let max = parser.limits().max_frame_bytes;
     let max_headers = parser.limits().max_headers;
     let mut buf: Vec<u8> = Vec::new();
@@ -498,6 +537,7 @@ fn follows_frame() -> impl Strategy<Value = Vec<u8>> {
             prop::sample::select(vec![
                 b"\n".to_vec(),
                 b"\r\n".to_vec(),
+                b"\r\n\r\n".to_vec(),
                 b"\r".to_vec(),
                 b"Name: not a header".to_vec(),
                 b"--END".to_vec(),
@@ -578,14 +618,22 @@ fn fixtures() -> &'static [Vec<u8>] {
 
 /// The items a whole-stream read gives, checked against the reference, plus the codec's end.
 fn check_stream(input: &[u8], limits: Limits, cuts: &[usize]) -> Result<(), TestCaseError> {
-    let (whole, left) = parse_fed(input, limits, &[]);
     let (expected, expected_left) = naive::parse(input, limits);
-    prop_assert_eq!(&whole, &expected, "fast parser vs reference");
-    prop_assert_eq!(left, expected_left, "bytes left buffered vs reference");
+    for classifier in Classifier::available() {
+        let name = classifier.name();
+        let (whole, left) = parse_fed(input, limits, &[], classifier);
+        prop_assert_eq!(&whole, &expected, "{} parser vs reference", name);
+        prop_assert_eq!(
+            left,
+            expected_left,
+            "{}: bytes left buffered vs reference",
+            name
+        );
 
-    let (chunked, chunked_left) = parse_fed(input, limits, cuts);
-    prop_assert_eq!(&chunked, &whole, "chunked vs whole (Parser)");
-    prop_assert_eq!(chunked_left, left);
+        let (chunked, chunked_left) = parse_fed(input, limits, cuts, classifier);
+        prop_assert_eq!(&chunked, &whole, "{}: chunked vs whole (Parser)", name);
+        prop_assert_eq!(chunked_left, left);
+    }
 
     let mut with_eof = expected;
     with_eof.extend(naive::eof(input, expected_left));
@@ -659,8 +707,13 @@ proptest! {
 /// Each recording, whole: the fast parser agrees with the reference on every frame.
 #[test]
 fn fixtures_agree_with_reference() {
-    for (name, data) in FIXTURES.iter().zip(fixtures()) {
-        let (fast, left) = parse_fed(data, Limits::default(), &[65_536]);
+    for ((name, data), classifier) in FIXTURES
+        .iter()
+        .zip(fixtures())
+        .flat_map(|f| Classifier::available().into_iter().map(move |c| (f, c)))
+    {
+        let name = format!("{name} ({})", classifier.name());
+        let (fast, left) = parse_fed(data, Limits::default(), &[65_536], classifier);
         let (reference, reference_left) = naive::parse(data, Limits::default());
         assert_eq!(fast.len(), reference.len(), "{name}: item count");
         if let Some(i) = fast.iter().zip(&reference).position(|(a, b)| a != b) {

@@ -54,12 +54,13 @@ async fn sighup_applies_a_new_server_list_without_touching_the_rest() {
         ),
     )
     .expect("config");
+    let log = dir.path().join("amibus.log");
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_amibus"))
             .args(["run", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("starts"),
     );
@@ -78,7 +79,18 @@ async fn sighup_applies_a_new_server_list_without_touching_the_rest() {
             .expect("kill")
             .success()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The rejection is logged once the file was read and refused; nothing happens after it.
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("SIGHUP: configuration rejected")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the broken file was not rejected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let s = sim.stats();
     assert_eq!(
         (s[0].clients, s[1].clients, s[2].clients),

@@ -23,12 +23,13 @@ fn the_embedded_demo_delivers_every_simulated_event_in_order() {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
         let kind = v["kind"].as_str().expect("kind").to_owned();
         let server = v["server"].as_str().expect("server").to_owned();
-        let epoch = v["epoch"].as_u64().expect("epoch");
-        let seq = v["seq"].as_u64().expect("seq");
+        let epoch: u64 = v["epoch"].as_str().expect("epoch").parse().expect("epoch");
+        let seq: u64 = v["seq"].as_str().expect("seq").parse().expect("seq");
         // Every record of one connection arrives once, in order, with no hole.
         let prev = last_seq.insert((server, epoch), seq).unwrap_or(0);
         assert_eq!(seq, prev + 1, "{line}");
-        if kind == "event" && v["name"] != "FullyBooted" {
+        // A snapshot's list items are events too, tagged with their snapshot.
+        if kind == "event" && v["name"] != "FullyBooted" && v["snapshot_id"].is_null() {
             sim_events += 1;
         }
         *kinds.entry(kind).or_default() += 1;
@@ -37,6 +38,9 @@ fn the_embedded_demo_delivers_every_simulated_event_in_order() {
     assert_eq!(kinds.get("connection_up"), Some(&2));
     assert_eq!(kinds.get("connection_down"), Some(&2));
     assert_eq!(kinds.get("gap"), None);
+    // Each login is followed by a snapshot of the server's state, begun and ended.
+    assert_eq!(kinds.get("snapshot_begin"), Some(&2));
+    assert_eq!(kinds.get("snapshot_end"), Some(&2));
 }
 
 #[test]

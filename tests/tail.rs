@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amibus::ami::{Parsed, Parser, Record as AmiRecord, Stamp, Stamped};
-use amibus::app::pipeline::{PayloadFormat, Pipeline};
+use amibus::broker::nats::NatsConnection;
+use amibus::model::PayloadFormat;
+use amibus::pipeline::Pipeline;
 use amibus::sink::Sink;
-use amibus::sink::nats::{NatsConnection, NatsMode, NatsSink, NatsSinkConfig};
+use amibus::sink::nats::{NatsMode, NatsSink, NatsSinkConfig};
 use amibus::spool::{Spool, SpoolConfig};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -32,6 +34,11 @@ fn finish(mut cmd: Command) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn amibus");
+    finish_child(child)
+}
+
+/// Wait for a started child, at most 60 s.
+fn finish_child(child: std::process::Child) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -166,6 +173,74 @@ async fn tail_reads_back_what_amibus_run_published_and_filters_by_server_and_eve
     assert_eq!(got.iter().collect::<Vec<_>>(), expected);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("0 undecodable"), "{stderr}");
+
+    // Without --limit, --from first ends at the end of the stream, filtered or not, and
+    // prints its summary.
+    let out = tail_stream(&server, "TAIL1", &[]);
+    assert_eq!(lines(&out), all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("amibus tail: {held} read, {held} printed")),
+        "{stderr}"
+    );
+    let out = tail_stream(
+        &server,
+        "TAIL1",
+        &[
+            "--server",
+            "sim-2",
+            "--event",
+            "newchannel",
+            "--event",
+            "connection_up",
+        ],
+    );
+    assert_eq!(lines(&out).iter().collect::<Vec<_>>(), expected);
+    // A filter that matches nothing: the end is reached before any message.
+    let out = tail_stream(&server, "TAIL1", &["--subject", "nothing.here.>"]);
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("amibus tail: 0 read, 0 printed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // --follow waits at the end; SIGTERM ends it like Ctrl-C, with the summary.
+    let mut follow = amibus()
+        .args([
+            "tail",
+            "nats",
+            "--servers",
+            &server.url(),
+            "--stream",
+            "TAIL1",
+        ])
+        .args(["--from", "first", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn amibus tail");
+    let mut reader = std::io::BufReader::new(follow.stdout.take().expect("stdout"));
+    for _ in 0..held {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("a line");
+        assert!(!line.is_empty(), "tail --follow ended early");
+    }
+    let pid = follow.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = finish_child(follow);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("amibus tail: {held} read, {held} printed")),
+        "{stderr}"
+    );
 
     // A subject filter on the stream, and --raw: the bus headers as published.
     let out = tail_stream(
@@ -334,10 +409,15 @@ async fn tail_of_a_core_subject_passes_json_through_and_counts_garbage() {
         .iter()
         .filter(|v| v.get("partition_key").is_some())
         .collect();
-    envelopes.sort_by_key(|v| v["seq"].as_u64());
+    envelopes.sort_by_key(|v| v["seq"].as_str().and_then(|s| s.parse::<u64>().ok()));
     let seen: Vec<_> = envelopes
         .iter()
-        .map(|v| (v["server"].as_str(), v["seq"].as_u64()))
+        .map(|v| {
+            (
+                v["server"].as_str(),
+                v["seq"].as_str().and_then(|s| s.parse::<u64>().ok()),
+            )
+        })
         .collect();
     assert_eq!(seen, [(Some("pbx1"), Some(3)), (Some("pbx1"), Some(4))]);
     assert_eq!(envelopes[1]["partition_key"], "pbx1/1.1");

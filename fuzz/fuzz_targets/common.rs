@@ -6,7 +6,34 @@
 //!   `ctl[2] & 31`;
 //! - `ctl[3]` seeds the read sizes: its low nibble picks the largest read, the rest varies them.
 
-use amibus::ami::Limits;
+use amibus::ami::{Known, Limits};
+
+const KNOWN: [Known; 8] = [
+    Known::Channel,
+    Known::Uniqueid,
+    Known::Linkedid,
+    Known::ActionId,
+    Known::Privilege,
+    Known::Timestamp,
+    Known::Extension,
+    Known::PrefixedLinkedid,
+];
+
+fn is(key: &[u8], k: Known) -> bool {
+    let named = |name: &str| key.eq_ignore_ascii_case(name.as_bytes());
+    match k {
+        Known::Channel => named("Channel"),
+        Known::Uniqueid => named("Uniqueid"),
+        Known::Linkedid => named("Linkedid"),
+        Known::ActionId => named("ActionID"),
+        Known::Privilege => named("Privilege"),
+        Known::Timestamp => named("Timestamp"),
+        Known::Extension => named("Extension"),
+        Known::PrefixedLinkedid => {
+            key.len() > 8 && key[key.len() - 8..].eq_ignore_ascii_case(b"Linkedid")
+        }
+    }
+}
 
 pub fn split(data: &[u8]) -> (Limits, Reads, &[u8]) {
     let (head, input) = data.split_at(data.len().min(4));
@@ -52,6 +79,8 @@ pub enum Item {
         headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
         body: Option<Vec<u8>>,
         raw: Vec<u8>,
+        /// The value the parser noted for each known header (checked against a search).
+        known: Vec<Option<Vec<u8>>>,
     },
     Error(amibus::ami::ParseError),
     #[allow(dead_code, reason = "only the codec target ends a stream")]
@@ -68,6 +97,20 @@ impl Item {
                 .collect(),
             body: frame.body().map(<[u8]>::to_vec),
             raw: frame.raw().to_vec(),
+            known: KNOWN
+                .iter()
+                .map(|&k| {
+                    let noted = frame.known(k).map(<[u8]>::to_vec);
+                    // The first header after the first line with that key and a value.
+                    let searched = frame
+                        .headers()
+                        .skip(1)
+                        .find(|h| h.value.is_some() && is(h.key, k))
+                        .and_then(|h| h.value.map(<[u8]>::to_vec));
+                    assert_eq!(noted, searched, "{k:?}");
+                    noted
+                })
+                .collect(),
         }
     }
 }

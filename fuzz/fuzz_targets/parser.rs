@@ -1,18 +1,24 @@
 //! `Parser::parse` on arbitrary bytes, limits and reads (see `common.rs` for the input layout):
 //! no panic; every call makes progress or says Partial; Partial is stable and leaves at most
 //! `max_frame_bytes + 2` bytes buffered; frames respect the limits and are their own raw bytes;
-//! one read and the chosen reads give the same items.
+//! one read and the chosen reads give the same items, with every classifier the CPU runs (SIMD
+//! and the portable fallback).
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
-use amibus::ami::{Limits, Parsed, Parser};
+use amibus::ami::{Classifier, Limits, Parsed, Parser};
 use common::{Item, Reads};
 use libfuzzer_sys::fuzz_target;
 
-fn run(input: &[u8], limits: Limits, mut reads: Option<Reads>) -> (Vec<Item>, usize) {
-    let mut parser = Parser::new(limits);
+fn run(
+    input: &[u8],
+    limits: Limits,
+    mut reads: Option<Reads>,
+    classifier: Classifier,
+) -> (Vec<Item>, usize) {
+    let mut parser = Parser::with_classifier(limits, classifier);
     let max = parser.limits().max_frame_bytes;
     let max_headers = parser.limits().max_headers;
     let mut buf = Vec::new();
@@ -55,7 +61,10 @@ fn run(input: &[u8], limits: Limits, mut reads: Option<Reads>) -> (Vec<Item>, us
 
 fuzz_target!(|data: &[u8]| {
     let (limits, reads, input) = common::split(data);
-    let whole = run(input, limits, None);
-    let chunked = run(input, limits, Some(reads));
-    assert_eq!(whole, chunked, "reads changed the result");
+    let whole = run(input, limits, None, Classifier::swar());
+    for classifier in Classifier::available() {
+        let name = classifier.name();
+        let chunked = run(input, limits, Some(reads), classifier);
+        assert_eq!(whole, chunked, "{name}: reads or the classifier changed the result");
+    }
 });

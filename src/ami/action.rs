@@ -3,7 +3,9 @@
 //! Owns: [`Action`] and [`Action::encode`], the only place that writes action bytes.
 //!
 //! Must never: write a line Asterisk would split or truncate. A CR or LF inside a key or value
-//! would let a caller inject a second header or a second action, and a line longer than
+//! would let a caller inject a second header or a second action, a NUL ends the value where
+//! Asterisk reads it (C strings), other control characters have no meaning on an AMI line
+//! (TAB excepted, which Asterisk keeps), and a line longer than
 //! [`MAX_LINE`] bytes is discarded by Asterisk (`char inbuf[1025]`), so both are refused before
 //! anything is written. `ActionID` is owned by the connection and refused as a caller header.
 
@@ -29,6 +31,12 @@ pub enum EncodeError {
     EmptyKey { index: usize },
     #[error("header {index}: CR or LF in {what}")]
     LineBreak { index: usize, what: &'static str },
+    #[error("header {index}: control character {byte:#04x} in {what}")]
+    ControlChar {
+        index: usize,
+        what: &'static str,
+        byte: u8,
+    },
     #[error("header {index}: ':' in the key")]
     ColonInKey { index: usize },
     #[error("header {index}: line of {len} bytes is longer than {MAX_LINE}")]
@@ -125,16 +133,26 @@ impl Action {
     }
 }
 
-fn check_line(index: usize, key: &str, value: &str) -> Result<(), EncodeError> {
-    if key.contains(['\r', '\n']) {
-        return Err(EncodeError::LineBreak { index, what: "key" });
-    }
-    if value.contains(['\r', '\n']) {
-        return Err(EncodeError::LineBreak {
-            index,
-            what: "value",
+/// A byte AMI cannot carry inside a line: every ASCII control character but TAB (CR and LF
+/// are reported as line breaks).
+fn is_forbidden(b: u8) -> bool {
+    (b.is_ascii_control() && b != b'\t') || b == 0x7f
+}
+
+fn check_text(index: usize, what: &'static str, text: &str) -> Result<(), EncodeError> {
+    if let Some(&byte) = text.as_bytes().iter().find(|&&b| is_forbidden(b)) {
+        return Err(if byte == b'\r' || byte == b'\n' {
+            EncodeError::LineBreak { index, what }
+        } else {
+            EncodeError::ControlChar { index, what, byte }
         });
     }
+    Ok(())
+}
+
+fn check_line(index: usize, key: &str, value: &str) -> Result<(), EncodeError> {
+    check_text(index, "key", key)?;
+    check_text(index, "value", value)?;
     let len = key.len() + 2 + value.len();
     if len > MAX_LINE {
         return Err(EncodeError::LineTooLong { index, len });
@@ -197,6 +215,31 @@ mod tests {
         let mut out = BytesMut::new();
         assert!(Action::new("Ping").encode(Some("a\nb"), &mut out).is_err());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn refuses_nul_and_other_control_characters_but_keeps_tab() {
+        assert_eq!(
+            enc(&Action::new("Originate").header("Channel", "Local/1@a\0b")),
+            Err(EncodeError::ControlChar {
+                index: 1,
+                what: "value",
+                byte: 0
+            })
+        );
+        assert_eq!(
+            enc(&Action::new("Ping").header("K\x1b", "v")),
+            Err(EncodeError::ControlChar {
+                index: 1,
+                what: "key",
+                byte: 0x1b
+            })
+        );
+        assert!(enc(&Action::new("Ping").header("K", "a\x7fb")).is_err());
+        assert!(enc(&Action::new("Pi\0ng")).is_err());
+        assert!(enc(&Action::new("Setvar").header("Value", "a\tb")).is_ok());
+        // Non-ASCII text is fine (Asterisk passes UTF-8 through).
+        assert!(enc(&Action::new("Setvar").header("Value", "Zoë")).is_ok());
     }
 
     #[test]

@@ -10,12 +10,17 @@
 //!   dropped, its seq is remembered, and a [`Record::Gap`] naming the dropped range is sent as
 //!   soon as the queue has room again, while reading goes on. Pending gaps are bounded
 //!   ([`MAX_PENDING_GAPS`]; past it the oldest is forgotten and counted in `gaps_lost`).
-//!   Before that point, while the queue is nearly full, a read is held back for at most
+//!   Before that point, while the queue is nearly full (less than its
+//!   [headroom](super::handoff::Sender::headroom) free), a read is *held* for at most
 //!   [`Options::handoff_wait`] (20 ms, under 100 ms by validation): a burst the pipelines take
 //!   a moment to absorb then waits in the socket buffers (megabytes, which fill long before
-//!   Asterisk's writes block) instead of being dropped. A wait that runs out switches the
-//!   connection to reading on and dropping until the queue has room again, so a stalled
-//!   pipeline can never hold the socket unread for longer than one wait.
+//!   Asterisk's writes block) instead of being dropped. A hold that runs out switches the
+//!   connection to *shedding*, reading on and dropping until the queue has room again, so a
+//!   stalled pipeline can never hold the socket unread for longer than one wait.
+//! - stop serving the session during a hold. The hold is a branch of the read loop's `select!`
+//!   that replaces the read: shutdown (Logoff), writes, gap records, new actions and the
+//!   keepalive timer are served as usual. It wakes on the queue's room notification (sent by
+//!   the pipeline when it takes records) or on its deadline, never on a polling timer.
 //! - wait on a write: actions are written from a buffer polled next to the read, so a stalled
 //!   write never stops the read.
 //! - re-send an action: one in flight when the session ends is answered
@@ -39,7 +44,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::codec::Decoder;
@@ -49,11 +54,16 @@ use tracing::{error, info, warn};
 use super::action::Action;
 use super::codec::{AmiCodec, Decoded};
 use super::frame::OwnedFrame;
-use super::handle::{ActionError, ActionReply, Command, Handle};
+use super::handle::{Accepted, ActionReply, Command, Handle, NotSent, Unknown};
+use super::handoff;
 use super::login::{LoginError, login};
 use super::parser::Limits;
 use super::record::{ParseErrorRecord, Record, Stamp, Stamped, now_ns};
-use crate::config::{ServerConfig, TlsConfig};
+use super::server::{ServerConfig, TlsConfig};
+use super::snapshot::{self, Routed, Snapshots};
+
+/// The default of [`Options::max_reply_bytes`]: 64 MiB per connection.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 64 << 20;
 
 /// Gaps waiting for room in the downstream queue, at most.
 pub const MAX_PENDING_GAPS: usize = 1024;
@@ -67,6 +77,10 @@ pub struct Options {
     pub max_in_flight: usize,
     /// List items kept per EventList reply; more are dropped and the reply marked `truncated`.
     pub max_list_items: usize,
+    /// Bytes of list items held for all the replies in flight on this connection together
+    /// (256 in flight × 100,000 items could otherwise pin gigabytes): an item that would pass
+    /// it is dropped and its reply marked `truncated`; the completion event is always kept.
+    pub max_reply_bytes: usize,
     pub limits: Limits,
     /// The last epoch used by a previous run, if known (epochs are also floored by the clock).
     pub previous_epoch: u64,
@@ -77,16 +91,21 @@ pub struct Options {
     pub handoff_wait: Duration,
 }
 
+/// How long a read waits by default for room in a nearly full hand-off queue
+/// ([`Options::handoff_wait`]; `pipeline.handoff_wait`).
+pub const DEFAULT_HANDOFF_WAIT: Duration = Duration::from_millis(20);
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             command_queue: 64,
             max_in_flight: 256,
             max_list_items: 100_000,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             limits: Limits::default(),
             previous_epoch: 0,
             logoff_timeout: Duration::from_secs(1),
-            handoff_wait: crate::config::DEFAULT_HANDOFF_WAIT,
+            handoff_wait: DEFAULT_HANDOFF_WAIT,
         }
     }
 }
@@ -108,6 +127,7 @@ pub struct Stats {
     last_byte_ns: AtomicI64,
     connected: AtomicBool,
     epoch: AtomicU64,
+    snapshot: Arc<snapshot::Counters>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -140,6 +160,8 @@ pub struct StatsSnapshot {
     pub connected: bool,
     /// The current (or last) epoch.
     pub epoch: u64,
+    /// State snapshots ([`super::snapshot`]).
+    pub snapshot: snapshot::CountersSnapshot,
 }
 
 impl Stats {
@@ -160,6 +182,7 @@ impl Stats {
             last_byte_ns: self.last_byte_ns.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
             epoch: r(&self.epoch),
+            snapshot: self.snapshot.snapshot(),
         }
     }
 }
@@ -182,7 +205,7 @@ impl Connection {
     /// or not); the task stops when `shutdown` is cancelled.
     pub fn spawn(
         cfg: Arc<ServerConfig>,
-        downstream: mpsc::Sender<Stamped>,
+        downstream: handoff::Sender,
         shutdown: CancellationToken,
         opts: Options,
     ) -> Connection {
@@ -275,7 +298,7 @@ pub fn backoff_delay(min: Duration, max: Duration, attempt: u32, rng_value: u64)
 /// The downstream side: stamps records and never waits.
 struct Out {
     server: Arc<str>,
-    tx: mpsc::Sender<Stamped>,
+    tx: handoff::Sender,
     epoch: u64,
     seq: u64,
     gaps: VecDeque<GapRange>,
@@ -391,11 +414,33 @@ impl Out {
 /// Wait for room in the downstream queue (used only when gaps are pending; reading goes on
 /// meanwhile because this is one branch of a `select!`).
 async fn reserve(
-    tx: Option<mpsc::Sender<Stamped>>,
+    tx: Option<handoff::Sender>,
 ) -> Result<mpsc::OwnedPermit<Stamped>, DownstreamClosed> {
     match tx {
         Some(tx) => tx.reserve_owned().await.map_err(|_| DownstreamClosed),
         None => std::future::pending().await,
+    }
+}
+
+/// How a hold ended.
+enum HoldEnd {
+    /// The queue made room.
+    Room,
+    /// `handoff_wait` passed.
+    Deadline,
+}
+
+/// Wait for the end of the hold that lasts until `until` (one branch of the read loop's
+/// `select!`; never ends if there is no hold). Wakes on the queue's room notification or the
+/// deadline, nothing else.
+async fn hold(tx: &handoff::Sender, until: Option<Instant>) -> Result<HoldEnd, DownstreamClosed> {
+    let Some(until) = until else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        biased;
+        r = tx.room() => r.map(|()| HoldEnd::Room).map_err(|_| DownstreamClosed),
+        _ = sleep_until(until) => Ok(HoldEnd::Deadline),
     }
 }
 
@@ -428,7 +473,9 @@ struct Task {
 
 /// An action awaiting its reply.
 struct Pending {
-    reply: oneshot::Sender<Result<ActionReply, ActionError>>,
+    /// Answers on every path: a reply, `TimedOut` at the deadline sweep, `ConnectionLost` when
+    /// the session ends or the entry is dropped.
+    reply: Accepted,
     await_event: Option<String>,
     deadline: Instant,
     response: Option<OwnedFrame>,
@@ -437,6 +484,8 @@ struct Pending {
     events: Vec<OwnedFrame>,
     awaited: Option<OwnedFrame>,
     truncated: bool,
+    /// Bytes of `events`, counted in [`Session::reply_bytes`].
+    bytes: usize,
 }
 
 impl Pending {
@@ -475,6 +524,8 @@ impl Ids {
 struct Session {
     ids: Ids,
     pending: HashMap<String, Pending>,
+    /// Bytes of list items held by `pending`, at most [`Options::max_reply_bytes`].
+    reply_bytes: usize,
     /// The outstanding keepalive Ping and when it must be answered by.
     ping: Option<(String, Instant)>,
     next_ping: Instant,
@@ -483,17 +534,30 @@ struct Session {
     /// How much room the next read gets: doubled while reads fill it (a flood), halved while
     /// they come back small, between [`READ_MIN`] and [`READ_MAX`].
     read_size: usize,
-    /// The hand-off queue stayed full for `handoff_wait`: reads go on without waiting (and
-    /// records are dropped) until it has room again.
-    shedding: bool,
+    /// Whether the next read may go ahead, given the room in the hand-off queue.
+    gate: Gate,
+    /// State snapshots: started at the top of a read-loop turn, their frames routed first.
+    snapshot: Snapshots,
 }
 
-/// Free slots in the hand-off queue a read waits for (at most half the queue): as many frames
-/// as a 64 KiB read can bring if they are 64 bytes or more (AMI events are 300 to 1,500).
-const HANDOFF_HEADROOM: usize = 1024;
-
-/// How often a held-back read looks for room.
-const ROOM_POLL: Duration = Duration::from_millis(1);
+/// Whether the next read may go ahead, given the room in the hand-off queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// Reads go ahead while the queue has its headroom free; a turn that finds less begins a
+    /// hold (counted in `read_pauses`).
+    Open,
+    /// The read is held until the queue has room or until this deadline (`handoff_wait` after
+    /// the hold began); the other branches of the read loop run meanwhile.
+    Held(Instant),
+    /// The queue made room during a hold: the read held back goes ahead, even if a neighbour
+    /// on the queue took the room back before this task ran (holding again would count a
+    /// second pause and restart the wait, so a busy queue could keep the socket unread for
+    /// longer than one `handoff_wait`).
+    Granted,
+    /// A hold ran out (counted in `read_pause_timeouts`): reads go on without waiting, and
+    /// what does not fit is dropped, until the queue has room again.
+    Shedding,
+}
 
 /// The read size of a quiet connection (and its buffer's growth step).
 const READ_MIN: usize = 8 << 10;
@@ -628,7 +692,7 @@ impl Task {
                     Err(DownstreamClosed) => return false,
                 },
                 cmd = self.cmd_rx.recv(), if !self.cmds_closed => match cmd {
-                    Some(c) => { let _ = c.reply.send(Err(ActionError::NotConnected)); }
+                    Some(c) => c.reply.refuse(NotSent::NotConnected),
                     None => self.cmds_closed = true,
                 },
                 _ = sleep_until(until) => return true,
@@ -725,12 +789,20 @@ impl Task {
         let mut s = Session {
             ids,
             pending: HashMap::new(),
+            reply_bytes: 0,
             ping: None,
             next_ping: started + self.cfg.keepalive_interval,
             last_byte: started,
             wbuf: BytesMut::new(),
             read_size: READ_MIN,
-            shedding: false,
+            gate: Gate::Open,
+            snapshot: Snapshots::new(
+                self.out.server.clone(),
+                Arc::new(self.cfg.snapshot.clone()),
+                self.stats.snapshot.clone(),
+                epoch,
+                self.stats.gaps.load(Ordering::Relaxed),
+            ),
         };
         // Frames that came with the login responses, then bytes already buffered behind them.
         let mut result = Ok(());
@@ -749,12 +821,17 @@ impl Task {
         };
         // Everything still waiting was (or may have been) sent: its outcome is unknown.
         for (_, p) in s.pending.drain() {
-            let _ = p.reply.send(Err(ActionError::OutcomeUnknown));
+            p.reply.unknown(Unknown::ConnectionLost);
         }
         self.stats.connected.store(false, Ordering::Relaxed);
         let Some(reason) = reason else {
             return End::DownstreamClosed;
         };
+        if let Some(end) = s.snapshot.abort(&reason) {
+            if self.out.emit(end, now_ns()).is_err() {
+                return End::DownstreamClosed;
+            }
+        }
         let shutdown = reason == "shutdown";
         if self
             .out
@@ -793,13 +870,25 @@ impl Task {
         let (mut rd, mut wr) = tokio::io::split(io);
         let idle_limit = self.cfg.keepalive_interval + self.cfg.keepalive_timeout;
         loop {
+            // A snapshot that is due starts (its actions go into the write buffer), one past
+            // its deadline ends; never a wait.
+            let gaps = self.stats.gaps.load(Ordering::Relaxed);
+            while let Some(r) =
+                s.snapshot
+                    .due(Instant::now(), gaps, &mut || s.ids.next(), &mut s.wbuf)
+            {
+                if self.out.emit(r, now_ns()).is_err() {
+                    return None;
+                }
+            }
             let mut wake = s.next_ping.min(s.last_byte + idle_limit);
             if let Some((_, deadline)) = &s.ping {
                 wake = wake.min(*deadline);
             }
-            if !self.room_for_a_read(s).await {
-                return None;
+            if let Some(t) = s.snapshot.next_wake() {
+                wake = wake.min(t);
             }
+            let held = self.hold_until(s);
             if buf.capacity() - buf.len() < s.read_size / 4 {
                 buf.reserve(s.read_size);
             }
@@ -809,6 +898,8 @@ impl Task {
             // Biased, with the read last: under a flood the socket is always readable, and a
             // read listed first would starve writes and the keepalive timer. The other branches
             // are ready only when they have work, so the read still runs on nearly every turn.
+            // During a hold the read is off and `hold` is on in its place: everything else is
+            // served as usual.
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
@@ -841,10 +932,35 @@ impl Task {
                         }
                         s.next_ping = now + self.cfg.keepalive_interval;
                     }
-                    // Forget actions whose caller has given up or whose deadline has passed.
-                    s.pending.retain(|_, p| !p.reply.is_closed() && p.deadline > now);
+                    // Forget actions whose caller has given up; answer those whose deadline
+                    // has passed `TimedOut` (they may have run; never "not sent").
+                    let over: Vec<String> = s
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| p.reply.is_closed() || p.deadline <= now)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in over {
+                        if let Some(p) = s.pending.remove(&id) {
+                            s.reply_bytes -= p.bytes;
+                            p.reply.unknown(Unknown::TimedOut);
+                        }
+                    }
                 }
-                r = rd.read_buf(buf) => {
+                end = hold(&self.out.tx, held), if held.is_some() => match end {
+                    Ok(HoldEnd::Room) => s.gate = Gate::Granted,
+                    // Room that came with the deadline still counts as room.
+                    Ok(HoldEnd::Deadline) if self.out.tx.has_room() => s.gate = Gate::Granted,
+                    Ok(HoldEnd::Deadline) => {
+                        inc(&self.stats.read_pause_timeouts);
+                        s.gate = Gate::Shedding;
+                    }
+                    Err(DownstreamClosed) => return None,
+                },
+                r = rd.read_buf(buf), if held.is_none() => {
+                    if s.gate == Gate::Granted {
+                        s.gate = Gate::Open;
+                    }
                     let n = match r {
                         Ok(0) => {
                             let at = now_ns();
@@ -879,36 +995,25 @@ impl Task {
         }
     }
 
-    /// Before a read, wait (at most `handoff_wait`) while the hand-off queue has less room than
-    /// a read can bring; `false` if downstream is gone.
-    async fn room_for_a_read(&mut self, s: &mut Session) -> bool {
-        let wait = self.opts.handoff_wait;
-        let tx = &self.out.tx;
-        let headroom = HANDOFF_HEADROOM.min(tx.max_capacity() / 2).max(1);
-        if wait.is_zero() || tx.capacity() >= headroom {
-            s.shedding = false;
-            return true;
+    /// At the top of each turn of the read loop: the deadline of the hold in force, if any.
+    /// A turn that finds less than the headroom free begins a hold (unless the connection is
+    /// shedding or `handoff_wait` is zero); room in the queue ends a hold and shedding.
+    fn hold_until(&mut self, s: &mut Session) -> Option<Instant> {
+        if s.gate == Gate::Granted {
+            return None;
         }
-        if s.shedding {
-            return true;
+        if self.opts.handoff_wait.is_zero() || self.out.tx.has_room() {
+            s.gate = Gate::Open;
+            return None;
         }
-        inc(&self.stats.read_pauses);
-        // Looked at every millisecond rather than waited for with `reserve_many`: the channel's
-        // semaphore is fair, so a waiter collects the slots freed while it waits, and the other
-        // connections on the queue found it full and dropped records meanwhile.
-        let deadline = Instant::now() + wait;
-        loop {
-            tokio::time::sleep(ROOM_POLL).await;
-            if tx.is_closed() {
-                return false;
-            }
-            if tx.capacity() >= headroom {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                inc(&self.stats.read_pause_timeouts);
-                s.shedding = true;
-                return true;
+        match s.gate {
+            Gate::Held(until) => Some(until),
+            Gate::Shedding | Gate::Granted => None,
+            Gate::Open => {
+                inc(&self.stats.read_pauses);
+                let until = Instant::now() + self.opts.handoff_wait;
+                s.gate = Gate::Held(until);
+                Some(until)
             }
         }
     }
@@ -964,23 +1069,26 @@ impl Task {
         }
     }
 
+    /// Accept a command (write it and remember it) or refuse it as not sent. Accepting and
+    /// writing are one step: nothing between them can fail or wait.
     fn take_command(&mut self, s: &mut Session, c: Command) {
         if c.reply.is_closed() {
             return;
         }
         if Instant::now() >= c.deadline {
-            let _ = c.reply.send(Err(ActionError::Busy));
+            c.reply.refuse(NotSent::Busy);
             return;
         }
         let id = s.ids.next();
         if let Err(e) = c.action.encode(Some(&id), &mut s.wbuf) {
-            let _ = c.reply.send(Err(ActionError::Invalid(e)));
+            c.reply.refuse(NotSent::Invalid(e));
             return;
         }
+        let reply = c.reply.accept();
         s.pending.insert(
             id,
             Pending {
-                reply: c.reply,
+                reply,
                 await_event: c.await_event,
                 deadline: c.deadline,
                 response: None,
@@ -989,6 +1097,7 @@ impl Task {
                 events: Vec::new(),
                 awaited: None,
                 truncated: false,
+                bytes: 0,
             },
         );
     }
@@ -1002,6 +1111,11 @@ impl Task {
         match item {
             Decoded::Frame(f) => {
                 inc(&self.stats.frames);
+                let f = match s.snapshot.route(f) {
+                    Routed::Pass(f) => f,
+                    Routed::Emit(r) => return self.out.emit(r, at),
+                    Routed::Consumed => return Ok(()),
+                };
                 match self.route(s, f) {
                     Some(f) => self.out.emit(Record::Frame(f), at),
                     None => Ok(()),
@@ -1070,8 +1184,14 @@ impl Task {
                 .is_some_and(|v| v.eq_ignore_ascii_case(b"Complete"))
             {
                 p.list_done = true;
+                p.bytes += f.bytes().len();
+                s.reply_bytes += f.bytes().len();
                 p.events.push(f);
-            } else if p.events.len() < self.opts.max_list_items {
+            } else if p.events.len() < self.opts.max_list_items
+                && s.reply_bytes + f.bytes().len() <= self.opts.max_reply_bytes
+            {
+                p.bytes += f.bytes().len();
+                s.reply_bytes += f.bytes().len();
                 p.events.push(f);
             } else {
                 p.truncated = true;
@@ -1090,13 +1210,14 @@ impl Task {
         }
         if p.is_complete() {
             if let Some(p) = s.pending.remove(&id) {
+                s.reply_bytes -= p.bytes;
                 if let Some(response) = p.response {
-                    let _ = p.reply.send(Ok(ActionReply {
+                    p.reply.reply(ActionReply {
                         response,
                         events: p.events,
                         awaited: p.awaited,
                         truncated: p.truncated,
-                    }));
+                    });
                 }
             }
         }
@@ -1264,8 +1385,8 @@ mod tests {
         assert_eq!(instance_id().len(), 12);
     }
 
-    fn out(cap: usize) -> (Out, mpsc::Receiver<Stamped>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn out(cap: usize) -> (Out, handoff::Receiver) {
+        let (tx, rx) = handoff::channel(cap);
         (
             Out {
                 server: Arc::from("s"),

@@ -11,16 +11,30 @@ use bytes::Bytes;
 
 const NO_VALUE: u32 = u32::MAX;
 
-/// Where one header line lies in its frame's buffer.
+/// Where one header line lies in its frame's buffer: the key's and the value's `start..end`, each
+/// packed as `start | end << 32` (two registers to build and one 16-byte store to push, where
+/// four `u32` fields went through the stack and stalled the store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
-    key_start: u32,
-    key_end: u32,
-    value_start: u32,
-    value_end: u32,
+    key: u64,
+    value: u64,
+}
+
+/// The `value` of a line without a colon.
+const NO_VALUE_SPAN: u64 = u64::MAX;
+
+#[inline]
+fn pack(start: usize, end: usize) -> u64 {
+    (start as u32 as u64) | ((end as u32 as u64) << 32)
+}
+
+#[inline]
+fn unpack(range: u64) -> std::ops::Range<usize> {
+    (range as u32 as usize)..((range >> 32) as usize)
 }
 
 impl Span {
+    #[inline]
     pub(crate) fn header(
         key_start: usize,
         key_end: usize,
@@ -28,23 +42,21 @@ impl Span {
         value_end: usize,
     ) -> Self {
         Span {
-            key_start: key_start as u32,
-            key_end: key_end as u32,
-            value_start: value_start as u32,
-            value_end: value_end as u32,
+            key: pack(key_start, key_end),
+            value: pack(value_start, value_end),
         }
     }
 
+    #[inline]
     pub(crate) fn no_colon(start: usize, end: usize) -> Self {
         Span {
-            key_start: start as u32,
-            key_end: end as u32,
-            value_start: NO_VALUE,
-            value_end: NO_VALUE,
+            key: pack(start, end),
+            value: NO_VALUE_SPAN,
         }
     }
 
     /// Whether this header, read in `buf`, is `Response: Follows`.
+    #[inline]
     pub(crate) fn is_follows(&self, buf: &[u8]) -> bool {
         let header = self.resolve(buf);
         header.key.eq_ignore_ascii_case(b"Response")
@@ -55,16 +67,11 @@ impl Span {
 
     #[inline]
     fn resolve<'a>(&self, buf: &'a [u8]) -> Header<'a> {
-        let key = buf
-            .get(self.key_start as usize..self.key_end as usize)
-            .unwrap_or_default();
-        let value = if self.value_start == NO_VALUE {
+        let key = buf.get(unpack(self.key)).unwrap_or_default();
+        let value = if self.value == NO_VALUE_SPAN {
             None
         } else {
-            Some(
-                buf.get(self.value_start as usize..self.value_end as usize)
-                    .unwrap_or_default(),
-            )
+            Some(buf.get(unpack(self.value)).unwrap_or_default())
         };
         Header { key, value }
     }
@@ -91,6 +98,101 @@ impl<'a> Header<'a> {
     }
 }
 
+/// Headers the parser notes while it reads a frame, so that normalization finds them without a
+/// second pass over every header. Each is the first header after the frame's first line whose
+/// key matches (ASCII case ignored) and that has a colon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Known {
+    Channel,
+    Uniqueid,
+    Linkedid,
+    ActionId,
+    Privilege,
+    Timestamp,
+    /// `Extension` (the legacy Newexten field).
+    Extension,
+    /// A key longer than `Linkedid` that ends in it (`ParkeeLinkedid`, `DestLinkedid`, ...).
+    PrefixedLinkedid,
+}
+
+impl Known {
+    const COUNT: usize = 8;
+
+    /// Which known header `key` is, if any (the parser calls this once per header line).
+    #[inline]
+    pub(crate) fn of(key: &[u8]) -> Option<Known> {
+        // Every name is ASCII letters only, so `| 0x20` lowercases exactly: a byte matches a
+        // lowercase letter that way only if it is that letter in either case.
+        const LOWER: u64 = 0x2020_2020_2020_2020;
+        let name = |s: &[u8; 8]| u64::from_le_bytes(*s);
+        match key.len() {
+            // Two overlapping 4-byte words cover the 7 bytes of `Channel`.
+            7 => {
+                let (Some(head), Some(tail)) = (key.first_chunk::<4>(), key.last_chunk::<4>())
+                else {
+                    return None;
+                };
+                let head = u32::from_le_bytes(*head) | 0x2020_2020;
+                let tail = u32::from_le_bytes(*tail) | 0x2020_2020;
+                (head == u32::from_le_bytes(*b"chan") && tail == u32::from_le_bytes(*b"nnel"))
+                    .then_some(Known::Channel)
+            }
+            len if len >= 8 => {
+                let (Some(head), Some(tail)) = (key.first_chunk::<8>(), key.last_chunk::<8>())
+                else {
+                    return None;
+                };
+                let head = u64::from_le_bytes(*head) | LOWER;
+                let tail = u64::from_le_bytes(*tail) | LOWER;
+                match len {
+                    8 if head == name(b"uniqueid") => Some(Known::Uniqueid),
+                    8 if head == name(b"linkedid") => Some(Known::Linkedid),
+                    8 if head == name(b"actionid") => Some(Known::ActionId),
+                    8 => None,
+                    9 if head == name(b"privileg") && tail == name(b"rivilege") => {
+                        Some(Known::Privilege)
+                    }
+                    9 if head == name(b"timestam") && tail == name(b"imestamp") => {
+                        Some(Known::Timestamp)
+                    }
+                    9 if head == name(b"extensio") && tail == name(b"xtension") => {
+                        Some(Known::Extension)
+                    }
+                    _ if tail == name(b"linkedid") => Some(Known::PrefixedLinkedid),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where the known headers of one frame are: the index of each in the span list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Noted([u32; Known::COUNT]);
+
+impl Default for Noted {
+    fn default() -> Self {
+        Noted([NO_VALUE; Known::COUNT])
+    }
+}
+
+impl Noted {
+    /// Note header `index` as `known` unless an earlier one was.
+    #[inline]
+    pub(crate) fn note(&mut self, known: Known, index: usize) {
+        let slot = &mut self.0[known as usize];
+        if *slot == NO_VALUE {
+            *slot = index as u32;
+        }
+    }
+
+    fn get(&self, known: Known) -> Option<usize> {
+        let i = self.0[known as usize];
+        (i != NO_VALUE).then_some(i as usize)
+    }
+}
+
 /// What a frame is on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FrameKind {
@@ -105,6 +207,7 @@ pub enum FrameKind {
 pub struct Frame<'a> {
     buf: &'a [u8],
     spans: &'a [Span],
+    noted: &'a Noted,
     kind: FrameKind,
     body: Option<(u32, u32)>,
 }
@@ -126,12 +229,14 @@ impl<'a> Frame<'a> {
     pub(crate) fn new(
         buf: &'a [u8],
         spans: &'a [Span],
+        noted: &'a Noted,
         kind: FrameKind,
         body: Option<(usize, usize)>,
     ) -> Self {
         Frame {
             buf,
             spans,
+            noted,
             kind,
             body: body.map(|(s, e)| (s as u32, e as u32)),
         }
@@ -171,6 +276,16 @@ impl<'a> Frame<'a> {
         self.headers().find(|h| h.is(name)).and_then(|h| h.value)
     }
 
+    /// The value of a [`Known`] header, as noted by the parser: the first one after the first
+    /// line that has a colon. The same as a search of every header, without the search.
+    #[inline]
+    pub fn known(&self, known: Known) -> Option<&'a [u8]> {
+        self.noted
+            .get(known)
+            .and_then(|i| self.header(i))
+            .and_then(|h| h.value)
+    }
+
     /// Every value of header `name`, in wire order.
     pub fn get_all<'n>(&self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.headers()
@@ -198,6 +313,7 @@ impl<'a> Frame<'a> {
     pub(crate) fn detach(&self) -> Detached {
         Detached {
             spans: self.spans.to_vec(),
+            noted: *self.noted,
             kind: self.kind,
             body: self.body,
         }
@@ -210,6 +326,7 @@ impl<'a> Frame<'a> {
         OwnedFrame {
             bytes,
             spans: self.spans.to_vec(),
+            noted: *self.noted,
             kind: self.kind,
             body: self.body,
         }
@@ -224,6 +341,7 @@ impl<'a> Frame<'a> {
 /// A frame's spans without its bytes.
 pub(crate) struct Detached {
     spans: Vec<Span>,
+    noted: Noted,
     kind: FrameKind,
     body: Option<(u32, u32)>,
 }
@@ -233,6 +351,7 @@ impl Detached {
         OwnedFrame {
             bytes,
             spans: self.spans,
+            noted: self.noted,
             kind: self.kind,
             body: self.body,
         }
@@ -244,6 +363,7 @@ impl Detached {
 pub struct OwnedFrame {
     bytes: Bytes,
     spans: Vec<Span>,
+    noted: Noted,
     kind: FrameKind,
     body: Option<(u32, u32)>,
 }
@@ -260,6 +380,7 @@ impl OwnedFrame {
         Frame {
             buf: &self.bytes,
             spans: &self.spans,
+            noted: &self.noted,
             kind: self.kind,
             body: self.body,
         }

@@ -21,7 +21,8 @@ use tokio_util::codec::Decoder;
 use super::action::{Action, EncodeError};
 use super::codec::{AmiCodec, Decoded};
 use super::frame::{FrameKind, OwnedFrame};
-use crate::config::{Auth, Filter, Secret, ServerConfig};
+use super::server::{Auth, Filter, ServerConfig};
+use crate::secret::Secret;
 
 /// Why a login did not complete.
 #[derive(Debug, thiserror::Error)]

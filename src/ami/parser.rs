@@ -8,6 +8,13 @@
 //! already classified when the next chunk of the same frame arrives, or stall on garbage. An
 //! oversized frame is skipped up to the next empty line, reported once, and parsing goes on.
 //!
+//! # How
+//! Header blocks are read with [`super::lines`]: 64 bytes at a time are classified into a `\n`
+//! mask and a `:` mask (SIMD where the CPU has it, see [`super::scan`]), and lines and first
+//! colons come from walking those bits, not from a search call per line. The headers that
+//! normalization types ([`Known`]) are noted as they are read. Bodies use a
+//! `memchr::memmem::Finder` for the marker; a discard steps through line starts only.
+//!
 //! # Contract
 //! [`Parser::parse`] takes the unconsumed bytes of a stream. It returns
 //! - [`Parsed::Frame`] with a view borrowed from the buffer and the number of bytes it used (the
@@ -31,11 +38,11 @@
 //!   line, no empty line after it.
 //! - A frame whose first header is `Response: Follows` (ASCII case ignored; Asterisk 13 and
 //!   older `Command`) takes `Privilege:` and `ActionID:` headers, then a raw body. The first
-//!   `\n` of each line after the headers decides: an empty CRLF line ends the frame (no body), a
-//!   bare-LF empty line or any line but those two headers begins the body. The body runs up to
-//!   `--END COMMAND--`, which may be glued to the last output line, and the frame ends at the
-//!   first `\n` after the marker. A CRLF empty line (`\r\n\r\n`) before any marker also ends the
-//!   frame, the body keeping the first `\r\n`, so a body without a marker cannot swallow the stream.
+//!   `\n` of each line after the headers decides: those two headers stay headers, any other line
+//!   (an empty one too) begins the body. The body runs up to `--END COMMAND--`, which may be glued
+//!   to the last output line, and the frame ends at the first `\n` after the marker. Only the
+//!   marker ends it: CLI output can hold blank lines, `\r\n\r\n` included, and they are body
+//!   bytes. A body without a marker is caught by the frame limit like any oversized frame.
 //!
 //! # Limits
 //! - A frame spans at most [`Limits::max_frame_bytes`] bytes (clamped to at least 2), its
@@ -52,7 +59,9 @@
 use memchr::memchr;
 use memchr::memmem::Finder;
 
-use super::frame::{Frame, FrameKind, Span};
+use super::frame::{Frame, FrameKind, Known, Noted, Span};
+use super::lines::Lines;
+use super::scan::Classifier;
 
 /// The first bytes of the line Asterisk sends on connect, before any frame.
 pub const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
@@ -138,8 +147,8 @@ enum Mode {
     /// Discarding an oversized frame up to the next empty line. `line` is what the discarded part
     /// of the current line held so far.
     Discard { line: LineSoFar },
-    /// A frame was returned; the next call starts afresh.
-    Done,
+    /// A frame of `consumed` bytes was returned; the next call starts on the bytes after it.
+    Done { consumed: usize },
 }
 
 /// Where a discard stands in the current line. Lines split exactly as they do inside a frame: a
@@ -213,13 +222,14 @@ impl LineSoFar {
 pub struct Parser {
     limits: Limits,
     spans: Vec<Span>,
+    noted: Noted,
+    lines: Lines,
     mode: Mode,
     /// Where the current frame's first line starts (after skipped blank lines).
     frame_start: usize,
     /// Where scanning resumes: the start of the first line not yet classified.
     pos: usize,
     end_command: Finder<'static>,
-    blank_crlf: Finder<'static>,
 }
 
 impl std::fmt::Debug for Parser {
@@ -228,6 +238,7 @@ impl std::fmt::Debug for Parser {
             .field("limits", &self.limits)
             .field("mode", &self.mode)
             .field("pos", &self.pos)
+            .field("classifier", &self.lines.classifier().name())
             .finish_non_exhaustive()
     }
 }
@@ -243,6 +254,12 @@ impl Parser {
     /// and to at least 2 so that a `\r\n` between frames, which is no part of a frame, always
     /// fits the window it is looked for in.
     pub fn new(limits: Limits) -> Self {
+        Parser::with_classifier(limits, Classifier::detect())
+    }
+
+    /// A parser that classifies bytes with `classifier` rather than the fastest one the CPU has
+    /// (every classifier gives the same frames; tests and benchmarks compare them).
+    pub fn with_classifier(limits: Limits, classifier: Classifier) -> Self {
         let limits = Limits {
             max_frame_bytes: limits
                 .max_frame_bytes
@@ -252,11 +269,12 @@ impl Parser {
         Parser {
             limits,
             spans: Vec::with_capacity(64),
+            noted: Noted::default(),
+            lines: Lines::new(classifier),
             mode: Mode::Start,
             frame_start: 0,
             pos: 0,
             end_command: Finder::new(END_COMMAND).into_owned(),
-            blank_crlf: Finder::new(b"\r\n\r\n").into_owned(),
         }
     }
 
@@ -265,9 +283,21 @@ impl Parser {
         self.limits
     }
 
+    /// The classifier in use.
+    pub fn classifier(&self) -> Classifier {
+        self.lines.classifier()
+    }
+
     /// Forget any partial frame, e.g. after the connection was replaced.
     pub fn reset(&mut self) {
+        self.begin_frame();
+        self.lines.reset();
+    }
+
+    /// Start the next frame at the start of the buffer.
+    fn begin_frame(&mut self) {
         self.spans.clear();
+        self.noted = Noted::default();
         self.mode = Mode::Start;
         self.frame_start = 0;
         self.pos = 0;
@@ -276,8 +306,10 @@ impl Parser {
     /// Parse the next frame from `buf`, the stream's unconsumed bytes. See the module docs for
     /// the contract between calls.
     pub fn parse<'a>(&'a mut self, buf: &'a [u8]) -> Parsed<'a> {
-        if self.mode == Mode::Done {
-            self.reset();
+        if let Mode::Done { consumed } = self.mode {
+            self.begin_frame();
+            self.lines.advance(consumed);
+            self.lines.start_line(0);
         }
         if let Mode::Discard { line } = self.mode {
             return self.discard(buf, line);
@@ -292,28 +324,29 @@ impl Parser {
             }
             // The frame may not reach past this point; bytes beyond it only decide a lookahead.
             let window_end = (self.frame_start + self.limits.max_frame_bytes).min(buf.len());
-            let Some(nl) = memchr(b'\n', &buf[self.pos..window_end]) else {
+            if self.mode == (Mode::Headers { follows: false }) {
+                self.crlf_headers(buf, window_end);
+            }
+            let Some(nl) = self.lines.find(buf, window_end) else {
                 return self.incomplete(buf, false);
             };
-            let nl = self.pos + nl;
+            let line_start = self.pos;
             if self.mode == (Mode::Headers { follows: true }) {
                 // After `Response: Follows`, the line's first `\n` decides whether the body begins
-                // here (a bare-LF empty line, or anything but `Privilege:`/`ActionID:`). The
-                // lookahead a header value needs must not hold back, nor oversize, a body whose
-                // marker line has already ended.
-                let raw = &buf[self.pos..nl];
-                if raw.is_empty() || (raw != b"\r" && !is_follows_header(raw)) {
+                // here (anything but `Privilege:`/`ActionID:`). The lookahead a header value needs
+                // must not hold back, nor oversize, a body whose marker line has already ended.
+                if !is_follows_header(buf.get(line_start..nl).unwrap_or_default()) {
                     self.mode = Mode::Body {
-                        body_start: self.pos,
-                        search_from: self.pos,
+                        body_start: line_start,
+                        search_from: line_start,
                     };
                     continue;
                 }
             }
             // A bare LF followed by CRLF belongs to the value; decide only once those bytes exist.
-            let (content_end, next) = if nl > self.pos && buf[nl - 1] == b'\r' {
+            let (content_end, next) = if nl > line_start && buf.get(nl - 1) == Some(&b'\r') {
                 (nl - 1, nl + 1)
-            } else if nl == self.pos {
+            } else if nl == line_start {
                 (nl, nl + 1)
             } else {
                 match buf.get(nl + 1..nl + 3) {
@@ -327,11 +360,12 @@ impl Parser {
                 // Only a CRLF-continued value can step over the window; it is too large.
                 return self.start_discard(next, LineSoFar::Nothing, too_large(self.limits));
             }
-            let line_start = self.pos;
-            let line = &buf[line_start..content_end];
+            let colon = self.lines.colon();
             self.pos = next;
+            self.lines.start_line(next);
+            let empty = content_end == line_start;
             match self.mode {
-                Mode::Start if line.is_empty() => {
+                Mode::Start if empty => {
                     self.frame_start = next;
                 }
                 Mode::Start if self.frame_start > 0 => {
@@ -339,21 +373,28 @@ impl Parser {
                     let consumed = self.frame_start;
                     self.frame_start = 0;
                     self.pos = 0;
+                    self.lines.advance(consumed);
+                    self.lines.start_line(0);
                     return Parsed::Skip {
                         consumed,
                         error: None,
                     };
                 }
-                Mode::Start if line.starts_with(BANNER_PREFIX) && memchr(b':', line).is_none() => {
+                Mode::Start
+                    if colon.is_none()
+                        && buf
+                            .get(line_start..content_end)
+                            .is_some_and(|l| l.starts_with(BANNER_PREFIX)) =>
+                {
                     self.spans.push(Span::no_colon(line_start, content_end));
                     return self.complete(buf, FrameKind::Banner, None);
                 }
-                Mode::Headers { .. } if line.is_empty() => {
+                Mode::Headers { .. } if empty => {
                     return self.complete(buf, FrameKind::Message, None);
                 }
                 Mode::Start | Mode::Headers { .. } => {
-                    let first = self.mode == Mode::Start;
-                    if self.spans.len() == self.limits.max_headers {
+                    let index = self.spans.len();
+                    if index == self.limits.max_headers {
                         return self.start_discard(
                             next,
                             LineSoFar::Nothing,
@@ -362,30 +403,68 @@ impl Parser {
                             },
                         );
                     }
-                    let span = match find_colon(line) {
-                        Some(colon) => {
-                            let key_end = line_start + colon;
+                    let span = match colon {
+                        // The colon lies before the line's `\n`, so before `content_end`.
+                        Some(key_end) => {
                             let mut value_start = key_end + 1;
                             if buf.get(value_start) == Some(&b' ') && value_start < content_end {
                                 value_start += 1;
+                            }
+                            if index > 0
+                                && let Some(known) =
+                                    buf.get(line_start..key_end).and_then(Known::of)
+                            {
+                                self.noted.note(known, index);
                             }
                             Span::header(line_start, key_end, value_start, content_end)
                         }
                         None => Span::no_colon(line_start, content_end),
                     };
                     self.spans.push(span);
-                    let follows = if first {
+                    let follows = if index == 0 {
                         span.is_follows(buf)
                     } else {
                         matches!(self.mode, Mode::Headers { follows: true })
                     };
                     self.mode = Mode::Headers { follows };
                 }
-                Mode::Body { .. } | Mode::Discard { .. } | Mode::Done => {
+                Mode::Body { .. } | Mode::Discard { .. } | Mode::Done { .. } => {
                     unreachable!("handled before the line loop")
                 }
             }
         }
+    }
+
+    /// Take the header lines of a frame that is not `Response: Follows` straight from the masks
+    /// of the current block while they are plain (content, then `\r\n`, inside the window):
+    /// the same spans as the general loop, with none of its cases.
+    #[inline]
+    fn crlf_headers(&mut self, buf: &[u8], window_end: usize) {
+        let max_headers = self.limits.max_headers;
+        let (spans, noted) = (&mut self.spans, &mut self.noted);
+        self.pos = self
+            .lines
+            .crlf_lines(buf, self.pos, window_end, |line_start, colon, nl| {
+                let index = spans.len();
+                if index == max_headers {
+                    return false;
+                }
+                let content_end = nl - 1;
+                spans.push(match colon {
+                    Some(key_end) => {
+                        let mut value_start = key_end + 1;
+                        if value_start < content_end && buf.get(value_start) == Some(&b' ') {
+                            value_start += 1;
+                        }
+                        if let Some(known) = buf.get(line_start..key_end).and_then(Known::of) {
+                            noted.note(known, index);
+                        }
+                        Span::header(line_start, key_end, value_start, content_end)
+                    }
+                    None => Span::no_colon(line_start, content_end),
+                });
+                true
+            });
     }
 
     /// No complete line is available yet. `lookahead` says the line is complete but its end
@@ -396,6 +475,7 @@ impl Parser {
             let consumed = self.frame_start;
             self.pos -= consumed;
             self.frame_start = 0;
+            self.lines.advance(consumed);
             return Parsed::Skip {
                 consumed,
                 error: None,
@@ -419,24 +499,11 @@ impl Parser {
         search_from: usize,
     ) -> Parsed<'a> {
         let window_end = (self.frame_start + self.limits.max_frame_bytes).min(buf.len());
-        let hay = &buf[search_from..window_end];
-        let marker = self.end_command.find(hay).map(|i| search_from + i);
-        // A CRLF empty line also ends the body; CLI output itself uses bare LF. The search starts
-        // three bytes early so a blank line split across reads is still found.
-        let blank_from = search_from.saturating_sub(3).max(body_start);
-        let blank = self
-            .blank_crlf
-            .find(&buf[blank_from..marker.map_or(window_end, |m| m + 2).min(window_end)])
-            .map(|i| blank_from + i);
-        match (marker, blank) {
-            (_, Some(b)) if marker.is_none_or(|m| b + 2 <= m) => {
-                let body_end = (b + 2).max(body_start);
-                self.pos = b + 4;
-                self.complete(buf, FrameKind::Message, Some((body_start, body_end)))
-            }
-            (Some(m), _) => {
+        let hay = buf.get(search_from..window_end).unwrap_or_default();
+        match self.end_command.find(hay).map(|i| search_from + i) {
+            Some(m) => {
                 let after = m + END_COMMAND.len();
-                match memchr(b'\n', &buf[after..window_end]) {
+                match memchr(b'\n', buf.get(after..window_end).unwrap_or_default()) {
                     Some(nl) => {
                         self.pos = after + nl + 1;
                         self.complete(buf, FrameKind::Message, Some((body_start, m)))
@@ -450,8 +517,8 @@ impl Parser {
                     }
                 }
             }
-            _ => {
-                // Resume so that a marker or blank line split across reads is still found.
+            None => {
+                // Resume so that a marker split across reads is still found.
                 let resume = window_end
                     .saturating_sub(END_COMMAND.len() - 1)
                     .max(search_from);
@@ -497,10 +564,10 @@ impl Parser {
         kind: FrameKind,
         body: Option<(usize, usize)>,
     ) -> Parsed<'a> {
-        self.mode = Mode::Done;
         let consumed = self.pos;
+        self.mode = Mode::Done { consumed };
         Parsed::Frame {
-            frame: Frame::new(&buf[..consumed], &self.spans, kind, body),
+            frame: Frame::new(&buf[..consumed], &self.spans, &self.noted, kind, body),
             consumed,
         }
     }
@@ -511,9 +578,8 @@ impl Parser {
         line: LineSoFar,
         error: ParseError,
     ) -> Parsed<'a> {
-        self.spans.clear();
-        self.frame_start = 0;
-        self.pos = 0;
+        self.begin_frame();
+        self.lines.reset();
         self.mode = Mode::Discard { line };
         Parsed::Skip {
             consumed,
@@ -564,15 +630,3 @@ fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
 #[cfg(test)]
 #[path = "parser_tests.rs"]
 mod tests;
-
-/// The first colon of a header line. Keys are short (a dozen bytes), so a plain loop beats a
-/// SIMD search's setup; a line without a colon in its first 64 bytes goes to memchr.
-#[inline]
-fn find_colon(line: &[u8]) -> Option<usize> {
-    let head = &line[..line.len().min(64)];
-    match head.iter().position(|&b| b == b':') {
-        Some(i) => Some(i),
-        None if line.len() > 64 => memchr(b':', &line[64..]).map(|i| i + 64),
-        None => None,
-    }
-}

@@ -1,7 +1,9 @@
-//! One case per AMI quirk. Every case is checked fed whole and fed one byte at a time.
+//! One case per AMI quirk. Every case is checked fed whole and fed one byte at a time, with every
+//! classifier this machine runs (SIMD and the portable fallback).
 
 use super::*;
 use crate::ami::FrameKind;
+use crate::ami::scan::Classifier;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Item {
@@ -14,8 +16,13 @@ enum Item {
 }
 
 /// Feed `input` in pieces of `chunk` bytes (0 = whole) into a growing buffer, as a socket would.
-fn parse_chunked(input: &[u8], limits: Limits, chunk: usize) -> (Vec<Item>, usize) {
-    let mut parser = Parser::new(limits);
+fn parse_chunked(
+    input: &[u8],
+    limits: Limits,
+    chunk: usize,
+    classifier: Classifier,
+) -> (Vec<Item>, usize) {
+    let mut parser = Parser::with_classifier(limits, classifier);
     let mut buf: Vec<u8> = Vec::new();
     let mut items = Vec::new();
     let mut fed = 0;
@@ -63,14 +70,24 @@ fn parse(input: &[u8]) -> Vec<Item> {
 }
 
 fn parse_with(input: &[u8], limits: Limits) -> (Vec<Item>, usize) {
-    let whole = parse_chunked(input, limits, 0);
-    for chunk in [1, 2, 3, 7] {
-        // Only the items must agree: blank lines may be dropped at different moments.
+    let whole = parse_chunked(input, limits, 0, Classifier::detect());
+    for classifier in Classifier::available() {
         assert_eq!(
-            parse_chunked(input, limits, chunk).0,
-            whole.0,
-            "chunks of {chunk} disagree with whole input"
+            parse_chunked(input, limits, 0, classifier),
+            whole,
+            "{} disagrees with {}",
+            classifier.name(),
+            Classifier::detect().name()
         );
+        for chunk in [1, 2, 3, 7, 64, 65] {
+            // Only the items must agree: blank lines may be dropped at different moments.
+            assert_eq!(
+                parse_chunked(input, limits, chunk, classifier).0,
+                whole.0,
+                "{}: chunks of {chunk} disagree with whole input",
+                classifier.name()
+            );
+        }
     }
     whole
 }
@@ -313,19 +330,139 @@ fn response_follows_empty_output() {
 }
 
 #[test]
-fn response_follows_without_marker_ends_at_crlf_blank_line() {
-    let input =
-        b"Response: Follows\r\nPrivilege: Command\r\nsome output\r\n\r\nEvent: Next\r\n\r\n";
+fn response_follows_body_keeps_blank_crlf_lines() {
+    // Asterisk 13 CLI output can hold blank lines, CRLF ones too: only the marker ends the body.
+    let input = b"Response: Follows\r\nPrivilege: Command\r\nActionID: h1\r\nsection one\r\n\r\nsection two\n\r\n\r\n\n--END COMMAND--\r\n\r\nEvent: Next\r\n\r\n";
     assert_eq!(
         parse(input),
         vec![
             follows(
-                &[("Response", "Follows"), ("Privilege", "Command")],
-                b"some output\r\n"
+                &[
+                    ("Response", "Follows"),
+                    ("Privilege", "Command"),
+                    ("ActionID", "h1")
+                ],
+                b"section one\r\n\r\nsection two\n\r\n\r\n\n"
             ),
             msg(&[("Event", "Next")]),
         ]
     );
+}
+
+#[test]
+fn response_follows_body_may_begin_with_a_blank_line() {
+    // A CRLF empty line right after the headers is output too, not the end of the frame.
+    let input = b"Response: Follows\r\nPrivilege: Command\r\n\r\nout\n--END COMMAND--\r\n\r\n";
+    assert_eq!(
+        parse(input),
+        vec![follows(
+            &[("Response", "Follows"), ("Privilege", "Command")],
+            b"\r\nout\n"
+        )]
+    );
+}
+
+#[test]
+fn response_follows_without_marker_is_an_oversized_frame() {
+    // No marker: the body runs into the frames after it until the frame limit gives it up; the
+    // parser then skips to the first empty line past the window and resynchronizes there.
+    let limits = Limits {
+        max_frame_bytes: 64,
+        max_headers: 100,
+    };
+    let input = b"Response: Follows\r\nPrivilege: Command\r\nsome output\r\n\r\nEvent: Swallowed\r\n\r\nEvent: Next\r\n\r\n";
+    let (items, left) = parse_with(input, limits);
+    assert_eq!(
+        items,
+        vec![
+            Item::Error(ParseError::FrameTooLarge { limit: 64 }),
+            msg(&[("Event", "Next")]),
+        ]
+    );
+    assert_eq!(left, 0);
+    // With room to spare it only waits for the marker.
+    assert_eq!(parse_with(input, Limits::default()), (vec![], input.len()));
+}
+
+#[test]
+fn asterisk13_recording_with_blank_lines_inside_command_output() {
+    // The real Asterisk 13 recording, with blank CRLF lines added inside every command output:
+    // the same frames come out, each body holding its blank lines.
+    let path = format!(
+        "{}/tests/fixtures/asterisk13-actions-head.ami",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let original = std::fs::read(&path).expect("fixture");
+    let marker = b"--END COMMAND--";
+    let mut edited = Vec::with_capacity(original.len() * 2);
+    let mut rest = &original[..];
+    let mut bodies = 0;
+    while let Some(i) = memchr::memmem::find(rest, marker) {
+        edited.extend_from_slice(&rest[..i]);
+        edited.extend_from_slice(b"\r\n\r\nafter a blank line\n\r\n\r\n");
+        edited.extend_from_slice(marker);
+        rest = &rest[i + marker.len()..];
+        bodies += 1;
+    }
+    edited.extend_from_slice(rest);
+    assert!(bodies > 30, "{bodies} command outputs");
+    let (before, left_before) =
+        parse_chunked(&original, Limits::default(), 4096, Classifier::detect());
+    assert_eq!(left_before, 0);
+    for classifier in Classifier::available() {
+        let (after, left) = parse_chunked(&edited, Limits::default(), 4096, classifier);
+        assert_eq!(left, 0);
+        assert_eq!(after.len(), before.len(), "{}", classifier.name());
+        let mut changed = 0;
+        for (a, b) in after.iter().zip(&before) {
+            match (a, b) {
+                (
+                    Item::Frame {
+                        headers,
+                        body: Some(body),
+                        ..
+                    },
+                    Item::Frame {
+                        headers: h0,
+                        body: Some(b0),
+                        ..
+                    },
+                ) => {
+                    assert_eq!(headers, h0);
+                    let mut want = b0.clone();
+                    want.extend_from_slice(b"\r\n\r\nafter a blank line\n\r\n\r\n");
+                    assert_eq!(body, &want);
+                    changed += 1;
+                }
+                _ => assert_eq!(a, b),
+            }
+        }
+        assert_eq!(changed, bodies);
+    }
+}
+
+#[test]
+fn every_classifier_reads_the_recordings_alike() {
+    for name in [
+        "asterisk22-events.ami",
+        "asterisk22-actions.ami",
+        "asterisk13-actions-head.ami",
+    ] {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let input = std::fs::read(&path).expect("fixture");
+        let reference = parse_chunked(&input, Limits::default(), 0, Classifier::swar());
+        assert!(reference.0.len() > 100, "{name}");
+        for classifier in Classifier::available() {
+            for chunk in [0, 1000, 4096] {
+                assert_eq!(
+                    parse_chunked(&input, Limits::default(), chunk, classifier),
+                    reference,
+                    "{name}: {} in reads of {chunk}",
+                    classifier.name()
+                );
+            }
+        }
+    }
 }
 
 #[test]

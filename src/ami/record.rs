@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::frame::OwnedFrame;
 use super::parser::ParseError;
+use super::snapshot::{Begin, End};
 
 /// Where and when a record was read. `seq` counts every record of one epoch from 1, synthetic
 /// records included, so a consumer can see a hole; `epoch` increments on every successful login.
@@ -47,6 +48,17 @@ pub enum Record {
     },
     /// Bytes skipped by the parser.
     ParseError(ParseErrorRecord),
+    /// A snapshot began: the list actions asked (see [`super::snapshot`]).
+    SnapshotBegin(Box<Begin>),
+    /// One item of a snapshot's list (an event frame such as `CoreShowChannel`), tagged with
+    /// the snapshot's id, at its place in wire order among live events.
+    SnapshotItem {
+        snapshot_id: Arc<str>,
+        /// Boxed: keeps every record small (the hand-off queue moves them by value).
+        frame: Box<OwnedFrame>,
+    },
+    /// A snapshot ended: items per list, and whether each completed.
+    SnapshotEnd(Box<End>),
 }
 
 /// A parse error as a record.

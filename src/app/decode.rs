@@ -140,10 +140,7 @@ pub fn decode(
                     stamp.received_at_ns = record::now_ns();
                     let n = model::normalize(&frame);
                     match args.format {
-                        Format::Json => json::write_json_line(
-                            &model::to_envelope(&stamp, &n, &frame),
-                            &mut scratch,
-                        ),
+                        Format::Json => json::write_frame_line(&stamp, &n, &frame, &mut scratch),
                         Format::Proto => {
                             let len = model::encoded_frame_len(&stamp, &n, &frame);
                             prost::encoding::encode_varint(len as u64, &mut scratch);

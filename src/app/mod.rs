@@ -1,7 +1,7 @@
 //! Wiring: the subcommands of the `amibus` binary. The only module that knows all the others.
 
+pub mod action;
 pub mod decode;
-pub mod pipeline;
 pub mod run;
 pub mod sim;
 pub mod tail;
@@ -45,7 +45,7 @@ pub struct CheckConfigArgs {
 pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
     let cfg = crate::config::Config::load(&args.file)?;
     println!(
-        "{}: valid ({} servers, sink {}, spool in {})",
+        "{}: valid ({} servers, sink {}, spool in {}, metrics on {})",
         args.file.display(),
         cfg.servers.len(),
         match cfg.sink {
@@ -53,7 +53,10 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
             crate::config::SinkConfig::Nats(_) => "nats",
             crate::config::SinkConfig::Kafka(_) => "kafka",
         },
-        cfg.spool.dir.display()
+        cfg.spool.dir.display(),
+        cfg.metrics
+            .listen
+            .map_or_else(|| "nothing".to_owned(), |a| a.to_string())
     );
     Ok(())
 }

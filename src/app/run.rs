@@ -21,11 +21,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ami::Stamped;
 use crate::ami::connection::{Connection, Options, StatsSnapshot};
-use crate::config::{
-    Config, ControlSection, ControlTransport, DemoSim, ProcessEnv, ServerConfig, SinkConfig,
-};
+use crate::ami::handoff;
+use crate::ami::server::ServerConfig;
+use crate::config::{Config, ControlSection, ControlTransport, DemoSim, ProcessEnv, SinkConfig};
 use crate::control::kafka::{KafkaRequestSource, KafkaResultPublisher};
 use crate::control::nats::{
     JetStreamRequestSource, NatsRequestSource, NatsResultPublisher, Resubscriber, subject_for,
@@ -37,10 +36,11 @@ use crate::sink::driver::{self, DriverConfig, DriverStats};
 use crate::sink::file::FileSink;
 use crate::sink::nats::NatsSink;
 use crate::spool::Spool;
+use crate::supervise::Supervisor;
 
-use super::pipeline::{
-    LostRange, Pipeline, PipelineStats, SharedStats, UNREPORTED_FILE, load_unreported,
-    save_unreported,
+use crate::pipeline::{
+    LostRange, OPEN_EPOCHS_FILE, OpenEpochs, Pipeline, PipelineStats, SharedStats, UNREPORTED_FILE,
+    load_unreported, save_unreported,
 };
 use crate::telemetry::{self, Sources};
 
@@ -239,45 +239,58 @@ pub async fn run_with(
     };
     let (spool, recovery) = Spool::open(cfg.spool.clone())
         .with_context(|| format!("cannot open the spool in {}", cfg.spool.dir.display()))?;
-    if recovery.pending > 0 || recovery.torn_bytes > 0 {
+    if recovery.pending > 0 || recovery.torn_bytes > 0 || recovery.damaged_records > 0 {
         tracing::info!(
             pending = recovery.pending,
             torn_bytes = recovery.torn_bytes,
+            damaged_records = recovery.damaged_records,
+            damaged_bytes = recovery.damaged_bytes,
             "spool recovered; sending what an earlier run left"
         );
     }
+    let sup = Supervisor::new();
     let stats = Arc::new(DriverStats::default());
     let driver_stop = CancellationToken::new();
     let drain_cfg = DriverConfig {
         drain_deadline: cfg.pipeline.drain_timeout,
         ..DriverConfig::default()
     };
+    let drivers = Drivers {
+        sup: &sup,
+        spool: &spool,
+        stats: &stats,
+        stop: &driver_stop,
+    };
     let driver = match &cfg.sink {
         SinkConfig::File(f) => {
             let sink =
                 FileSink::open(f.clone()).with_context(|| format!("cannot open {}", f.path))?;
-            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+            drivers.spawn(sink, drain_cfg)
         }
         SinkConfig::Kafka(k) => {
             let sink = crate::sink::kafka::KafkaSink::new((**k).clone())
                 .context("cannot set up the Kafka sink")?;
-            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+            drivers.spawn(sink, drain_cfg)
         }
         SinkConfig::Nats(n) => {
             let sink = NatsSink::connect((**n).clone())
                 .await
                 .context("cannot set up the NATS sink")?;
-            spawn_driver(sink, &spool, drain_cfg, stats.clone(), driver_stop.clone())
+            let cfg = DriverConfig {
+                ack_deadline: Some(n.ack_timeout),
+                ..drain_cfg
+            };
+            drivers.spawn(sink, cfg)
         }
     };
     let maintain_stop = CancellationToken::new();
     let maintain = {
         let stop = maintain_stop.clone();
-        tokio::spawn(
-            spool
-                .clone()
-                .maintain(async move { stop.cancelled().await }),
-        )
+        let spool = spool.clone();
+        sup.spawn("spool maintenance", async move {
+            spool.maintain(async move { stop.cancelled().await }).await;
+            Ok::<(), std::convert::Infallible>(())
+        })
     };
 
     // The pipelines: each server is read into one of them; they append to the one spool.
@@ -302,20 +315,39 @@ pub async fn run_with(
             "reporting loss an earlier run could not"
         );
     }
+    // Sessions an earlier run left open (it was killed): the first pipeline closes them.
+    let (open_epochs, left_open) = OpenEpochs::load(&cfg.spool.dir).with_context(|| {
+        format!(
+            "cannot read {OPEN_EPOCHS_FILE} in {}",
+            cfg.spool.dir.display()
+        )
+    })?;
+    for line in &left_open.bad_lines {
+        tracing::error!(
+            line,
+            "{OPEN_EPOCHS_FILE}: not a `server epoch` line; ignored"
+        );
+    }
+    let mut unclosed = left_open.epochs;
     for _ in 0..workers {
-        let (tx, rx) = mpsc::channel::<Stamped>((cfg.pipeline.handoff_queue / workers).max(1));
+        let (tx, rx) = handoff::channel((cfg.pipeline.handoff_queue / workers).max(1));
         txs.push(tx);
-        let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format);
+        let mut pipeline =
+            Pipeline::new(spool.clone(), cfg.pipeline.format).with_open_epochs(open_epochs.clone());
         for range in carried.drain(..) {
             pipeline.remember_range(&range);
         }
-        pipeline_tasks.push(tokio::spawn(run_pipeline(
-            pipeline,
-            rx,
-            shared_stats.clone(),
-            events_seen.clone(),
-        )));
+        pipeline.close_unclosed(&std::mem::take(&mut unclosed));
+        pipeline.flush();
+        let stage = format!("pipeline {}", pipeline_tasks.len() + 1);
+        let run = run_pipeline(pipeline, rx, shared_stats.clone(), events_seen.clone());
+        pipeline_tasks.push(sup.spawn(stage, async move {
+            Ok::<_, std::convert::Infallible>(run.await)
+        }));
     }
+
+    // What an earlier run left open is closed in the spool now: the file forgets it.
+    open_epochs.persist();
 
     // The connections, one task per owned server; SIGHUP can change the set.
     let read_stop = CancellationToken::new();
@@ -328,8 +360,21 @@ pub async fn run_with(
         assigned: 0,
         read_stop: read_stop.clone(),
         registry: registry.clone(),
+        sup: sup.clone(),
         conn_opts: Options {
             handoff_wait: cfg.pipeline.handoff_wait,
+            limits: crate::ami::Limits {
+                max_frame_bytes: usize::try_from(cfg.pipeline.max_frame_bytes)
+                    .unwrap_or(usize::MAX)
+                    .min(crate::ami::Limits::MAX_FRAME_BYTES_CEILING),
+                ..crate::ami::Limits::default()
+            },
+            max_reply_bytes: cfg
+                .control
+                .as_ref()
+                .map_or(crate::ami::connection::DEFAULT_MAX_REPLY_BYTES, |c| {
+                    c.consumer.max_reply_bytes
+                }),
             ..Options::default()
         },
     };
@@ -338,9 +383,16 @@ pub async fn run_with(
     let control_stop = CancellationToken::new();
     let control = match &cfg.control {
         Some(ctl) => Some(
-            start_control(ctl, &cfg.servers, &running, shard, control_stop.clone())
-                .await
-                .context("cannot start the action consumer ([control])")?,
+            start_control(
+                ctl,
+                &cfg.servers,
+                &running,
+                shard,
+                control_stop.clone(),
+                &sup,
+            )
+            .await
+            .context("cannot start the action consumer ([control])")?,
         ),
         None => None,
     };
@@ -352,19 +404,28 @@ pub async fn run_with(
             sink: Some((sink_name(&cfg.sink), stats.clone())),
             pipeline: Some(shared_stats.clone()),
             control: control.as_ref().map(|c| c.stats.clone()),
+            supervisor: Some(sup.clone()),
+            stall_timeout: cfg.metrics.stall_timeout,
+            progress: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        // The bound address: with port 0 the system picked it, and this line says which.
+        let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
         let stop = metrics_stop.clone();
-        tokio::spawn(telemetry::serve(
+        let serve = telemetry::serve(
             listener,
             handle,
             sources,
             cfg.metrics.ready_min_connected,
             async move { stop.cancelled().await },
-        ));
+        );
+        sup.spawn("metrics server", async move {
+            serve.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
     }
     tracing::info!(
         servers = running.tasks.len(),
@@ -390,6 +451,7 @@ pub async fn run_with(
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
+            _ = sup.failed() => break,
             _ = &mut demo_done => {
                 tracing::info!("the simulator is done; stopping");
                 break;
@@ -409,6 +471,8 @@ pub async fn run_with(
     }
 
     drop(demo_done);
+    // From here on every stage is expected to end.
+    sup.stopping();
 
     // Stop in reverse order: no new actions, answer those in flight, then stop reading AMI.
     control_stop.cancel();
@@ -419,8 +483,8 @@ pub async fn run_with(
     let servers = running.tasks.len();
     let mut connection_stats = BTreeMap::new();
     for (id, r) in running.tasks.drain() {
-        let _ = r.conn.task.await;
-        connection_stats.insert(id, r.conn.stats.snapshot());
+        let _ = r.task.await;
+        connection_stats.insert(id, r.stats.snapshot());
     }
     drop(running);
     let mut pipeline_stats = PipelineStats::default();
@@ -429,14 +493,15 @@ pub async fn run_with(
     let mut unreported = Vec::new();
     for task in pipeline_tasks {
         match task.await {
-            Ok(Ok((stats, events, lost))) => {
+            Ok(Some(Ok((stats, events, lost)))) => {
                 unreported.extend(lost);
                 pipeline_stats.merge(&stats);
                 for (server, n) in events {
                     *events_by_server.entry(server).or_default() += n;
                 }
             }
-            Ok(Err((e, _, _))) => pipeline_error = Some(anyhow::Error::from(e)),
+            Ok(Some(Err(never))) => match never {},
+            Ok(None) => pipeline_error = Some(anyhow::anyhow!("a pipeline panicked")),
             Err(e) => pipeline_error = Some(anyhow::anyhow!("a pipeline task failed: {e}")),
         }
     }
@@ -462,7 +527,9 @@ pub async fn run_with(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     driver_stop.cancel();
-    driver.await.context("the sink driver failed")??;
+    // A failed driver is the supervisor's to report: the run ends with that error after its
+    // orderly stop.
+    let _ = driver.await.context("the sink driver's task")?;
     let in_doubt = spool.stats().in_doubt;
     if in_doubt > 0 {
         tracing::warn!(
@@ -477,6 +544,10 @@ pub async fn run_with(
         Some(sim) => Some(sim.shutdown().await.iter().map(|s| s.events).sum()),
         None => None,
     };
+    if let Some(failure) = sup.failure() {
+        // Stopped in order all the same: what the spool holds is sent at the next start.
+        return Err(anyhow::anyhow!("{failure}"));
+    }
     Ok(Report {
         servers,
         pipeline: pipeline_stats,
@@ -493,17 +564,21 @@ pub async fn run_with(
 struct Running {
     tasks: HashMap<String, RunningServer>,
     /// One hand-off queue per pipeline; servers are given to them in turn.
-    txs: Vec<mpsc::Sender<Stamped>>,
+    txs: Vec<handoff::Sender>,
     assigned: usize,
     read_stop: CancellationToken,
     registry: telemetry::Registry,
     /// Given to every connection started.
     conn_opts: Options,
+    sup: Supervisor,
 }
 
 struct RunningServer {
     cfg: ServerConfig,
-    conn: Connection,
+    handle: crate::ami::handle::Handle,
+    stats: Arc<crate::ami::connection::Stats>,
+    /// The connection's task as a supervised stage: a panic in it ends the run.
+    task: tokio::task::JoinHandle<Option<Result<(), String>>>,
     stop: CancellationToken,
 }
 
@@ -521,7 +596,7 @@ impl Running {
         for id in &stale {
             if let Some(r) = self.tasks.remove(id) {
                 r.stop.cancel();
-                let _ = r.conn.task.await;
+                let _ = r.task.await;
             }
         }
         let mut added = 0;
@@ -538,11 +613,19 @@ impl Running {
                 stop.clone(),
                 self.conn_opts.clone(),
             );
+            let inner = conn.task;
+            let task =
+                self.sup
+                    .spawn_until(format!("connection {id}"), Some(stop.clone()), async move {
+                        inner.await.map_err(|e| e.to_string())
+                    });
             self.tasks.insert(
                 id,
                 RunningServer {
                     cfg: server,
-                    conn,
+                    handle: conn.handle,
+                    stats: conn.stats,
+                    task,
                     stop,
                 },
             );
@@ -551,7 +634,7 @@ impl Running {
         let mut list: Vec<_> = self
             .tasks
             .iter()
-            .map(|(id, r)| (id.clone(), r.conn.stats.clone()))
+            .map(|(id, r)| (id.clone(), r.stats.clone()))
             .collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         if let Ok(mut registry) = self.registry.write() {
@@ -568,20 +651,18 @@ impl Running {
     }
 }
 
-type PipelineOutcome = Result<
-    (PipelineStats, HashMap<String, u64>, Vec<LostRange>),
-    (
-        crate::spool::SpoolError,
-        PipelineStats,
-        HashMap<String, u64>,
-    ),
->;
+/// What a pipeline did, for the report: its counters, events by server, and the loss it
+/// could not report (carried to the next start).
+type PipelineOutcome = (PipelineStats, HashMap<String, u64>, Vec<LostRange>);
 
 /// One pipeline task: records from its connections into the spool, a write per batch, until
-/// every connection that sends to it is gone.
+/// every connection that sends to it is gone. Nothing the spool refuses ends it (see
+/// [`Pipeline::accept`]): a full disk drops records as gaps and the pipeline goes on. Taking a
+/// batch that frees the queue's headroom wakes the connections holding a read for room (see
+/// [`handoff`]).
 async fn run_pipeline(
     mut pipeline: Pipeline,
-    mut rx: mpsc::Receiver<Stamped>,
+    mut rx: handoff::Receiver,
     published: Arc<SharedStats>,
     seen: Arc<AtomicU64>,
 ) -> PipelineOutcome {
@@ -592,29 +673,25 @@ async fn run_pipeline(
         // Loss the spool could not report yet (no room, or no record since) is reported
         // when the connections are quiet, and at the end, not only behind the next record.
         // Records the spool deleted while in flight are known lost only once the sink gives
-        // up on them, so they are collected on a timer too.
+        // up on them, and damaged records only once the sink's reader meets them, so they are
+        // collected on a timer too.
         let received = tokio::time::timeout(GAP_RETRY, rx.recv_many(&mut batch, 256))
             .await
             .ok();
         pipeline.collect_spool_losses();
         if matches!(received, None | Some(0)) {
-            if let Err(e) = pipeline
-                .report_unreported_gaps()
-                .and_then(|()| pipeline.flush())
-            {
-                tracing::error!(error = %e, "cannot write the spool; stopping");
-                return Err((e, pipeline.stats(), by_name(events)));
-            }
+            pipeline.report_unreported_gaps();
+            pipeline.flush();
+            let now = pipeline.stats();
+            published.publish(&before, &now);
+            before = now;
             if received.is_some() {
                 break; // every connection is gone
             }
             continue;
         }
         for stamped in batch.drain(..) {
-            if let Err(e) = pipeline.accept(&stamped) {
-                tracing::error!(error = %e, "cannot write the spool; stopping");
-                return Err((e, pipeline.stats(), by_name(events)));
-            }
+            pipeline.accept(&stamped);
             if pipeline.last_was_broadcast_event() {
                 *events.entry(stamped.stamp.server.clone()).or_default() += 1;
                 seen.fetch_add(1, Ordering::Relaxed);
@@ -625,19 +702,16 @@ async fn run_pipeline(
         before = now;
         // One write per batch puts the batch in the page cache: a SIGKILL from here on
         // loses none of it.
-        if let Err(e) = pipeline.flush() {
-            tracing::error!(error = %e, "cannot write the spool; stopping");
-            return Err((e, pipeline.stats(), by_name(events)));
-        }
+        pipeline.flush();
     }
     let now = pipeline.stats();
     published.publish(&before, &now);
-    Ok((now, by_name(events), pipeline.unreported()))
+    (now, by_name(events), pipeline.unreported())
 }
 
 /// A running action consumer, and what a reload changes in it.
 struct Control {
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<Result<(), std::convert::Infallible>>>,
     stats: Arc<ControlStats>,
     targets: Targets,
     /// Core NATS: the request subjects follow the server list (subject template, handle).
@@ -685,7 +759,7 @@ fn control_targets(servers: &[ServerConfig], running: &Running) -> HashMap<Strin
             Some((
                 s.id.clone(),
                 Target {
-                    handle: r.conn.handle.clone(),
+                    handle: r.handle.clone(),
                     allow,
                 },
             ))
@@ -702,6 +776,7 @@ async fn start_control(
     running: &Running,
     shard: crate::shard::Shard,
     stop: CancellationToken,
+    sup: &Supervisor,
 ) -> anyhow::Result<Control> {
     let targets = control_targets(servers, running);
     // Rendezvous hashing is defined for any id, so exactly one replica answers requests for
@@ -709,7 +784,7 @@ async fn start_control(
     let owns: Owns = Arc::new(move |id: &str| shard.owns(id));
     match &ctl.transport {
         ControlTransport::Nats(n) => {
-            let client = crate::sink::nats::connect(&n.nats).await?;
+            let client = crate::broker::nats::connect(&n.nats).await?;
             let publisher = NatsResultPublisher::new(client.clone(), n.result_subject.clone());
             let controller = Controller::new(targets, owns, ctl.consumer.clone(), publisher)
                 .with_journal(&ctl.journal)
@@ -724,7 +799,7 @@ async fn start_control(
                     durable = %js.durable,
                     "control: taking action requests from JetStream"
                 );
-                let task = tokio::spawn(controller.run(source, stop));
+                let task = supervised_control(sup, controller.run(source, stop));
                 return Ok(Control {
                     task,
                     stats,
@@ -737,14 +812,16 @@ async fn start_control(
                 .map(|s| subject_for(&n.subject, &s.id))
                 .collect();
             let mut source =
-                NatsRequestSource::subscribe(&client, &subjects, n.queue_group.as_deref()).await?;
+                NatsRequestSource::subscribe(&client, &subjects, n.queue_group.as_deref())
+                    .await?
+                    .with_template(&n.subject);
             let resubscriber = source.resubscriber();
             tracing::info!(
                 subjects = subjects.len(),
                 "control: taking action requests from NATS"
             );
             Ok(Control {
-                task: tokio::spawn(controller.run(source, stop)),
+                task: supervised_control(sup, controller.run(source, stop)),
                 stats,
                 targets,
                 subjects: Some((n.subject.clone(), resubscriber)),
@@ -764,13 +841,24 @@ async fn start_control(
                 "control: taking action requests from Kafka"
             );
             Ok(Control {
-                task: tokio::spawn(controller.run(source, stop)),
+                task: supervised_control(sup, controller.run(source, stop)),
                 stats,
                 targets,
                 subjects: None,
             })
         }
     }
+}
+
+/// The action consumer as a supervised stage: it runs until told to stop.
+fn supervised_control(
+    sup: &Supervisor,
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Option<Result<(), std::convert::Infallible>>> {
+    sup.spawn("action consumer", async move {
+        run.await;
+        Ok(())
+    })
 }
 
 fn journal_context(j: &crate::control::journal::JournalConfig) -> String {
@@ -796,24 +884,33 @@ fn by_name(events: HashMap<Arc<str>, u64>) -> HashMap<String, u64> {
         .collect()
 }
 
-fn spawn_driver<S: Sink>(
-    sink: S,
-    spool: &Spool,
-    cfg: DriverConfig,
-    stats: Arc<DriverStats>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<Result<(), crate::spool::SpoolError>> {
-    let reader = spool.reader();
-    tokio::spawn(async move {
-        driver::run(
-            sink,
-            reader,
-            cfg,
-            stats,
-            async move { stop.cancelled().await },
+/// What starting the sink driver needs besides the sink, whichever sink it is.
+struct Drivers<'a> {
+    sup: &'a Supervisor,
+    spool: &'a Spool,
+    stats: &'a Arc<DriverStats>,
+    stop: &'a CancellationToken,
+}
+
+impl Drivers<'_> {
+    /// The sink driver as a supervised stage.
+    fn spawn<S: Sink>(
+        &self,
+        sink: S,
+        cfg: DriverConfig,
+    ) -> tokio::task::JoinHandle<Option<Result<(), crate::spool::SpoolError>>> {
+        let stop = self.stop.clone();
+        self.sup.spawn(
+            "sink driver",
+            driver::run(
+                sink,
+                self.spool.reader(),
+                cfg,
+                self.stats.clone(),
+                async move { stop.cancelled().await },
+            ),
         )
-        .await
-    })
+    }
 }
 
 /// Start the demo's simulator and add its servers to the configuration.

@@ -1,7 +1,7 @@
 //! `amibus tail`: read records back from the bus and print them as JSON lines.
 //!
 //! Owns: choosing a reader (today NATS core or JetStream; Kafka plugs in as one more
-//! [`SourceArgs`] variant and one arm in [`Source::next`]), filtering by server id and event
+//! [`SourceArgs`] variant and one arm in [`Reader::next`]), filtering by server id and event
 //! name, and turning each payload into one line on standard output.
 //!
 //! Filtering looks at the bus headers amibus puts on every record (`server`, `event`) before
@@ -23,8 +23,9 @@ use base64::Engine;
 use bytes::Bytes;
 use futures_util::FutureExt;
 
+use crate::broker::kafka::{KafkaReader, KafkaReaderConfig};
+use crate::broker::nats::{self, NatsAuth, NatsConnection, NatsReader, Secret, StreamStart};
 use crate::model::{json, pb};
-use crate::sink::nats::{self, NatsAuth, NatsConnection, NatsSource, Secret, StartAt};
 
 /// Arguments of `amibus tail`.
 #[derive(Debug, clap::Args)]
@@ -76,7 +77,11 @@ pub struct NatsArgs {
     /// JetStream: where to start. `first`: the oldest message held; `last`: the newest of each
     /// subject; `new`: only what is stored from now on; a number: that stream sequence.
     #[arg(long, requires = "stream", value_parser = parse_start)]
-    pub from: Option<StartAt>,
+    pub from: Option<StreamStart>,
+    /// JetStream: keep waiting for new messages at the end of the stream instead of exiting
+    /// (always the case with `--from new`).
+    #[arg(long, requires = "stream")]
+    pub follow: bool,
     /// A `.creds` file (user JWT and nkey seed).
     #[arg(long)]
     pub creds: Option<std::path::PathBuf>,
@@ -105,14 +110,14 @@ pub struct FilterArgs {
     pub raw: bool,
 }
 
-fn parse_start(s: &str) -> Result<StartAt, String> {
+fn parse_start(s: &str) -> Result<StreamStart, String> {
     match s {
-        "first" => Ok(StartAt::First),
-        "last" => Ok(StartAt::Last),
-        "new" => Ok(StartAt::New),
+        "first" => Ok(StreamStart::First),
+        "last" => Ok(StreamStart::Last),
+        "new" => Ok(StreamStart::New),
         n => n
             .parse::<u64>()
-            .map(StartAt::Sequence)
+            .map(StreamStart::Sequence)
             .map_err(|_| format!("{s:?}: use first, last, new or a stream sequence")),
     }
 }
@@ -135,8 +140,8 @@ impl Message {
     }
 }
 
-impl From<nats::SourceMessage> for Message {
-    fn from(m: nats::SourceMessage) -> Self {
+impl From<nats::NatsMessage> for Message {
+    fn from(m: nats::NatsMessage) -> Self {
         Message {
             subject: m.subject,
             headers: m.headers,
@@ -145,13 +150,13 @@ impl From<nats::SourceMessage> for Message {
     }
 }
 
-/// The reader behind `tail`. Kafka: add `Kafka(KafkaSource)` and its arm in [`Source::next`].
-pub enum Source {
-    Nats(NatsSource),
-    Kafka(crate::sink::kafka::KafkaSource),
+/// The reader behind `tail`.
+pub enum Reader {
+    Nats(NatsReader),
+    Kafka(KafkaReader),
 }
 
-impl Source {
+impl Reader {
     /// The next message; `None` when the source ended. Cancel-safe: dropping the future before
     /// it resolves loses no message.
     ///
@@ -159,20 +164,19 @@ impl Source {
     /// The reader failed beyond what its client repairs by itself.
     pub async fn next(&mut self) -> Option<anyhow::Result<Message>> {
         match self {
-            Source::Nats(s) => s
+            Reader::Nats(s) => s
                 .next()
                 .await
                 .map(|r| r.map(Message::from).map_err(Into::into)),
-            Source::Kafka(k) => Some(k.recv().await.map_err(Into::into).map(|m| {
+            Reader::Kafka(k) => Some(k.recv().await.map_err(Into::into).map(|m| {
                 Message {
                     subject: m.topic,
                     headers: m
-                        .record
                         .headers
                         .iter()
                         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
                         .collect(),
-                    payload: m.record.payload,
+                    payload: m.payload,
                 }
             })),
         }
@@ -253,7 +257,7 @@ fn decode(payload: &[u8]) -> Result<Decoded, String> {
     if payload.is_empty() {
         return Err("empty payload".into());
     }
-    let env = crate::app::pipeline::decode_payload(payload)
+    let env = crate::pipeline::decode_payload(payload)
         .map_err(|e| format!("not an amibus envelope or JSON: {e}"))?;
     // Protobuf decodes many short byte strings into a message of defaults; every envelope
     // amibus writes has a server and a kind.
@@ -372,15 +376,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
+        // Installed before anything is read, so SIGINT or SIGTERM at any point ends the loop
+        // and the summary is printed, instead of killing the process.
+        let mut stop = Stop::install()?;
         let (mut source, filter) = open(args).await?;
         let mut printer = Printer::new(filter);
-        let result = tail(&mut source, &mut printer, &mut io::stdout().lock()).await;
+        let result = tail(
+            &mut source,
+            &mut printer,
+            &mut io::stdout().lock(),
+            &mut stop,
+        )
+        .await;
         eprintln!("{}", printer.stats);
         result
     })
 }
 
-async fn open(args: Args) -> anyhow::Result<(Source, FilterArgs)> {
+async fn open(args: Args) -> anyhow::Result<(Reader, FilterArgs)> {
     match args.source {
         SourceArgs::Nats(a) => {
             let auth = match (&a.creds, &a.token_env) {
@@ -401,19 +414,22 @@ async fn open(args: Args) -> anyhow::Result<(Source, FilterArgs)> {
             let source = match &a.stream {
                 Some(stream) => {
                     let start = a.from.unwrap_or_default();
-                    let s =
-                        NatsSource::jetstream(&client, stream, a.subject.as_deref(), start).await?;
+                    let mut s =
+                        NatsReader::jetstream(&client, stream, a.subject.as_deref(), start).await?;
+                    if !a.follow && start != StreamStart::New {
+                        s = s.stop_at_end();
+                    }
                     eprintln!("amibus tail: reading stream {stream} from {start:?}");
                     s
                 }
                 None => {
                     let subject = a.subject.as_deref().unwrap_or("ami.>");
-                    let s = NatsSource::subscribe(&client, subject).await?;
+                    let s = NatsReader::subscribe(&client, subject).await?;
                     eprintln!("amibus tail: subscribed to {subject}");
                     s
                 }
             };
-            Ok((Source::Nats(source), a.filter))
+            Ok((Reader::Nats(source), a.filter))
         }
         SourceArgs::Kafka(a) => {
             let group = a.group.clone().unwrap_or_else(|| {
@@ -423,32 +439,68 @@ async fn open(args: Args) -> anyhow::Result<(Source, FilterArgs)> {
                     crate::ami::record::now_ns()
                 )
             });
-            let mut cfg = crate::sink::kafka::KafkaSourceConfig::new(a.brokers.clone(), group);
+            let mut cfg = KafkaReaderConfig::new(a.brokers.clone(), group);
             cfg.topics = vec![a.topic.clone()];
-            let source = crate::sink::kafka::KafkaSource::new(&cfg)
+            let source = KafkaReader::new(&cfg)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.topic))?;
             eprintln!(
                 "amibus tail: reading topic {} from the earliest offset",
                 a.topic
             );
-            Ok((Source::Kafka(source), a.filter))
+            Ok((Reader::Kafka(source), a.filter))
         }
     }
 }
 
-/// Read until the limit, the end of the source, SIGINT, or a closed standard output.
+/// SIGINT (Ctrl-C) and SIGTERM, which end a tail like the end of the source.
+pub struct Stop {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    /// Take over SIGINT and SIGTERM from now on.
+    ///
+    /// # Errors
+    /// A handler cannot be installed.
+    pub fn install() -> anyhow::Result<Stop> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Stop {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// Whether a signal arrived; never waits.
+    fn try_stopped(&mut self) -> bool {
+        self.interrupt.recv().now_or_never().is_some()
+            || self.terminate.recv().now_or_never().is_some()
+    }
+
+    async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// Read until the limit, the end of the source, SIGINT or SIGTERM, or a closed standard
+/// output.
 ///
 /// # Errors
 /// The source failed, or standard output failed other than by being closed.
 pub async fn tail(
-    source: &mut Source,
+    source: &mut Reader,
     printer: &mut Printer,
     out: &mut impl Write,
+    stop: &mut Stop,
 ) -> anyhow::Result<()> {
     let mut buf = Vec::with_capacity(64 << 10);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     while !printer.done() {
+        if stop.try_stopped() {
+            break;
+        }
         // Take what is ready without waiting; flush before waiting.
         let next = match source.next().now_or_never() {
             Some(next) => next,
@@ -458,7 +510,7 @@ pub async fn tail(
                 }
                 tokio::select! {
                     next = source.next() => next,
-                    _ = &mut ctrl_c => break,
+                    () = stop.stopped() => break,
                 }
             }
         };
@@ -554,8 +606,8 @@ mod tests {
         );
         let v = line(&out);
         assert_eq!(
-            (v["server"].as_str(), v["name"].as_str(), v["seq"].as_u64()),
-            (Some("pbx1"), Some("Hangup"), Some(7))
+            (v["server"].as_str(), v["name"].as_str(), v["seq"].as_str()),
+            (Some("pbx1"), Some("Hangup"), Some("7"))
         );
         assert_eq!(out.last(), Some(&b'\n'));
     }
@@ -647,9 +699,9 @@ mod tests {
 
     #[test]
     fn start_positions_parse() {
-        assert_eq!(parse_start("first"), Ok(StartAt::First));
-        assert_eq!(parse_start("new"), Ok(StartAt::New));
-        assert_eq!(parse_start("17"), Ok(StartAt::Sequence(17)));
+        assert_eq!(parse_start("first"), Ok(StreamStart::First));
+        assert_eq!(parse_start("new"), Ok(StreamStart::New));
+        assert_eq!(parse_start("17"), Ok(StreamStart::Sequence(17)));
         assert!(parse_start("oldest").is_err());
     }
 }

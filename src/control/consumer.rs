@@ -1,4 +1,4 @@
-//! The action consumer: requests in from a [`Source`], results out through a [`Publisher`].
+//! The action consumer: requests in from a [`RequestSource`], results out through a [`Publisher`].
 //!
 //! Owns: the order of the checks, the in-flight limit, the per-server token buckets, the
 //! idempotency memory ([`Dedupe`]), turning an AMI reply into an [`ActionResult`], and
@@ -6,8 +6,9 @@
 //!
 //! For each message, in the consumer task (no I/O, so one bad or slow request never holds up
 //! the next beyond an in-flight permit):
-//! 1. decode; required fields; header safety → `rejected` (`malformed`, `missing_field`,
-//!    `invalid_header`). Where every replica sees every request (Kafka, JetStream:
+//! 1. decode; the body names the server of its subject or key (`server_mismatch`, answered by
+//!    the owner of the subject or key); required fields; header safety → `rejected`
+//!    (`malformed`, `missing_field`, `invalid_header`). Where every replica sees every request (Kafka, JetStream:
 //!    `answer_not_owned = false`), a request for a server this replica does not own is
 //!    skipped silently (and acknowledged) before these checks, and a payload that does not
 //!    decode is answered only by the owner of the message's routing key ([`Incoming::key`]),
@@ -34,12 +35,10 @@
 //! when nothing ran) before any message of the request is acknowledged.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -47,73 +46,13 @@ use tokio_util::sync::CancellationToken;
 use super::dedupe::{Begin, Dedupe};
 use super::journal::{self, Entry, Journal, JournalConfig};
 use super::rate::TokenBucket;
+use super::result::{base, expired, fill_error, fill_reply, rejected};
 use super::rules::{self, AllowList, RejectCode, Rejection};
+use super::stats::ControlStats;
+use super::transport::{Ack, Incoming, Publisher, RequestSource};
 use crate::ami::record::now_ns;
-use crate::ami::{Action, ActionError, ActionReply, Handle, OwnedFrame, Request};
-use crate::model::pb::{
-    self, ActionRequest, ActionResult, ActionStatus, ActionTimings, ReplyFrame,
-};
-
-/// Called once the result for a message was published: acknowledge it to the transport.
-pub type Ack = Box<dyn FnOnce() + Send>;
-
-/// One message taken off the bus.
-pub struct Incoming {
-    /// The encoded `ActionRequest`.
-    pub payload: Bytes,
-    /// The transport's own reply address (the NATS reply subject of a request), which wins
-    /// over the request's `reply_to`.
-    pub reply: Option<String>,
-    /// Run after the result was published (or could never be: see [`PublishError::Permanent`]).
-    pub ack: Option<Ack>,
-    /// The transport's routing key (a Kafka record key: by convention the target server id).
-    /// Where every replica sees every request, it decides which one answers a payload that
-    /// does not decode (the owner of this id, or of `""` without a key), so exactly one does.
-    pub key: Option<String>,
-}
-
-/// Where requests come from (a NATS subscription, a Kafka consumer).
-pub trait Source: Send {
-    /// The next message; `None` when the source has ended.
-    fn next(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
-
-    /// Called once, after the last result was published (or the drain gave up): settle what
-    /// the acknowledgements left to do (commit the final Kafka offsets).
-    fn close(&mut self) -> impl Future<Output = ()> + Send {
-        async {}
-    }
-}
-
-/// Why a result could not be published.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The bus may take it later.
-    #[error("cannot publish the result now: {0}")]
-    Retriable(String),
-    /// It never will (bad subject or topic, too large). The message is acknowledged anyway:
-    /// leaving it unacknowledged would stall the Kafka partition's offsets (or have JetStream
-    /// redeliver it) for a result that can never be published, and would run the requests
-    /// behind it again after a restart.
-    #[error("cannot publish the result: {0}")]
-    Permanent(String),
-}
-
-impl PublishError {
-    pub fn is_retriable(&self) -> bool {
-        matches!(self, PublishError::Retriable(_))
-    }
-}
-
-/// Where results go.
-pub trait Publisher: Send + Sync + 'static {
-    /// Publish `result` to `to`, or, when `to` is `None`, to the configured result address
-    /// for `result.server`.
-    fn publish(
-        &self,
-        to: Option<&str>,
-        result: &ActionResult,
-    ) -> impl Future<Output = Result<(), PublishError>> + Send;
-}
+use crate::ami::{Action, Handle, Request};
+use crate::model::pb::{ActionRequest, ActionResult, ActionStatus};
 
 /// Tuning of the consumer; see `[control]` in the configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +70,9 @@ pub struct ControlConfig {
     pub dedupe_capacity: usize,
     /// Bytes of finished results remembered, at most.
     pub dedupe_max_bytes: usize,
+    /// Bytes of list replies held per server connection, all replies in flight together;
+    /// past it list items are dropped and the result is marked `events_truncated`.
+    pub max_reply_bytes: usize,
     /// Actions per second per server; 0 = unlimited.
     pub rate: f64,
     pub burst: u32,
@@ -149,6 +91,7 @@ impl Default for ControlConfig {
             dedupe_window: Duration::from_secs(600),
             dedupe_capacity: 100_000,
             dedupe_max_bytes: 64 << 20,
+            max_reply_bytes: crate::ami::connection::DEFAULT_MAX_REPLY_BYTES,
             rate: 50.0,
             burst: 100,
             answer_not_owned: true,
@@ -195,209 +138,6 @@ impl Targets {
 /// Whether this replica owns a server id (rendezvous hashing lives elsewhere).
 pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// The statuses in [`ActionStatus`] order, as metric labels.
-pub const STATUS_LABELS: [&str; 7] = [
-    "unspecified",
-    "success",
-    "error",
-    "rejected",
-    "expired",
-    "timeout",
-    "outcome_unknown",
-];
-
-/// The label for requests naming a server that is not configured (never the id itself: it
-/// comes off the bus and would make the label unbounded).
-pub const OTHER_SERVER: &str = "-";
-
-/// Counters of the consumer; exported by `telemetry`.
-#[derive(Debug)]
-pub struct ControlStats {
-    /// Rows by server; servers added by a reload get a row (rows are never removed, so
-    /// counters stay monotonic).
-    rows: RwLock<Rows>,
-    rejected: [AtomicU64; RejectCode::ALL.len()],
-    replayed: AtomicU64,
-    skipped_not_owned: AtomicU64,
-    publish_failures: AtomicU64,
-    receive_errors: AtomicU64,
-    ack_failures: AtomicU64,
-    in_flight: AtomicU64,
-    journal_loaded: AtomicU64,
-    journal_restart_unknown: AtomicU64,
-    journal_torn_bytes: AtomicU64,
-    journal_write_failures: AtomicU64,
-    journal_compactions: AtomicU64,
-}
-
-/// A copy of [`ControlStats`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ControlSnapshot {
-    /// (server or [`OTHER_SERVER`], status label, count), non-zero counts only.
-    pub results: Vec<(String, &'static str, u64)>,
-    /// (reject code, count), non-zero only.
-    pub rejected: Vec<(&'static str, u64)>,
-    /// Results published again for a duplicate request id.
-    pub replayed: u64,
-    /// Requests for servers another replica owns, skipped without an answer.
-    pub skipped_not_owned: u64,
-    /// Results that could not be published (their message is not acknowledged unless the
-    /// failure was permanent).
-    pub publish_failures: u64,
-    /// Errors reading requests from the transport (the source retries).
-    pub receive_errors: u64,
-    /// Acknowledgements the transport refused (Kafka offset commits, JetStream acks): the
-    /// request may be delivered again after a restart.
-    pub ack_failures: u64,
-    pub in_flight: u64,
-    /// Requests read back from the journal at start (results and ones still running).
-    pub journal_loaded: u64,
-    /// Requests answered `outcome_unknown` because they were running when amibus stopped.
-    pub journal_restart_unknown: u64,
-    /// Bytes of a torn or corrupt journal tail cut off at start.
-    pub journal_torn_bytes: u64,
-    /// Journal entries that could not be written (a `Begin`: the action was not sent).
-    pub journal_write_failures: u64,
-    /// Times the journal was rewritten with its live entries to stay within its size.
-    pub journal_compactions: u64,
-}
-
-impl ControlSnapshot {
-    /// The count of `status` for `server`.
-    pub fn count(&self, server: &str, status: &str) -> u64 {
-        self.results
-            .iter()
-            .filter(|(s, st, _)| s == server && *st == status)
-            .map(|(_, _, n)| n)
-            .sum()
-    }
-
-    /// The total of `status` over all servers.
-    pub fn total(&self, status: &str) -> u64 {
-        self.results
-            .iter()
-            .filter(|(_, st, _)| *st == status)
-            .map(|(_, _, n)| n)
-            .sum()
-    }
-
-    pub fn rejected(&self, code: RejectCode) -> u64 {
-        self.rejected
-            .iter()
-            .filter(|(c, _)| *c == code.as_str())
-            .map(|(_, n)| n)
-            .sum()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Rows {
-    index: HashMap<String, usize>,
-    names: Vec<String>,
-    results: Vec<[AtomicU64; 7]>,
-}
-
-impl Rows {
-    fn add(&mut self, server: &str) {
-        if !self.index.contains_key(server) {
-            self.index.insert(server.to_owned(), self.names.len());
-            self.names.push(server.to_owned());
-            self.results.push(Default::default());
-        }
-    }
-}
-
-impl ControlStats {
-    pub fn new<'a>(servers: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut rows = Rows {
-            index: HashMap::new(),
-            names: vec![OTHER_SERVER.to_owned()],
-            results: vec![Default::default()],
-        };
-        for s in servers {
-            rows.add(s);
-        }
-        ControlStats {
-            rows: RwLock::new(rows),
-            rejected: Default::default(),
-            replayed: AtomicU64::new(0),
-            skipped_not_owned: AtomicU64::new(0),
-            publish_failures: AtomicU64::new(0),
-            receive_errors: AtomicU64::new(0),
-            ack_failures: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            journal_loaded: AtomicU64::new(0),
-            journal_restart_unknown: AtomicU64::new(0),
-            journal_torn_bytes: AtomicU64::new(0),
-            journal_write_failures: AtomicU64::new(0),
-            journal_compactions: AtomicU64::new(0),
-        }
-    }
-
-    /// A source could not read a request (it retries); for transports.
-    pub fn receive_error(&self) {
-        self.receive_errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A transport refused an acknowledgement (offset commit, JetStream ack); for transports.
-    pub fn ack_failure(&self) {
-        self.ack_failures.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Give `server` its own row of result counters (a server added by a reload).
-    pub fn add_server(&self, server: &str) {
-        self.rows
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .add(server);
-    }
-
-    fn count(&self, result: &ActionResult) {
-        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
-        let i = rows.index.get(&result.server).copied().unwrap_or(0);
-        let status = usize::try_from(result.status).unwrap_or(0).min(6);
-        if let Some(row) = rows.results.get(i) {
-            row[status].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn reject(&self, code: RejectCode) {
-        self.rejected[code.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> ControlSnapshot {
-        let mut results = Vec::new();
-        let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
-        for (name, row) in rows.names.iter().zip(&rows.results) {
-            for (label, n) in STATUS_LABELS.iter().zip(row) {
-                let n = n.load(Ordering::Relaxed);
-                if n > 0 {
-                    results.push((name.clone(), *label, n));
-                }
-            }
-        }
-        ControlSnapshot {
-            results,
-            rejected: RejectCode::ALL
-                .iter()
-                .map(|c| (c.as_str(), self.rejected[c.index()].load(Ordering::Relaxed)))
-                .filter(|(_, n)| *n > 0)
-                .collect(),
-            replayed: self.replayed.load(Ordering::Relaxed),
-            skipped_not_owned: self.skipped_not_owned.load(Ordering::Relaxed),
-            publish_failures: self.publish_failures.load(Ordering::Relaxed),
-            receive_errors: self.receive_errors.load(Ordering::Relaxed),
-            ack_failures: self.ack_failures.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            journal_loaded: self.journal_loaded.load(Ordering::Relaxed),
-            journal_restart_unknown: self.journal_restart_unknown.load(Ordering::Relaxed),
-            journal_torn_bytes: self.journal_torn_bytes.load(Ordering::Relaxed),
-            journal_write_failures: self.journal_write_failures.load(Ordering::Relaxed),
-            journal_compactions: self.journal_compactions.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// Where one copy of a result goes.
 struct Waiter {
     to: Option<String>,
@@ -416,6 +156,9 @@ pub struct Controller<P> {
     stats: Arc<ControlStats>,
     memory: Arc<Mutex<Memory>>,
     journal: Option<Arc<Mutex<Journal>>>,
+    /// Requests the journal says were running when amibus stopped and that have not been
+    /// answered since: their first answer (`outcome_unknown`) is not a replay.
+    unanswered_restarts: std::collections::HashSet<(String, String)>,
     buckets: HashMap<String, TokenBucket>,
     permits: Arc<Semaphore>,
 }
@@ -440,6 +183,7 @@ impl<P: Publisher> Controller<P> {
                 cfg.dedupe_max_bytes,
             ))),
             journal: None,
+            unanswered_restarts: Default::default(),
             permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             targets: Targets {
                 map: Arc::new(RwLock::new(Arc::new(targets))),
@@ -479,10 +223,12 @@ impl<P: Publisher> Controller<P> {
                 );
             }
         }
-        let unknown = restored
+        self.unanswered_restarts = restored
             .iter()
-            .filter(|r| journal::is_restart_unknown(&r.result))
-            .count();
+            .filter(|r| r.running)
+            .map(|r| (r.server.clone(), r.request_id.clone()))
+            .collect();
+        let unknown = self.unanswered_restarts.len();
         tracing::info!(path = %cfg.path.display(), loaded = restored.len(), running = unknown, "control: idempotency journal read back");
         let stats = &self.stats;
         stats
@@ -507,7 +253,7 @@ impl<P: Publisher> Controller<P> {
 
     /// Take requests from `source` until it ends or `shutdown` is cancelled, then wait (up to
     /// `max_timeout` and a little) for the requests in flight to be answered.
-    pub async fn run<S: Source>(mut self, mut source: S, shutdown: CancellationToken) {
+    pub async fn run<S: RequestSource>(mut self, mut source: S, shutdown: CancellationToken) {
         loop {
             let permit = tokio::select! {
                 biased;
@@ -563,6 +309,15 @@ impl<P: Publisher> Controller<P> {
                 return self.answer(result, reply, ack, permit);
             }
         };
+        // A body naming another server than its subject or key: answered (refused) by the
+        // owner of the subject or key, which is where the transport routed it.
+        if let Err(rej) = rules::check_route(&req, key.as_deref()) {
+            if !answer_all && !(self.owns)(key.as_deref().unwrap_or("")) {
+                return self.skip(ack);
+            }
+            let to = reply.or_else(|| (!req.reply_to.is_empty()).then(|| req.reply_to.clone()));
+            return self.answer(rejected(&req, received_ns, rej), to, ack, permit);
+        }
         let owned = (self.owns)(&req.server);
         if !owned && !answer_all {
             return self.skip(ack);
@@ -599,21 +354,39 @@ impl<P: Publisher> Controller<P> {
         match begin {
             Begin::Joined => return,
             Begin::Done(earlier, waiter) => {
-                self.stats.replayed.fetch_add(1, Ordering::Relaxed);
-                if journal::is_restart_unknown(&earlier) {
+                // Running when amibus stopped and not answered since: this is its first
+                // answer, not a replay. Journaled as its result, so after another restart it
+                // is a replay.
+                let first = self
+                    .unanswered_restarts
+                    .remove(&(req.server.clone(), req.request_id.clone()));
+                let mut again = (*earlier).clone();
+                if first {
                     self.stats
                         .journal_restart_unknown
                         .fetch_add(1, Ordering::Relaxed);
+                    self.stats.count(&again);
+                } else {
+                    self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    again.replayed = true;
                 }
-                let mut again = (*earlier).clone();
-                again.replayed = true;
                 if let Some(t) = again.timings.as_mut() {
                     t.received_ns = waiter.received_ns;
                 }
                 let publisher = self.publisher.clone();
                 let stats = self.stats.clone();
+                let journal = self.journal.clone().filter(|_| first);
                 tokio::spawn(async move {
                     let _permit = permit;
+                    if let Some(j) = &journal {
+                        let done = Entry::Done {
+                            server: again.server.clone(),
+                            request_id: again.request_id.clone(),
+                            at_unix_ms: journal::unix_ms(std::time::SystemTime::now()),
+                            result: again.encode_to_vec(),
+                        };
+                        write_journal(j, &stats, &done);
+                    }
                     deliver(
                         &*publisher,
                         &stats,
@@ -688,15 +461,7 @@ impl<P: Publisher> Controller<P> {
             )
             .await;
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            finish(
-                &req,
-                result,
-                &memory,
-                journal.as_deref(),
-                &*publisher,
-                &stats,
-            )
-            .await;
+            finish(&req, result, &memory, journal.as_ref(), &*publisher, &stats).await;
         });
     }
 
@@ -752,14 +517,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Append `entry` to the journal (a write(2), an fsync if configured; a compaction now and
 /// then); false, counted and logged, when it failed.
-fn write_journal(journal: &Mutex<Journal>, stats: &ControlStats, entry: &Entry) -> bool {
+fn write_journal(journal: &Arc<Mutex<Journal>>, stats: &Arc<ControlStats>, entry: &Entry) -> bool {
     let mut j = lock(journal);
-    let before = j.compactions();
     let written = j.append(entry);
-    stats
-        .journal_compactions
-        .fetch_add(j.compactions() - before, Ordering::Relaxed);
+    let compaction = j.begin_compaction();
     drop(j);
+    if let Some(c) = compaction {
+        // Read, filter and rewrite on a blocking thread; only the final copy of what was
+        // appended meanwhile and the rename take the journal's lock.
+        let journal = journal.clone();
+        let stats = stats.clone();
+        tokio::task::spawn_blocking(move || {
+            let prepared = c.prepare();
+            match lock(&journal).finish_compaction(prepared) {
+                Ok(()) => {
+                    stats.journal_compactions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control journal: compaction failed; the journal goes on in the old file");
+                }
+            }
+        });
+    }
     match written {
         Ok(()) => true,
         Err(e) => {
@@ -779,9 +558,9 @@ async fn finish<P: Publisher>(
     req: &ActionRequest,
     mut result: ActionResult,
     memory: &Mutex<Memory>,
-    journal: Option<&Mutex<Journal>>,
+    journal: Option<&Arc<Mutex<Journal>>>,
     publisher: &P,
-    stats: &ControlStats,
+    stats: &Arc<ControlStats>,
 ) {
     let completed = now_ns();
     if let Some(t) = result.timings.as_mut() {
@@ -907,447 +686,6 @@ async fn execute(
     }
 }
 
-/// The result of a complete reply: `success` or `error` from the response (and, for an
-/// async Originate, from its OriginateResponse).
-pub fn fill_reply(result: &mut ActionResult, reply: ActionReply) {
-    let ok = reply.is_success();
-    let message = reply.message();
-    result.action_id = reply
-        .response
-        .frame()
-        .get("ActionID")
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default();
-    result.response = Some(reply_frame(&reply.response));
-    result.events = reply.events.iter().map(reply_frame).collect();
-    result.events_truncated = reply.truncated;
-    let mut status = if ok {
-        ActionStatus::Success
-    } else {
-        ActionStatus::Error
-    };
-    let mut reason = if ok {
-        String::new()
-    } else {
-        message.unwrap_or_default()
-    };
-    if let Some(ev) = &reply.awaited {
-        let f = ev.frame();
-        let call_ok = f
-            .get("Response")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"Success"));
-        if !call_ok {
-            status = ActionStatus::Error;
-            reason = format!(
-                "OriginateResponse: {} (Reason: {})",
-                String::from_utf8_lossy(f.get("Response").unwrap_or(b"?")),
-                String::from_utf8_lossy(f.get("Reason").unwrap_or(b"?"))
-            );
-        }
-        result.originate_response = Some(reply_frame(ev));
-    }
-    result.status = status as i32;
-    result.reason = reason;
-}
-
-/// The result of a failed send.
-pub fn fill_error(result: &mut ActionResult, e: &ActionError, deadline_ns: i64) {
-    let (status, code) = match e {
-        ActionError::Invalid(_) => (ActionStatus::Rejected, Some(RejectCode::InvalidHeader)),
-        ActionError::NotConnected => (ActionStatus::Rejected, Some(RejectCode::NotConnected)),
-        // Not sent because the queue stayed full: past the request's deadline that is
-        // simply expiry.
-        ActionError::Busy if now_ns() >= deadline_ns => (ActionStatus::Expired, None),
-        ActionError::Busy => (ActionStatus::Rejected, Some(RejectCode::Busy)),
-        ActionError::Closed => (ActionStatus::Rejected, Some(RejectCode::ShuttingDown)),
-        ActionError::OutcomeUnknown => (ActionStatus::OutcomeUnknown, None),
-        ActionError::TimedOut => (ActionStatus::Timeout, None),
-    };
-    result.status = status as i32;
-    result.reason = e.to_string();
-    if let Some(code) = code {
-        result.reject_code = code.as_str().to_owned();
-        result.retriable = code.is_retriable();
-    }
-}
-
-fn reply_frame(f: &OwnedFrame) -> ReplyFrame {
-    ReplyFrame {
-        headers: f
-            .frame()
-            .headers()
-            .map(|h| pb::Header {
-                key: h.key.to_vec(),
-                value: h.value.map(<[u8]>::to_vec),
-                normalized_key: String::new(),
-            })
-            .collect(),
-    }
-}
-
-fn base(req: &ActionRequest, received_ns: i64) -> ActionResult {
-    ActionResult {
-        request_id: req.request_id.clone(),
-        server: req.server.clone(),
-        action: req.action.clone(),
-        correlation: req.correlation.clone(),
-        timings: Some(ActionTimings {
-            received_ns,
-            sent_ns: 0,
-            completed_ns: 0,
-        }),
-        ..ActionResult::default()
-    }
-}
-
-fn rejected(req: &ActionRequest, received_ns: i64, rej: Rejection) -> ActionResult {
-    let mut r = base(req, received_ns);
-    r.status = ActionStatus::Rejected as i32;
-    r.retriable = rej.code.is_retriable();
-    r.reject_code = rej.code.as_str().to_owned();
-    r.reason = rej.reason;
-    if let Some(t) = r.timings.as_mut() {
-        t.completed_ns = now_ns();
-    }
-    r
-}
-
-fn expired(req: &ActionRequest, received_ns: i64, why: &str) -> ActionResult {
-    let mut r = base(req, received_ns);
-    r.status = ActionStatus::Expired as i32;
-    r.reason = why.to_owned();
-    r
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-    use tokio::sync::mpsc;
-
-    /// Requests from a channel.
-    struct Chan(mpsc::Receiver<Incoming>);
-
-    impl Source for Chan {
-        async fn next(&mut self) -> Option<Incoming> {
-            self.0.recv().await
-        }
-    }
-
-    /// Fails the first `fail` publishes (retriably or not), then records what it publishes.
-    struct Flaky {
-        fail: AtomicU32,
-        permanent: bool,
-        out: mpsc::UnboundedSender<(Option<String>, ActionResult)>,
-    }
-
-    impl Publisher for Flaky {
-        async fn publish(
-            &self,
-            to: Option<&str>,
-            result: &ActionResult,
-        ) -> Result<(), PublishError> {
-            if self
-                .fail
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(if self.permanent {
-                    PublishError::Permanent("no such topic".into())
-                } else {
-                    PublishError::Retriable("broker down".into())
-                });
-            }
-            let _ = self.out.send((to.map(str::to_owned), result.clone()));
-            Ok(())
-        }
-    }
-
-    struct Rig {
-        tx: mpsc::Sender<Incoming>,
-        out: mpsc::UnboundedReceiver<(Option<String>, ActionResult)>,
-        acks: mpsc::UnboundedReceiver<&'static str>,
-        ack_tx: mpsc::UnboundedSender<&'static str>,
-        stats: Arc<ControlStats>,
-        stop: CancellationToken,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    /// A running consumer fed by the returned rig, its publisher failing the first `fail`
-    /// results (permanently or not); `make` builds the controller around that publisher.
-    fn start(fail: u32, permanent: bool, make: impl FnOnce(Flaky) -> Controller<Flaky>) -> Rig {
-        let (tx, rx) = mpsc::channel(16);
-        let (out_tx, out) = mpsc::unbounded_channel();
-        let (ack_tx, acks) = mpsc::unbounded_channel();
-        let controller = make(Flaky {
-            fail: AtomicU32::new(fail),
-            permanent,
-            out: out_tx,
-        });
-        let stats = controller.stats();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(controller.run(Chan(rx), stop.clone()));
-        Rig {
-            tx,
-            out,
-            acks,
-            ack_tx,
-            stats,
-            stop,
-            task,
-        }
-    }
-
-    fn rig(fail: u32, permanent: bool, answer_not_owned: bool, owns: Owns) -> Rig {
-        let cfg = ControlConfig {
-            answer_not_owned,
-            ..ControlConfig::default()
-        };
-        start(fail, permanent, |publisher| {
-            Controller::new(HashMap::new(), owns, cfg, publisher)
-        })
-    }
-
-    impl Rig {
-        async fn send(&self, name: &'static str, payload: Vec<u8>, key: Option<&str>) {
-            let ack_tx = self.ack_tx.clone();
-            let msg = Incoming {
-                payload: payload.into(),
-                reply: None,
-                ack: Some(Box::new(move || {
-                    let _ = ack_tx.send(name);
-                })),
-                key: key.map(str::to_owned),
-            };
-            assert!(self.tx.send(msg).await.is_ok());
-        }
-
-        /// Until the consumer has taken everything sent, finished it, and stopped.
-        async fn finish(self) -> (Vec<ActionResult>, Vec<&'static str>, ControlSnapshot) {
-            let Rig {
-                tx,
-                mut out,
-                mut acks,
-                ack_tx,
-                stats,
-                stop,
-                task,
-            } = self;
-            drop(tx);
-            drop(ack_tx);
-            let _ = task.await;
-            drop(stop);
-            let mut results = Vec::new();
-            while let Ok((_, r)) = out.try_recv() {
-                results.push(r);
-            }
-            let mut acked = Vec::new();
-            while let Some(a) = acks.recv().await {
-                acked.push(a);
-            }
-            (results, acked, stats.snapshot())
-        }
-    }
-
-    /// A consumer for server `pbx1`, whose actions arrive on the returned receiver (the
-    /// simulated Asterisk: what it receives was sent), keeping its memory in `journal`.
-    fn journaled_rig(
-        journal: &JournalConfig,
-        broken: bool,
-    ) -> (Rig, mpsc::Receiver<crate::ami::handle::Command>) {
-        let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let targets = HashMap::from([(
-            "pbx1".to_owned(),
-            Target {
-                handle: Handle::new(Arc::from("pbx1"), cmd_tx),
-                allow: AllowList::new(["read-only"]),
-            },
-        )]);
-        let cfg = ControlConfig {
-            rate: 0.0,
-            ..ControlConfig::default()
-        };
-        let rig = start(0, false, |publisher| {
-            let controller = Controller::new(targets, Arc::new(|_: &str| true), cfg, publisher)
-                .with_journal(journal)
-                .expect("journal");
-            if broken {
-                let j = controller.journal.as_ref().expect("journal");
-                lock(j).break_writes().expect("reopen");
-            }
-            controller
-        });
-        (rig, cmd_rx)
-    }
-
-    fn ping(id: &str) -> Vec<u8> {
-        ActionRequest {
-            request_id: id.into(),
-            server: "pbx1".into(),
-            action: "Ping".into(),
-            deadline_ns: now_ns() + 60_000_000_000,
-            timeout_ms: 50_000,
-            ..ActionRequest::default()
-        }
-        .encode_to_vec()
-    }
-
-    fn journal_cfg(dir: &std::path::Path) -> JournalConfig {
-        JournalConfig {
-            path: dir.join("control-journal"),
-            fsync: super::journal::JournalFsync::Never,
-            max_bytes: 1 << 20,
-        }
-    }
-
-    #[tokio::test]
-    async fn an_action_the_journal_cannot_record_is_not_sent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (rig, mut asterisk) = journaled_rig(&journal_cfg(dir.path()), true);
-        rig.send("a", ping("a"), None).await;
-        let (results, acked, snap) = rig.finish().await;
-        assert_eq!(results.len(), 1);
-        let r = &results[0];
-        assert_eq!(
-            (r.status, r.reject_code.as_str(), r.retriable),
-            (ActionStatus::Rejected as i32, "journal_unavailable", true)
-        );
-        assert_eq!(acked, ["a"]);
-        assert_eq!(snap.journal_write_failures, 1);
-        assert!(asterisk.try_recv().is_err(), "nothing was sent");
-    }
-
-    #[tokio::test]
-    async fn after_a_restart_the_journal_answers_and_nothing_is_sent_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = journal_cfg(dir.path());
-        let (mut first, mut asterisk) = journaled_rig(&cfg, false);
-        // `answered` gets its reply; `running` never does: amibus stops first.
-        first.send("answered", ping("answered"), None).await;
-        let answered = asterisk.recv().await.expect("sent");
-        let _ = answered.reply.send(Err(ActionError::TimedOut));
-        let (_, r) = first.out.recv().await.expect("a result");
-        assert_eq!(r.status, ActionStatus::Timeout as i32);
-        first.send("running", ping("running"), None).await;
-        let running = asterisk.recv().await.expect("sent");
-        // The crash: the second amibus opens the journal while `running` is still held.
-
-        let (second, mut asterisk2) = journaled_rig(&cfg, false);
-        second.send("running", ping("running"), None).await;
-        second.send("answered", ping("answered"), None).await;
-        let (results, acked, snap) = second.finish().await;
-        let mut got: Vec<_> = results
-            .iter()
-            .map(|r| {
-                (
-                    r.request_id.as_str(),
-                    r.status,
-                    r.replayed,
-                    r.reason.as_str(),
-                )
-            })
-            .collect();
-        got.sort();
-        assert_eq!(
-            got,
-            [
-                (
-                    "answered",
-                    ActionStatus::Timeout as i32,
-                    true,
-                    r.reason.as_str()
-                ),
-                (
-                    "running",
-                    ActionStatus::OutcomeUnknown as i32,
-                    true,
-                    journal::RESTARTED_REASON
-                ),
-            ]
-        );
-        assert_eq!(acked.len(), 2);
-        assert_eq!((snap.journal_loaded, snap.journal_restart_unknown), (2, 1));
-        assert!(asterisk2.try_recv().is_err(), "nothing was sent again");
-        drop(running);
-    }
-
-    fn unknown(id: &str, server: &str) -> Vec<u8> {
-        ActionRequest {
-            request_id: id.into(),
-            server: server.into(),
-            action: "Ping".into(),
-            deadline_ns: now_ns() + 60_000_000_000,
-            ..ActionRequest::default()
-        }
-        .encode_to_vec()
-    }
-
-    #[tokio::test]
-    async fn a_retriable_publish_failure_is_retried_and_acked_once_published() {
-        let rig = rig(2, false, true, Arc::new(|_: &str| true));
-        rig.send("a", unknown("a", "pbx9"), None).await;
-        let (results, acked, snap) = rig.finish().await;
-        assert_eq!(results.len(), 1);
-        assert_eq!(results[0].reject_code, "unknown_server");
-        assert_eq!(acked, ["a"]);
-        assert_eq!(snap.publish_failures, 2);
-    }
-
-    #[tokio::test]
-    async fn a_result_the_bus_keeps_refusing_stays_unacknowledged() {
-        let rig = rig(u32::MAX, false, true, Arc::new(|_: &str| true));
-        rig.send("a", unknown("a", "pbx9"), None).await;
-        let (results, acked, snap) = rig.finish().await;
-        assert!(results.is_empty());
-        assert!(acked.is_empty(), "never published, never acknowledged");
-        assert_eq!(snap.publish_failures, u64::from(PUBLISH_ATTEMPTS));
-    }
-
-    #[tokio::test]
-    async fn a_permanent_publish_failure_settles_the_message() {
-        let rig = rig(1, true, true, Arc::new(|_: &str| true));
-        rig.send("a", unknown("a", "pbx9"), None).await;
-        rig.send("b", unknown("b", "pbx9"), None).await;
-        let (results, mut acked, snap) = rig.finish().await;
-        assert_eq!(results.len(), 1, "the second is published");
-        acked.sort();
-        assert_eq!(acked, ["a", "b"], "both settled");
-        assert_eq!(snap.publish_failures, 1);
-    }
-
-    #[tokio::test]
-    async fn where_every_replica_sees_every_request_only_the_owner_answers() {
-        // This replica owns "mine" and the empty key, nothing else.
-        let owns: Owns = Arc::new(|id: &str| id == "mine" || id.is_empty());
-        let rig = rig(0, false, false, owns);
-        let bad = vec![0xff, 0xff, 0xff];
-        rig.send("bad-theirs", bad.clone(), Some("theirs")).await;
-        rig.send("bad-mine", bad.clone(), Some("mine")).await;
-        rig.send("bad-nokey", bad, None).await;
-        rig.send("req-theirs", unknown("t", "theirs"), Some("mine"))
-            .await;
-        rig.send("req-mine", unknown("m", "mine"), Some("theirs"))
-            .await;
-        // Fails its checks, but is not ours: skipped before them.
-        rig.send("invalid-theirs", unknown("", "theirs"), None)
-            .await;
-        let (results, mut acked, snap) = rig.finish().await;
-        let mut answered: Vec<_> = results
-            .iter()
-            .map(|r| (r.request_id.as_str(), r.reject_code.as_str()))
-            .collect();
-        answered.sort();
-        assert_eq!(
-            answered,
-            [
-                ("", "malformed"),
-                ("", "malformed"),
-                ("m", "unknown_server")
-            ],
-            "the request decides over the key once it decodes"
-        );
-        acked.sort();
-        assert_eq!(acked.len(), 6, "everything is acknowledged: {acked:?}");
-        assert_eq!(snap.skipped_not_owned, 3);
-    }
-}
+#[path = "consumer_tests.rs"]
+mod tests;

@@ -16,7 +16,11 @@
 //! Must never: crash or refuse to start on a torn or corrupt file (the bad tail is cut off and
 //! counted in [`Journal::torn_bytes`]), grow without bound (past `max_bytes` it is compacted
 //! to the entries within the window, atomically: tmp file, fsync, rename; if those are still
-//! more than half of `max_bytes`, the oldest are dropped, as the memory drops results).
+//! more than half of `max_bytes`, the oldest are dropped, as the memory drops results), or
+//! make the appender wait on a compaction: [`Journal::begin_compaction`] hands out a
+//! [`Compaction`] whose heavy part ([`Compaction::prepare`]: read, filter, write and fsync the
+//! tmp file) runs without the journal (a blocking thread), and only
+//! [`Journal::finish_compaction`] (copy the entries appended meanwhile, rename) runs with it.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -275,6 +279,9 @@ pub struct Restored {
     pub at_unix_ms: u64,
     /// Its result; `outcome_unknown` ([`RESTARTED_REASON`]) when it was still running.
     pub result: ActionResult,
+    /// It was running when amibus stopped (a `Begin` without a result): nothing was
+    /// published for it yet, so its first answer is not a replay.
+    pub running: bool,
 }
 
 /// The open journal; see the module docs.
@@ -290,6 +297,56 @@ pub struct Journal {
     compact_at: u64,
     torn_bytes: u64,
     compactions: u64,
+    /// A [`Compaction`] is out; no second one starts.
+    compacting: bool,
+}
+
+/// The heavy half of a compaction, run without the journal; see [`Journal::begin_compaction`].
+#[derive(Debug)]
+pub struct Compaction {
+    path: PathBuf,
+    /// The file's length when it began: what is rewritten; later appends are copied after.
+    upto: u64,
+    window: Duration,
+    max_bytes: u64,
+}
+
+/// A compaction's tmp file, written and synced, waiting for [`Journal::finish_compaction`].
+#[derive(Debug)]
+pub struct Prepared {
+    tmp: PathBuf,
+    file: File,
+    len: u64,
+    upto: u64,
+}
+
+impl Compaction {
+    /// Read the journal up to where the compaction began, keep the live entries, write them
+    /// to a tmp file next to it and sync it. Touches nothing the appender uses.
+    ///
+    /// # Errors
+    /// Reading the journal or writing the tmp file failed.
+    pub fn prepare(self) -> io::Result<Prepared> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        File::open(&self.path)?
+            .take(self.upto)
+            .read_to_end(&mut bytes)?;
+        let keep = live(
+            parse(&bytes).entries,
+            self.window,
+            unix_ms(SystemTime::now()),
+            Some(self.max_bytes / 2),
+        );
+        let tmp = tmp_path(&self.path);
+        let (file, len) = write_tmp(&tmp, &keep)?;
+        Ok(Prepared {
+            tmp,
+            file,
+            len,
+            upto: self.upto,
+        })
+    }
 }
 
 impl Journal {
@@ -326,13 +383,14 @@ impl Journal {
             compact_at: 0,
             torn_bytes,
             compactions: 0,
+            compacting: false,
         };
         journal.compact_at = journal.next_compaction();
         Ok((journal, restored))
     }
 
-    /// Append `entry`, then compact the file if it grew past its limit (a failed compaction
-    /// is logged and tried again once the file has doubled; the entry is written either way).
+    /// Append `entry`. Past its limit the file wants a compaction: see
+    /// [`Journal::begin_compaction`] (the append itself never compacts).
     ///
     /// # Errors
     /// The write (or fsync) failed; the entry may not be in the journal.
@@ -349,37 +407,82 @@ impl Journal {
             self.file.sync_data()?;
         }
         self.len += buf.len() as u64;
-        if self.len > self.compact_at
-            && let Err(e) = self.compact()
-        {
-            // The entry is written; keep appending to the old file and try again later.
-            tracing::warn!(path = %self.path.display(), error = %e, "control journal: compaction failed");
-            self.compact_at = self.len.saturating_mul(2);
-        }
         Ok(())
     }
 
-    /// Rewrite the file with the entries still live.
+    /// If the file has grown past its limit and no compaction is out: the work of one, to
+    /// [prepare](Compaction::prepare) away from the journal (appends go on meanwhile) and
+    /// hand back to [`Journal::finish_compaction`].
+    pub fn begin_compaction(&mut self) -> Option<Compaction> {
+        if self.compacting || self.len <= self.compact_at {
+            return None;
+        }
+        self.compacting = true;
+        Some(Compaction {
+            path: self.path.clone(),
+            upto: self.len,
+            window: self.window,
+            max_bytes: self.max_bytes,
+        })
+    }
+
+    /// Complete a compaction: copy what was appended since it began behind the prepared
+    /// entries, sync, and rename the tmp file over the journal. A failure leaves the old file
+    /// in place (it is logged by the caller and tried again once the file has doubled).
+    ///
+    /// # Errors
+    /// The preparation failed, or copying the tail or replacing the file did.
+    pub fn finish_compaction(&mut self, prepared: io::Result<Prepared>) -> io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.compacting = false;
+        let result = prepared.and_then(|mut p| {
+            let mut tail = Vec::new();
+            let mut f = File::open(&self.path)?;
+            f.seek(SeekFrom::Start(p.upto))?;
+            f.take(self.len - p.upto).read_to_end(&mut tail)?;
+            p.file.write_all(&tail)?;
+            p.file.sync_all()?;
+            std::fs::rename(&p.tmp, &self.path)?;
+            sync_dir(&self.path);
+            Ok((p.file, p.len + tail.len() as u64))
+        });
+        match result {
+            Ok((file, len)) => {
+                (self.file, self.len) = (file, len);
+                self.compact_at = self.next_compaction();
+                self.compactions += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.compact_at = self.len.saturating_mul(2);
+                Err(e)
+            }
+        }
+    }
+
+    /// Compact now, in the caller (tests; the controller prepares on a blocking thread).
     ///
     /// # Errors
     /// Reading or replacing the file failed; the old file stays in place.
     pub fn compact(&mut self) -> io::Result<()> {
-        let bytes = std::fs::read(&self.path)?;
-        let parsed = parse(&bytes);
-        let keep = live(
-            parsed.entries,
-            self.window,
-            unix_ms(SystemTime::now()),
-            Some(self.max_bytes / 2),
-        );
-        (self.file, self.len) = rewrite(&self.path, &keep)?;
-        self.compact_at = self.next_compaction();
-        self.compactions += 1;
-        Ok(())
+        self.compacting = true;
+        let c = Compaction {
+            path: self.path.clone(),
+            upto: self.len,
+            window: self.window,
+            max_bytes: self.max_bytes,
+        };
+        self.finish_compaction(c.prepare())
     }
 
+    /// At `max_bytes`; past it only when the file is already larger (live entries are kept
+    /// to half of it, so a compaction always makes room, and this only guards a loop).
     fn next_compaction(&self) -> u64 {
-        self.max_bytes.max(self.len.saturating_mul(2))
+        if self.len < self.max_bytes {
+            self.max_bytes
+        } else {
+            self.len.saturating_mul(2)
+        }
     }
 
     /// From now on every write fails (the file is reopened read-only).
@@ -413,27 +516,42 @@ impl Journal {
 /// the directory; returns the file, open for the next appends (it is the renamed inode, so
 /// nothing is written to the replaced one), and its size.
 fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
+    let tmp = tmp_path(path);
+    let (file, len) = write_tmp(&tmp, entries)?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path);
+    Ok((file, len))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
+}
+
+/// Write `entries` to `tmp` (created or truncated) and sync it; the file stays open for
+/// appends.
+fn write_tmp(tmp: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
     let mut buf = Vec::new();
     for e in entries {
         encode(e, &mut buf);
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&tmp)?;
+        .open(tmp)?;
     file.write_all(&buf)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    Ok((file, buf.len() as u64))
+}
+
+fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && let Ok(d) = File::open(dir)
     {
         let _ = d.sync_all();
     }
-    Ok((file, buf.len() as u64))
 }
 
 /// The result a live entry stands for; `None` for a `Done` whose result does not decode.
@@ -463,6 +581,7 @@ fn restore(entry: &Entry) -> Option<Restored> {
                 }),
                 ..ActionResult::default()
             },
+            running: true,
         }),
         Entry::Done {
             server,
@@ -474,14 +593,10 @@ fn restore(entry: &Entry) -> Option<Restored> {
             request_id: request_id.clone(),
             at_unix_ms: *at_unix_ms,
             result: ActionResult::decode(result.as_slice()).ok()?,
+            running: false,
         }),
         Entry::Forget { .. } => None,
     }
-}
-
-/// Whether `result` is the answer for a request that was running when amibus restarted.
-pub fn is_restart_unknown(result: &ActionResult) -> bool {
-    result.status == ActionStatus::OutcomeUnknown as i32 && result.reason == RESTARTED_REASON
 }
 
 #[cfg(test)]
@@ -613,7 +728,7 @@ mod tests {
                 ("running", ActionStatus::OutcomeUnknown)
             ]
         );
-        assert!(is_restart_unknown(&restored[1].result));
+        assert!(restored[1].running && !restored[0].running);
         assert_eq!(restored[1].result.action, "Originate");
         drop(journal);
         // Rewritten compacted: the live entries only, no tail.
@@ -692,7 +807,15 @@ mod tests {
         for i in 0..1000 {
             let id = format!("r{i}");
             journal.append(&begin(&id, t)).expect("append");
+            // A compaction prepared while appends go on keeps them.
+            let c = journal.begin_compaction();
             journal.append(&done(&id, t)).expect("append");
+            if let Some(c) = c {
+                journal.finish_compaction(c.prepare()).expect("compact");
+            }
+            if let Some(c) = journal.begin_compaction() {
+                journal.finish_compaction(c.prepare()).expect("compact");
+            }
             assert!(journal.len() <= cfg.max_bytes, "bounded");
         }
         assert!(journal.compactions() > 1);

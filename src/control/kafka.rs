@@ -1,5 +1,5 @@
 //! The Kafka transport of the action consumer: a consumer group on the request topic as the
-//! [`Source`], an idempotent `acks=all` producer to the result topic as the [`Publisher`].
+//! [`RequestSource`], an idempotent `acks=all` producer to the result topic as the [`Publisher`].
 //!
 //! Owns: the consumer (its group, rebalances, offset commits), the per-partition offset
 //! [`Offsets`] that turns out-of-order acknowledgements into in-order commits, and where
@@ -8,14 +8,18 @@
 //! `amibus-request-id`. A `reply_to` that is not a topic name or names no existing topic is a
 //! permanent publish failure (counted; the request is settled so its partition moves on).
 //!
-//! A new group starts at the earliest offset: requests stored while no amibus read them are
-//! answered, and those past their deadline only with `expired`.
+//! Where a new group starts ([`GroupStart`], `[control.kafka] start`) is a choice: `latest` (the
+//! default) reads only requests published from the group's first start on, so adding a shard
+//! (a new group) does not run old, still unexpired requests on it; `earliest` reads whatever
+//! the topic still holds (requests published before the very first start are answered, those
+//! past their deadline with `expired`). A group that has committed offsets resumes from them
+//! either way.
 //!
 //! Commits: a message's offset counts as done when its result was published (the consumer
 //! calls [`Incoming::ack`]). Results finish out of order; the committed offset of a partition
 //! is the lowest offset received and not yet done (or one past the highest done), so a commit
 //! never passes a request whose result is not published. A background task commits whenever
-//! that floor moves (coalescing bursts); [`Source::close`] commits the final floors. What was
+//! that floor moves (coalescing bursts); [`RequestSource::close`] commits the final floors. What was
 //! not committed is read again after a restart: a request whose result was published but not
 //! yet committed when amibus crashed can run again (the idempotency memory is per process).
 //!
@@ -49,10 +53,10 @@ use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::{ControlStats, Incoming, PublishError, Publisher, Source};
+use super::stats::ControlStats;
+use super::transport::{Incoming, PublishError, Publisher, RequestSource};
+use crate::broker::kafka::{KafkaConfigError, KafkaConnection, TracingContext, is_record_error};
 use crate::model::pb::ActionResult;
-use crate::sink::SinkError;
-use crate::sink::kafka::{Connection, KafkaConfigError, TracingContext, classify};
 
 /// How long a reply topic lookup may take before the publish is retried later.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,25 +64,53 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pause after a failed read or commit before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// Where a consumer group without committed offsets starts reading requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GroupStart {
+    /// Only requests published from now on (the default: a new shard's group must not run
+    /// old requests).
+    #[default]
+    Latest,
+    /// Everything the topic still holds.
+    Earliest,
+}
+
+impl GroupStart {
+    /// The librdkafka `auto.offset.reset` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupStart::Latest => "latest",
+            GroupStart::Earliest => "earliest",
+        }
+    }
+}
+
 /// Settings of the Kafka transport; see `[control.kafka]` in the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaControlConfig {
-    pub connection: Connection,
+    pub connection: KafkaConnection,
     /// Where requests are read from.
     pub request_topic: String,
     /// Where results go when a request names no existing reply topic.
     pub result_topic: String,
     /// The consumer group (one per shard: every replica must see every request).
     pub group_id: String,
+    /// Where a group without committed offsets starts.
+    pub start: GroupStart,
     /// How long the producer retries a result before reporting it failed.
     pub message_timeout: Duration,
+    /// The group's `session.timeout.ms`: how long the broker waits for a member that stopped
+    /// answering (a crashed amibus) before its partitions are assigned again, so also how
+    /// long a replica restarted after a crash may wait for them. Within the broker's
+    /// `group.min.session.timeout.ms`..`group.max.session.timeout.ms` (Kafka: 6 s..30 min).
+    pub session_timeout: Duration,
 }
 
 impl KafkaControlConfig {
     /// Defaults for everything but the brokers.
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaControlConfig {
-            connection: Connection {
+            connection: KafkaConnection {
                 brokers: brokers.into(),
                 tls: None,
                 sasl: None,
@@ -86,7 +118,9 @@ impl KafkaControlConfig {
             request_topic: "amibus.actions".into(),
             result_topic: "amibus.results".into(),
             group_id: "amibus-control-0".into(),
+            start: GroupStart::Latest,
             message_timeout: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(45),
         }
     }
 
@@ -190,6 +224,49 @@ fn tpl(list: &[(String, i32, i64)]) -> TopicPartitionList {
 pub struct ControlContext {
     offsets: Arc<Mutex<Offsets>>,
     stats: Arc<ControlStats>,
+    start: GroupStart,
+}
+
+impl ControlContext {
+    /// `latest`: a partition assigned for the first time to this group (no committed offset)
+    /// gets its high watermark committed before it is read, so "latest" is fixed at the
+    /// group's first assignment and a crash before the first result cannot skip the requests
+    /// published while amibus was down (librdkafka's reset would jump to the new end).
+    fn pin_start(&self, consumer: &BaseConsumer<Self>, parts: &TopicPartitionList) {
+        if self.start != GroupStart::Latest {
+            return;
+        }
+        let committed = match consumer.committed_offsets(parts.clone(), METADATA_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "control: reading committed offsets failed; new partitions start at the end");
+                return;
+            }
+        };
+        let mut pin = Vec::new();
+        for e in committed.elements() {
+            if matches!(e.offset(), Offset::Offset(_)) {
+                continue;
+            }
+            match consumer.fetch_watermarks(e.topic(), e.partition(), METADATA_TIMEOUT) {
+                Ok((_, high)) => pin.push((e.topic().to_owned(), e.partition(), high)),
+                Err(err) => {
+                    tracing::warn!(error = %err, partition = e.partition(), "control: reading a partition's end failed; it starts at the end");
+                }
+            }
+        }
+        if !pin.is_empty() {
+            if let Err(e) = consumer.commit(&tpl(&pin), CommitMode::Sync) {
+                self.stats.ack_failure();
+                tracing::warn!(error = %e, "control: pinning the start of new partitions failed");
+            } else {
+                tracing::info!(
+                    partitions = pin.len(),
+                    "control: new partitions start at their current end (start = \"latest\")"
+                );
+            }
+        }
+    }
 }
 
 impl ClientContext for ControlContext {
@@ -229,6 +306,7 @@ impl ConsumerContext for ControlContext {
                 tracing::info!(partitions = parts.count(), "control: partitions revoked");
             }
             Rebalance::Assign(parts) => {
+                self.pin_start(consumer, parts);
                 let mut offsets = lock(&self.offsets);
                 for e in parts.elements() {
                     offsets.forget(e.topic(), e.partition());
@@ -255,8 +333,8 @@ pub struct KafkaRequestSource {
 }
 
 impl KafkaRequestSource {
-    /// Join the group and subscribe to the request topic; a new group starts at the
-    /// earliest offset. `stats` counts read and commit failures.
+    /// Join the group and subscribe to the request topic; a new group starts where
+    /// [`KafkaControlConfig::start`] says. `stats` counts read and commit failures.
     ///
     /// # Errors
     /// Invalid settings, or librdkafka refuses a property.
@@ -276,12 +354,17 @@ impl KafkaRequestSource {
         }
         let mut cc = cfg.base()?;
         cc.set("group.id", &cfg.group_id)
-            .set("auto.offset.reset", "earliest")
+            .set("auto.offset.reset", cfg.start.as_str())
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout.as_millis().max(1).to_string(),
+            );
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let consumer: ControlConsumer = cc
             .create_with_context(ControlContext {
+                start: cfg.start,
                 offsets: offsets.clone(),
                 stats: stats.clone(),
             })
@@ -365,7 +448,7 @@ async fn commit_loop(
     }
 }
 
-impl Source for KafkaRequestSource {
+impl RequestSource for KafkaRequestSource {
     async fn next(&mut self) -> Option<Incoming> {
         loop {
             let consumer = self.consumer.clone()?;
@@ -569,10 +652,10 @@ impl Publisher for KafkaResultPublisher {
             .headers(headers);
         match self.producer.send(record, Duration::from_secs(5)).await {
             Ok(_) => Ok(()),
-            Err((e, _)) => Err(match classify(&e) {
-                SinkError::Permanent(m) => PublishError::Permanent(m),
-                SinkError::Retriable(m) => PublishError::Retriable(m),
-            }),
+            Err((e, _)) if e.rdkafka_error_code().is_some_and(is_record_error) => {
+                Err(PublishError::Permanent(e.to_string()))
+            }
+            Err((e, _)) => Err(PublishError::Retriable(e.to_string())),
         }
     }
 }

@@ -3,18 +3,18 @@
 //! Owns: the action consumer ([`Controller`]) and its safety rules ([`rules`]: required
 //! fields, header safety, allow-lists, deadlines), the idempotency memory ([`dedupe`]) and
 //! the durable journal behind it ([`journal`]), the per-server token buckets ([`rate`]), the
-//! [`Source`] / [`Publisher`] traits a transport implements, and the transports: NATS
+//! [`RequestSource`] / [`Publisher`] traits a transport implements, and the transports: NATS
 //! ([`nats`]) and Kafka ([`kafka`]).
 //!
 //! ```text
-//! bus ──▶ Source ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
+//! bus ──▶ RequestSource ──▶ Controller: decode, route (owns?), allow-list, dedupe, deadline, rate
 //!                         ──▶ ami::Handle of the server (one attempt; ActionIDs unique per process)
 //!                         ──▶ ActionResult ──▶ Publisher (reply subject / result subject)
 //!                         ──▶ ack the message (after the result is published)
 //! ```
 //!
 //! Knows nothing of how a sink sends: results leave through [`Publisher`], requests arrive
-//! through [`Source`].
+//! through [`RequestSource`].
 //!
 //! Must never: send an action twice, send one past its deadline, send one that is not on its
 //! server's allow-list, crash or stall on anything a client publishes.
@@ -30,8 +30,8 @@
 //!
 //! Limits (as built): the journal is per replica, so a request redelivered to another replica
 //! after a re-shard within the window can run again; nothing locks the file against a second
-//! amibus using the same path. Journal writes (and a compaction, when the file outgrows its
-//! limit) are synchronous file I/O on the consumer's tasks. A result the bus keeps refusing
+//! amibus using the same path. Journal appends are synchronous write(2)s on the consumer's
+//! tasks; a compaction (when the file outgrows its limit) is prepared on a blocking thread. A result the bus keeps refusing
 //! (retried a few times, holding its in-flight slot) stays unacknowledged: its Kafka
 //! partition's offset stays before it until a restart reads it again (JetStream delivers it
 //! again after `ack_wait`), and the remembered result is published then.
@@ -42,10 +42,12 @@ pub mod journal;
 pub mod kafka;
 pub mod nats;
 pub mod rate;
+pub mod result;
 pub mod rules;
+pub mod stats;
+pub mod transport;
 
-pub use consumer::{
-    Ack, ControlConfig, ControlSnapshot, ControlStats, Controller, Incoming, Owns, PublishError,
-    Publisher, Source, Target, Targets,
-};
+pub use consumer::{ControlConfig, Controller, Owns, Target, Targets};
 pub use rules::{AllowList, READ_ONLY_ACTIONS, RejectCode, Rejection};
+pub use stats::{ControlSnapshot, ControlStats};
+pub use transport::{Ack, Incoming, PublishError, Publisher, RequestSource};

@@ -1,5 +1,5 @@
 //! The NATS transport of the action consumer: a queue-group subscription per owned server as
-//! the [`Source`], core NATS publishes as the [`Publisher`].
+//! the [`RequestSource`], core NATS publishes as the [`Publisher`].
 //!
 //! Owns: request subjects (`amibus.action.{server}`: one per server, subscribed only by its
 //! owner, in a queue group so two instances of one shard share rather than both act), and
@@ -33,9 +33,10 @@ use futures_util::stream::SelectAll;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use super::consumer::{ControlStats, Incoming, PublishError, Publisher, Source};
+use super::stats::ControlStats;
+use super::transport::{Incoming, PublishError, Publisher, RequestSource};
+use crate::broker::nats::NatsError;
 use crate::model::pb::ActionResult;
-use crate::sink::nats::NatsError;
 
 /// `template` with `{server}` replaced by `server`, sanitized to one subject token.
 ///
@@ -67,6 +68,9 @@ pub fn subject_for(template: &str, server: &str) -> String {
 /// runs (see [`NatsRequestSource::resubscriber`]).
 pub struct NatsRequestSource {
     client: Client,
+    /// The request subject template: a message's subject names the server it was sent to
+    /// ([`Incoming::key`]), which the body must match.
+    template: Option<String>,
     queue_group: Option<String>,
     subs: SelectAll<Sub>,
     changes: Option<mpsc::Receiver<Change>>,
@@ -125,12 +129,20 @@ impl NatsRequestSource {
     ) -> Result<NatsRequestSource, NatsError> {
         let mut source = NatsRequestSource {
             client: client.clone(),
+            template: None,
             queue_group: queue_group.map(str::to_owned),
             subs: SelectAll::new(),
             changes: None,
         };
         source.apply(subjects.to_vec()).await?;
         Ok(source)
+    }
+
+    /// The template the subjects were made from (`amibus.action.{server}`): each request is
+    /// then checked against the server its subject names (`server_mismatch`).
+    pub fn with_template(mut self, template: impl Into<String>) -> Self {
+        self.template = Some(template.into());
+        self
     }
 
     /// A handle that changes the subjects while the source runs. The source then no longer
@@ -180,20 +192,23 @@ impl NatsRequestSource {
     }
 }
 
-impl Source for NatsRequestSource {
+impl RequestSource for NatsRequestSource {
     async fn next(&mut self) -> Option<Incoming> {
         loop {
             let change = match &mut self.changes {
                 Some(changes) => {
                     tokio::select! {
                         m = self.subs.next(), if !self.subs.is_empty() => match m {
-                            Some(m) => return Some(incoming(m)),
+                            Some(m) => return Some(incoming(m, self.template.as_deref())),
                             None => continue,
                         },
                         c = changes.recv() => c,
                     }
                 }
-                None => return self.subs.next().await.map(incoming),
+                None => {
+                    let template = self.template.as_deref();
+                    return self.subs.next().await.map(|m| incoming(m, template));
+                }
             };
             match change {
                 Some((subjects, done)) => {
@@ -210,12 +225,12 @@ impl Source for NatsRequestSource {
     }
 }
 
-fn incoming(m: async_nats::Message) -> Incoming {
+fn incoming(m: async_nats::Message, template: Option<&str>) -> Incoming {
     Incoming {
+        key: template.and_then(|t| server_of(t, m.subject.as_str())),
         payload: m.payload,
         reply: m.reply.map(|s| s.to_string()),
         ack: None,
-        key: None,
     }
 }
 
@@ -348,7 +363,7 @@ impl JetStreamRequestSource {
     }
 }
 
-impl Source for JetStreamRequestSource {
+impl RequestSource for JetStreamRequestSource {
     async fn next(&mut self) -> Option<Incoming> {
         loop {
             let m = match self.messages.next().await? {

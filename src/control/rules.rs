@@ -1,7 +1,8 @@
 //! The checks a request passes before it may reach Asterisk, as pure functions.
 //!
-//! Owns: decoding an [`ActionRequest`], the required fields, header safety (through
-//! [`Action::validate`]: no CR/LF, no `:` in a key, no line past Asterisk's 1024-byte input
+//! Owns: decoding an [`ActionRequest`], the required fields, the route check (the body names
+//! the server of its subject or key, [`check_route`]), header safety (through
+//! [`Action::validate`]: no CR/LF, NUL or other control character, no `:` in a key, no line past Asterisk's 1024-byte input
 //! buffer, no caller-set `ActionID`), the allow-list ([`AllowList`], read-only by default),
 //! the deadline, and the stable rejection labels ([`RejectCode`]).
 //!
@@ -42,8 +43,7 @@ pub const READ_ONLY_ACTIONS: &[&str] = &[
     "ListCommands",
 ];
 
-/// In an `allow_actions` list, this entry stands for every [`READ_ONLY_ACTIONS`] name.
-pub const READ_ONLY_ALIAS: &str = "read-only";
+pub use crate::ami::server::READ_ONLY_ALIAS;
 
 /// Actions that would change amibus's own session (log it out, change its event mask or
 /// filters, block it); refused whatever the configuration says.
@@ -87,10 +87,13 @@ pub enum RejectCode {
     /// The idempotency journal could not record the action, so it was not sent (sending it
     /// unjournaled could run it twice after a restart).
     JournalUnavailable,
+    /// The request's `server` is not the server its NATS subject (or Kafka key) names. Refused
+    /// so that permissions granted per subject cannot be bypassed by the body.
+    ServerMismatch,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 11] = [
+    pub const ALL: [RejectCode; 12] = [
         RejectCode::Malformed,
         RejectCode::MissingField,
         RejectCode::InvalidHeader,
@@ -102,6 +105,7 @@ impl RejectCode {
         RejectCode::Busy,
         RejectCode::ShuttingDown,
         RejectCode::JournalUnavailable,
+        RejectCode::ServerMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +121,7 @@ impl RejectCode {
             RejectCode::Busy => "busy",
             RejectCode::ShuttingDown => "shutting_down",
             RejectCode::JournalUnavailable => "journal_unavailable",
+            RejectCode::ServerMismatch => "server_mismatch",
         }
     }
 
@@ -266,6 +271,25 @@ pub fn check_request(req: &ActionRequest) -> Result<Action, Rejection> {
     Ok(action)
 }
 
+/// Check that the request's `server` is the one its transport routed it by: the server token
+/// of the NATS subject it arrived on, or its Kafka record key. No routing key: nothing to
+/// compare (a Kafka record without a key).
+///
+/// # Errors
+/// [`RejectCode::ServerMismatch`], naming both.
+pub fn check_route(req: &ActionRequest, routed_to: Option<&str>) -> Result<(), Rejection> {
+    match routed_to {
+        Some(to) if to != req.server => Err(Rejection::new(
+            RejectCode::ServerMismatch,
+            format!(
+                "the request names server {:?} but was sent to {to:?} (its subject or key); send it to the subject or key of {:?}",
+                req.server, req.server
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Check the action name against the allow-list.
 ///
 /// # Errors
@@ -406,6 +430,40 @@ mod tests {
         }
         let e = check_request(&req("Ping\r\nAction: Logoff", &[])).unwrap_err();
         assert_eq!(e.code, RejectCode::InvalidHeader);
+    }
+
+    #[test]
+    fn nul_and_control_characters_are_refused() {
+        for (k, v) in [
+            ("Channel", "Local/1@a\0b"),
+            ("Variable", "A=\x01"),
+            ("K\0", "v"),
+        ] {
+            let e = check_request(&req("Originate", &[(k, v)])).unwrap_err();
+            assert_eq!(e.code, RejectCode::InvalidHeader, "{k:?}: {v:?}");
+            assert!(e.reason.contains("control character"), "{}", e.reason);
+        }
+        let mut r = req("Ping", &[]);
+        r.action = "Ping\0".into();
+        assert_eq!(
+            check_request(&r).unwrap_err().code,
+            RejectCode::InvalidHeader
+        );
+    }
+
+    #[test]
+    fn the_body_must_name_the_server_of_its_subject_or_key() {
+        let r = req("Ping", &[]);
+        assert!(check_route(&r, None).is_ok());
+        assert!(check_route(&r, Some("pbx1")).is_ok());
+        let e = check_route(&r, Some("pbx")).unwrap_err();
+        assert_eq!(e.code, RejectCode::ServerMismatch);
+        assert!(!e.code.is_retriable());
+        assert!(
+            e.reason.contains("\"pbx1\"") && e.reason.contains("\"pbx\""),
+            "{}",
+            e.reason
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
 
+use crate::ami::snapshot::Trigger;
 use crate::ami::{Frame, Record, Stamp, Stamped};
 
 use super::legacy;
@@ -35,6 +36,7 @@ const PRIVILEGE: u32 = 12;
 const ORIGINAL_NAME: u32 = 13;
 const ASTERISK_TIME_US: u32 = 14;
 const BODY: u32 = 15;
+const SNAPSHOT_ID: u32 = 20;
 const HEADER_KEY: u32 = 1;
 const HEADER_VALUE: u32 = 2;
 const HEADER_NORMALIZED_KEY: u32 = 3;
@@ -283,6 +285,7 @@ pub fn to_envelope(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>) -> pb::
         asterisk_time_us: n.asterisk_time_us,
         body: frame.body().map(<[u8]>::to_vec).unwrap_or_default(),
         detail: None,
+        snapshot_id: String::new(),
     }
 }
 
@@ -342,7 +345,61 @@ pub fn record_envelope(stamped: &Stamped) -> pb::Envelope {
                 message: e.message.clone(),
             }),
         ),
+        Record::SnapshotItem { snapshot_id, frame } => {
+            let frame = frame.frame();
+            pb::Envelope {
+                snapshot_id: snapshot_id.to_string(),
+                ..to_envelope(stamp, &normalize(&frame), &frame)
+            }
+        }
+        Record::SnapshotBegin(b) => pb::Envelope {
+            snapshot_id: b.id.to_string(),
+            ..synthetic(
+                pb::Kind::SnapshotBegin,
+                Detail::SnapshotBegin(pb::SnapshotBegin {
+                    snapshot_id: b.id.to_string(),
+                    trigger: trigger(b.trigger) as i32,
+                    lists: b.lists.clone(),
+                }),
+            )
+        },
+        Record::SnapshotEnd(e) => pb::Envelope {
+            snapshot_id: e.id.to_string(),
+            ..synthetic(
+                pb::Kind::SnapshotEnd,
+                Detail::SnapshotEnd(pb::SnapshotEnd {
+                    snapshot_id: e.id.to_string(),
+                    trigger: trigger(e.trigger) as i32,
+                    lists: e
+                        .lists
+                        .iter()
+                        .map(|l| pb::SnapshotList {
+                            action: l.action.clone(),
+                            items: l.items,
+                            complete: l.complete,
+                            error: l.error.clone(),
+                        })
+                        .collect(),
+                    complete: e.complete,
+                    reason: e.reason.clone(),
+                    duration_us: u64::try_from(e.duration.as_micros()).unwrap_or(u64::MAX),
+                }),
+            )
+        },
     }
+}
+
+fn trigger(t: Trigger) -> pb::SnapshotTrigger {
+    match t {
+        Trigger::Login => pb::SnapshotTrigger::Login,
+        Trigger::Gap => pb::SnapshotTrigger::Gap,
+    }
+}
+
+/// Append a snapshot item's `snapshot_id` to its frame's envelope (fields may come in any
+/// order; prost and every protobuf reader accept it).
+pub fn encode_snapshot_id(snapshot_id: &str, out: &mut Vec<u8>) {
+    put_string(out, SNAPSHOT_ID, snapshot_id.as_bytes());
 }
 
 /// Encode any record as an `Envelope`, appending to `out`; frames take the fast path.
@@ -351,6 +408,11 @@ pub fn encode_record(stamped: &Stamped, out: &mut Vec<u8>) {
         Record::Frame(f) => {
             let frame = f.frame();
             encode_frame(&stamped.stamp, &normalize(&frame), &frame, out);
+        }
+        Record::SnapshotItem { snapshot_id, frame } => {
+            let frame = frame.frame();
+            encode_frame(&stamped.stamp, &normalize(&frame), &frame, out);
+            encode_snapshot_id(snapshot_id, out);
         }
         _ => record_envelope(stamped).encode_raw(out),
     }
@@ -395,6 +457,31 @@ mod tests {
             let back = pb::Envelope::decode(&fast[..]).expect("decodes");
             assert_eq!(back.headers.len(), frame.len());
         }
+    }
+
+    #[test]
+    fn a_snapshot_item_encodes_as_its_frame_plus_the_snapshot_id() {
+        let mut p = Parser::default();
+        let Parsed::Frame { frame, .. } =
+            p.parse(b"Event: CoreShowChannel\r\nActionID: x\r\nChannel: PJSIP/1-0001\r\n\r\n")
+        else {
+            panic!("expected a frame");
+        };
+        let rec = Stamped {
+            stamp: stamp(),
+            record: Record::SnapshotItem {
+                snapshot_id: Arc::from("1795671272000-1"),
+                frame: Box::new(frame.to_owned()),
+            },
+        };
+        let mut fast = Vec::new();
+        encode_record(&rec, &mut fast);
+        let env = pb::Envelope::decode(&fast[..]).expect("decodes");
+        assert_eq!(env, record_envelope(&rec));
+        assert_eq!(env.kind(), pb::Kind::Event);
+        assert_eq!(env.name, "CoreShowChannel");
+        assert_eq!(env.snapshot_id, "1795671272000-1");
+        assert_eq!(env.channel, "PJSIP/1-0001");
     }
 
     #[test]

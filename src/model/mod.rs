@@ -8,6 +8,7 @@ pub mod encode;
 pub mod json;
 pub mod legacy;
 pub mod normalize;
+mod snapshot_json;
 
 /// Types generated from `proto/amibus/v1/*.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -20,3 +21,13 @@ pub use normalize::{Normalized, normalize, partition_key};
 
 /// The schema version carried next to every envelope (e.g. as a Kafka header).
 pub const SCHEMA_VERSION: &str = "amibus.v1";
+
+/// What goes into a record's payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PayloadFormat {
+    /// An encoded `amibus.v1.Envelope`.
+    #[default]
+    Proto,
+    /// The envelope as one JSON object and a newline.
+    Json,
+}

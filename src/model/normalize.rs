@@ -1,10 +1,12 @@
-//! Normalization: the typed fields of a frame, found in one pass over its headers, borrowed.
+//! Normalization: the typed fields of a frame, borrowed. The parser noted where the typed headers
+//! are while it read them ([`crate::ami::Known`]), so this does not pass over the headers again;
+//! only legacy events with a discriminator header (`SubEvent`, `Status`, ...) look one up.
 //!
 //! Owns: deciding a frame's kind and name, mapping legacy names (via [`super::legacy`]), and
 //! picking out Uniqueid, Linkedid, Channel, ActionID, Privilege and Timestamp.
 //! Must never: allocate or copy (everything is a slice of the frame).
 
-use crate::ami::{Frame, FrameKind};
+use crate::ami::{Frame, FrameKind, Known};
 
 use super::legacy::{self, Mapping};
 use super::pb::Kind;
@@ -49,8 +51,7 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
         n.name = frame.banner_version().unwrap_or_default();
         return n;
     }
-    let mut headers = frame.headers();
-    if let Some(first) = headers.next() {
+    if let Some(first) = frame.header(0) {
         n.name = first.value_or_empty();
         n.kind = if first.is("Event") {
             Kind::Event
@@ -63,32 +64,17 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
             Kind::Unknown
         };
     }
-    let mut prefixed_linkedid = None;
-    let mut timestamp = None;
-    let mut hints = legacy::Hints::default();
-    for h in headers {
-        let Some(value) = h.value else { continue };
-        let slot = match h.key.len() {
-            7 if h.is("Channel") => &mut n.channel,
-            8 if h.is("Uniqueid") => &mut n.uniqueid,
-            8 if h.is("Linkedid") => &mut n.linkedid,
-            8 if h.is("ActionID") => &mut n.action_id,
-            9 if h.is("Privilege") => &mut n.privilege,
-            9 if h.is("Timestamp") => &mut timestamp,
-            9 if h.is("Extension") => {
-                hints.has_extension = true;
-                continue;
-            }
-            len if len > 8 && h.key[len - 8..].eq_ignore_ascii_case(b"Linkedid") => {
-                &mut prefixed_linkedid
-            }
-            _ => continue,
-        };
-        if slot.is_none() {
-            *slot = Some(value);
-        }
-    }
-    n.linkedid = n.linkedid.or(prefixed_linkedid);
+    n.channel = frame.known(Known::Channel);
+    n.uniqueid = frame.known(Known::Uniqueid);
+    n.linkedid = frame
+        .known(Known::Linkedid)
+        .or_else(|| frame.known(Known::PrefixedLinkedid));
+    n.action_id = frame.known(Known::ActionId);
+    n.privilege = frame.known(Known::Privilege);
+    let timestamp = frame.known(Known::Timestamp);
+    let hints = legacy::Hints {
+        has_extension: frame.known(Known::Extension).is_some(),
+    };
     n.asterisk_time_us = timestamp.and_then(parse_timestamp_us);
     if n.kind == Kind::Event
         && let Some(m) = legacy::lookup(n.name, frame, hints)
@@ -159,7 +145,7 @@ pub fn partition_key(server: &str, n: &Normalized<'_>, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ami::{Parsed, Parser};
+    use crate::ami::{Classifier, Limits, Parsed, Parser};
 
     fn with_frame<T>(input: &[u8], f: impl FnOnce(Normalized<'_>) -> T) -> T {
         let mut p = Parser::default();
@@ -306,6 +292,134 @@ mod tests {
             assert_eq!(n.kind, Kind::Banner);
             assert_eq!(n.name, b"11.0.0");
         });
+    }
+
+    /// Normalization as it was before the parser noted headers: one more pass over every header.
+    /// The reference the noted path must equal.
+    fn normalize_by_scan<'a>(frame: &Frame<'a>) -> Normalized<'a> {
+        let mut n = normalize(frame);
+        if frame.kind() == FrameKind::Banner {
+            return n;
+        }
+        let (mut channel, mut uniqueid, mut linkedid, mut action_id) = (None, None, None, None);
+        let (mut privilege, mut timestamp, mut prefixed, mut extension) = (None, None, None, false);
+        for h in frame.headers().skip(1) {
+            let Some(value) = h.value else { continue };
+            let slot = match h.key.len() {
+                7 if h.is("Channel") => &mut channel,
+                8 if h.is("Uniqueid") => &mut uniqueid,
+                8 if h.is("Linkedid") => &mut linkedid,
+                8 if h.is("ActionID") => &mut action_id,
+                9 if h.is("Privilege") => &mut privilege,
+                9 if h.is("Timestamp") => &mut timestamp,
+                9 if h.is("Extension") => {
+                    extension = true;
+                    continue;
+                }
+                len if len > 8 && h.key[len - 8..].eq_ignore_ascii_case(b"Linkedid") => {
+                    &mut prefixed
+                }
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value);
+            }
+        }
+        let name = frame
+            .header(0)
+            .map(|h| h.value_or_empty())
+            .unwrap_or_default();
+        n.channel = channel;
+        n.uniqueid = uniqueid;
+        n.linkedid = linkedid.or(prefixed);
+        n.action_id = action_id;
+        n.privilege = privilege;
+        n.asterisk_time_us = timestamp.and_then(parse_timestamp_us);
+        n.original_name = None;
+        n.legacy = None;
+        if n.kind == Kind::Event {
+            n.name = name;
+            let hints = legacy::Hints {
+                has_extension: extension,
+            };
+            if let Some(m) = legacy::lookup(name, frame, hints) {
+                if m.name.as_bytes() != name {
+                    n.original_name = Some(name);
+                    n.name = m.name.as_bytes();
+                }
+                if let Some(key) = m.channel_key {
+                    n.channel = n.channel.or_else(|| frame.get(key));
+                }
+                if let Some(key) = m.uniqueid_key {
+                    n.uniqueid = n.uniqueid.or_else(|| frame.get(key));
+                }
+                n.legacy = Some(m);
+            }
+        }
+        for field in [&mut n.uniqueid, &mut n.linkedid] {
+            if matches!(*field, Some(b"" | b"<unknown>")) {
+                *field = None;
+            }
+        }
+        n
+    }
+
+    fn each_frame(input: &[u8], classifier: Classifier, mut f: impl FnMut(&Frame<'_>)) -> usize {
+        let mut p = Parser::with_classifier(Limits::default(), classifier);
+        let mut at = 0;
+        let mut frames = 0;
+        while let Some(rest) = input.get(at..) {
+            match p.parse(rest) {
+                Parsed::Frame { frame, consumed } => {
+                    f(&frame);
+                    frames += 1;
+                    at += consumed;
+                }
+                Parsed::Skip { consumed, .. } => at += consumed,
+                Parsed::Partial => break,
+            }
+        }
+        frames
+    }
+
+    #[test]
+    fn noted_headers_normalize_like_a_full_scan() {
+        let quirky: &[&[u8]] = &[
+            b"Event: X\r\nchannel: a\r\nCHANNEL: b\r\nUniqueid\r\nUniqueid: u\r\nDestLinkedid: d\r\nLinkedID: l\r\n\r\n",
+            b"Channel: first line is no typed header\r\nChannel: c\r\n\r\n",
+            b"Event: ParkedCall\r\nXLinkedid: x\r\nParkeeLinkedid: p\r\nPrivilegE:call\r\nTimeStamp: 1.5\r\n\r\n",
+            b"Event: Newexten\r\nExtension: s\r\nChanne1: no\r\nLinkedid:\r\nUniqueid: <unknown>\r\n\r\n",
+            b"Response: Follows\r\nPrivilege: Command\r\nActionID: 1\r\nout: put\r\n\r\n--END COMMAND--\r\n\r\n",
+            b"Event: Dial\r\nSubEvent: End\r\nChannel: SIP/a\r\nUniqueID: 1.1\r\n\r\n",
+            b"Event: X\r\nC\xe8annel: y\r\nLinkedid:\xff\r\n: v\r\n\r\n",
+        ];
+        let mut frames = 0;
+        for name in [
+            "asterisk22-events.ami",
+            "asterisk22-actions.ami",
+            "asterisk22-actions.sent",
+            "asterisk13-actions-head.ami",
+        ] {
+            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let input = std::fs::read(&path).expect("fixture");
+            for c in Classifier::available() {
+                frames += each_frame(&input, c, |f| {
+                    assert_eq!(
+                        normalize(f),
+                        normalize_by_scan(f),
+                        "{name}, {}: {f:?}",
+                        c.name()
+                    );
+                });
+            }
+        }
+        for input in quirky {
+            let n = each_frame(input, Classifier::detect(), |f| {
+                assert_eq!(normalize(f), normalize_by_scan(f), "{f:?}");
+            });
+            assert_eq!(n, 1, "{}", input.escape_ascii());
+        }
+        assert!(frames > 30_000, "{frames} frames");
     }
 
     #[test]

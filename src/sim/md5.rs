@@ -3,7 +3,7 @@
 //! The simulator checks keys with the same function the client uses to make them
 //! ([`crate::ami::login::md5_key`]), so there is one MD5 in the crate (the `md-5` crate).
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The login key for `challenge` and `secret`.
 pub fn login_key(challenge: &str, secret: &str) -> String {

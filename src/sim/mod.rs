@@ -21,11 +21,13 @@
 //! ```
 
 pub mod filter;
+mod list;
 pub mod md5;
 mod replay;
 mod server;
 mod session;
 pub mod source;
+pub mod tally;
 pub mod template;
 
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use server::{DisconnectReason, ServerStats};
+pub use tally::ActionsSeen;
 
 /// How fast a replay goes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -193,6 +196,12 @@ impl SimHandle {
     /// [`SimError::Bind`] if the address cannot be bound again, [`SimError::NoServer`].
     pub async fn start_server(&self, i: usize) -> Result<SocketAddr, SimError> {
         self.inner.start_server(i).await
+    }
+
+    /// Over all servers, the actions a logged-in session sent per request id, for actions
+    /// marked `Variable: amibus_request_id=<id>` (see [`tally`]): what reached "Asterisk".
+    pub fn actions_seen(&self) -> ActionsSeen {
+        self.inner.actions_seen()
     }
 
     /// Make server `i` stop answering (no responses, no events, sockets stay open) or resume.

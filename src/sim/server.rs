@@ -4,9 +4,15 @@
 //! Owns: binding/rebinding listeners, server modes (running, silent, stopped), the per-session
 //! bounded batch queues, and the stop/shutdown order.
 //!
+//! Shutdown order: the generator stops first (a batch it was still waiting to queue is queued
+//! nowhere and not counted), then every session writes what is queued for it and closes. So
+//! `events` counts exactly the events queued to the sessions, and a session that was logged in
+//! throughout writes every one of them before its EOF.
+//!
 //! Must never: let a queue grow without bound (the generator waits for the slowest session; a
 //! session that cannot write for the write timeout is dropped), or block a session on the
-//! generator while the generator waits on that session (sessions keep draining while they wait).
+//! generator while the generator waits on that session (sessions keep draining while they wait);
+//! count an event as produced that was not queued to every session logged in at that moment.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::replay::Replay;
 use super::source::{Batch, BatchBuilder, GenConfig, Generator, Library};
+use super::tally::{ActionsSeen, Tally};
 use super::{SimConfig, SimError, Speed};
 
 /// Why a session ended.
@@ -138,15 +145,24 @@ impl Hub {
     pub fn count(&self) -> usize {
         self.subs.lock().map(|s| s.len()).unwrap_or(0)
     }
+    /// Queue `batch` to every session subscribed now, or to none: a slot is reserved in every
+    /// queue first (waiting for the slowest session), then the batch goes into all of them at
+    /// once. Dropped while it waits (at shutdown), it has queued nothing. Sessions whose queue
+    /// is gone are forgotten.
     async fn publish(&self, batch: Arc<Batch>) {
         let subs: Vec<_> = match self.subs.lock() {
             Ok(s) => s.clone(),
             Err(_) => return,
         };
+        let mut permits = Vec::with_capacity(subs.len());
         for (id, tx) in subs {
-            if tx.send(batch.clone()).await.is_err() {
-                self.unsubscribe(id);
+            match tx.reserve_owned().await {
+                Ok(p) => permits.push(p),
+                Err(_) => self.unsubscribe(id),
             }
+        }
+        for p in permits {
+            p.send(batch.clone());
         }
     }
 }
@@ -156,6 +172,8 @@ pub(crate) struct Server {
     pub addr: Mutex<SocketAddr>,
     pub cfg: Arc<SimConfig>,
     pub counters: Counters,
+    /// Actions received per request id (see [`super::tally`]).
+    pub tally: Tally,
     pub hub: Hub,
     pub mode: watch::Sender<Mode>,
     pub kick: watch::Sender<u64>,
@@ -166,6 +184,8 @@ pub(crate) struct Server {
     pub active_sessions: AtomicUsize,
     pub sessions_gone: Notify,
     pub gen_done: watch::Sender<bool>,
+    /// The generator task has ended (after shutdown): nothing more will be queued to sessions.
+    pub gen_stopped: watch::Sender<bool>,
     pub shutdown: watch::Receiver<bool>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -284,6 +304,7 @@ pub(crate) async fn start(cfg: SimConfig) -> Result<super::SimHandle, SimError> 
             addr: Mutex::new(addr),
             cfg: cfg.clone(),
             counters: Counters::default(),
+            tally: Tally::default(),
             hub: Hub::default(),
             mode: watch::channel(Mode::Running).0,
             kick: watch::channel(0).0,
@@ -294,6 +315,7 @@ pub(crate) async fn start(cfg: SimConfig) -> Result<super::SimHandle, SimError> 
             active_sessions: AtomicUsize::new(0),
             sessions_gone: Notify::new(),
             gen_done: watch::channel(false).0,
+            gen_stopped: watch::channel(false).0,
             shutdown: shutdown_rx.clone(),
             listener: Mutex::new(None),
         });
@@ -386,12 +408,23 @@ async fn accept_loop(srv: Arc<Server>, listener: TcpListener) {
 /// How many events go into one batch at full speed: about 128 KB.
 const BATCH_EVENTS: u64 = 256;
 
+/// Sets [`Server::gen_stopped`] when the generator task ends, however it ends (a panic too), so
+/// a session at shutdown never waits for a generator that is gone.
+struct Stopped(Arc<Server>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.gen_stopped.send_replace(true);
+    }
+}
+
 async fn run_generator(
     srv: Arc<Server>,
     mut generator: Generator,
     mut jobs: mpsc::Receiver<Job>,
     replay: Option<Arc<Replay>>,
 ) {
+    let _stopped = Stopped(srv.clone());
     let cfg = srv.cfg.clone();
     let mut shutdown = srv.shutdown.clone();
     let mut mode = srv.mode.subscribe();
@@ -416,7 +449,7 @@ async fn run_generator(
         }
         generator.flush_fast_forward(&mut out);
         if !out.is_empty() || !after.is_empty() {
-            publish(&srv, &mut out, &mut shutdown).await;
+            publish(&srv, &mut out, generator.emitted(), &mut shutdown).await;
             for a in after.drain(..) {
                 a();
             }
@@ -510,7 +543,7 @@ async fn run_generator(
         if cfg.count.is_some_and(|c| produced >= c) {
             done = true;
         }
-        publish(&srv, &mut out, &mut shutdown).await;
+        publish(&srv, &mut out, generator.emitted(), &mut shutdown).await;
         if done {
             // Only now: every event is queued to every session.
             srv.gen_done.send_replace(true);
@@ -519,20 +552,29 @@ async fn run_generator(
     srv.gen_done.send_replace(true);
 }
 
-async fn publish(srv: &Server, out: &mut BatchBuilder, shutdown: &mut watch::Receiver<bool>) {
+/// Queue what `out` holds to every session and count it; `end` is the generator's emitted count
+/// now. Once shutdown has begun nothing is queued or counted: the sessions' last flush must find
+/// every event counted in their queues (see the module docs).
+async fn publish(
+    srv: &Server,
+    out: &mut BatchBuilder,
+    end: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     if out.is_empty() {
         return;
     }
-    let batch = Arc::new(out.take());
-    srv.counters
-        .events
-        .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-    srv.counters
-        .event_bytes
-        .fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
+    let mut batch = out.take();
+    batch.end = end;
+    let (events, bytes) = (batch.events.len() as u64, batch.bytes.len() as u64);
+    let batch = Arc::new(batch);
     tokio::select! {
-        _ = srv.hub.publish(batch) => {}
-        _ = shutdown.changed() => {}
+        biased;
+        _ = shutdown.wait_for(|s| *s) => {}
+        () = srv.hub.publish(batch) => {
+            srv.counters.events.fetch_add(events, Ordering::Relaxed);
+            srv.counters.event_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -547,6 +589,14 @@ impl Farm {
 
     pub fn stats(&self) -> Vec<ServerStats> {
         self.servers.iter().map(|s| s.stats()).collect()
+    }
+
+    pub fn actions_seen(&self) -> ActionsSeen {
+        let mut seen = ActionsSeen::default();
+        for s in &self.servers {
+            s.tally.add_to(&mut seen);
+        }
+        seen
     }
 
     pub async fn stop_server(&self, i: usize) {

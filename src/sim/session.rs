@@ -17,18 +17,19 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Decoder;
 
 use super::filter::{self, Filter, class};
+use super::list;
 use super::md5;
 use super::server::{After, DisconnectReason, Job, Mode, Server};
-use super::source::{Batch, BatchBuilder, ChannelInfo, Generator};
+use super::source::{Batch, BatchBuilder, Generator};
 use crate::ami::{AmiCodec, Decoded, Frame, Limits};
 
 const BANNER: &[u8] = b"Asterisk Call Manager/11.0.0\r\n";
 
 /// A response being built: `Response:`, then `ActionID:` when the request had one.
-struct Resp(Vec<u8>);
+pub(super) struct Resp(Vec<u8>);
 
 impl Resp {
-    fn new(kind: &str, action_id: Option<&[u8]>) -> Resp {
+    pub(super) fn new(kind: &str, action_id: Option<&[u8]>) -> Resp {
         let mut v = Vec::with_capacity(128);
         v.extend_from_slice(b"Response: ");
         v.extend_from_slice(kind.as_bytes());
@@ -40,24 +41,24 @@ impl Resp {
         }
         Resp(v)
     }
-    fn kv(mut self, k: &str, v: &[u8]) -> Resp {
+    pub(super) fn kv(mut self, k: &str, v: &[u8]) -> Resp {
         push_kv(&mut self.0, k, v);
         self
     }
-    fn done(mut self) -> Vec<u8> {
+    pub(super) fn done(mut self) -> Vec<u8> {
         self.0.extend_from_slice(b"\r\n");
         self.0
     }
 }
 
-fn push_kv(v: &mut Vec<u8>, k: &str, val: &[u8]) {
+pub(super) fn push_kv(v: &mut Vec<u8>, k: &str, val: &[u8]) {
     v.extend_from_slice(k.as_bytes());
     v.extend_from_slice(b": ");
     v.extend_from_slice(val);
     v.extend_from_slice(b"\r\n");
 }
 
-fn error(aid: Option<&[u8]>, msg: &str) -> Vec<u8> {
+pub(super) fn error(aid: Option<&[u8]>, msg: &str) -> Vec<u8> {
     Resp::new("Error", aid).kv("Message", msg.as_bytes()).done()
 }
 
@@ -120,6 +121,9 @@ struct State {
     mask: u32,
     filters: Vec<Filter>,
     events: Option<mpsc::Receiver<Arc<Batch>>>,
+    /// A batch taken off `events` that must wait until an answer is written (its events came
+    /// after the state the answer shows); written before anything else from `events`.
+    held: Option<Arc<Batch>>,
 }
 
 enum Flow {
@@ -156,6 +160,7 @@ where
         mask: class::ALL,
         filters: Vec::new(),
         events: None,
+        held: None,
     };
     let reason = serve(&srv, &mut reader, &mut w, &mut st).await;
     srv.hub.unsubscribe(st.id);
@@ -163,7 +168,13 @@ where
     let _ = tokio::time::timeout(Duration::from_millis(100), w.w.shutdown()).await;
 }
 
-async fn next_batch(rx: &mut Option<mpsc::Receiver<Arc<Batch>>>) -> Option<Arc<Batch>> {
+async fn next_batch(
+    held: &mut Option<Arc<Batch>>,
+    rx: &mut Option<mpsc::Receiver<Arc<Batch>>>,
+) -> Option<Arc<Batch>> {
+    if let Some(b) = held.take() {
+        return Some(b);
+    }
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -193,17 +204,7 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => {
-                // Flush what is already queued, then go.
-                if let Some(rx) = st.events.as_mut() {
-                    while let Ok(b) = rx.try_recv() {
-                        if write_batch(st.mask, &st.filters, w, &b).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                return DisconnectReason::Shutdown;
-            }
+            _ = shutdown.changed() => return close_for_shutdown(srv, st, w).await,
             _ = kick.changed() => return DisconnectReason::Injected,
             r = mode.changed() => {
                 if r.is_err() {
@@ -212,11 +213,13 @@ where
                 let m = *mode.borrow_and_update();
                 match m {
                     Mode::Stopped => return DisconnectReason::ServerStopped,
-                    Mode::Silent => {
-                        if let Some(r) = wait_while_silent(&mut mode, &mut shutdown).await {
-                            return r;
+                    Mode::Silent => match wait_while_silent(&mut mode, &mut shutdown).await {
+                        Some(DisconnectReason::Shutdown) => {
+                            return close_for_shutdown(srv, st, w).await;
                         }
-                    }
+                        Some(r) => return r,
+                        None => {}
+                    },
                     Mode::Running => {}
                 }
             }
@@ -237,7 +240,7 @@ where
                 }
                 Some(Ok(Decoded::Truncated { .. })) => return DisconnectReason::ClientClosed,
             },
-            b = next_batch(&mut st.events) => match b {
+            b = next_batch(&mut st.held, &mut st.events) => match b {
                 Some(b) => if let Err(r) = write_batch(st.mask, &st.filters, w, &b).await { return r },
                 None => st.events = None,
             },
@@ -272,6 +275,31 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
     }
+}
+
+/// The server shuts down: once its generator has stopped (nothing more will be queued), write
+/// what is queued for this session, then go. A silent session does too (a shutdown ends the
+/// silence): what is queued was counted as sent, and a resume just before the shutdown may not
+/// have been seen yet.
+async fn close_for_shutdown<W: AsyncWrite + Unpin>(
+    srv: &Server,
+    st: &mut State,
+    w: &mut Writer<W>,
+) -> DisconnectReason {
+    let _ = srv.gen_stopped.subscribe().wait_for(|s| *s).await;
+    if let Some(b) = st.held.take() {
+        if write_batch(st.mask, &st.filters, w, &b).await.is_err() {
+            return DisconnectReason::Shutdown;
+        }
+    }
+    if let Some(rx) = st.events.as_mut() {
+        while let Ok(b) = rx.try_recv() {
+            if write_batch(st.mask, &st.filters, w, &b).await.is_err() {
+                break;
+            }
+        }
+    }
+    DisconnectReason::Shutdown
 }
 
 async fn wait_while_silent(
@@ -343,8 +371,10 @@ where
     let (tx, mut rx) = oneshot::channel();
     let job: Job = Box::new(move |g, out| {
         let v = f(g, out);
+        // What the answer saw: every event emitted so far (published before `after` runs).
+        let seen = g.emitted();
         let after: After = Box::new(move || {
-            let _ = tx.send(v);
+            let _ = tx.send((v, seen));
         });
         after
     });
@@ -352,21 +382,36 @@ where
     tokio::pin!(send);
     let mut sent = false;
     loop {
+        // Biased, the answer first: once it is ready, every batch queued after it holds
+        // events it did not see, and must not be written before it.
         tokio::select! {
+            biased;
             r = &mut send, if !sent => {
                 if r.is_err() { return Ok(None); }
                 sent = true;
             }
             v = &mut rx, if sent => {
-                let v = v.ok();
-                if let Some(rx) = st.events.as_mut() {
-                    while let Ok(b) = rx.try_recv() {
-                        write_batch(st.mask, &st.filters, w, &b).await?;
+                let Ok((v, seen)) = v else { return Ok(None) };
+                // The events the answer saw go first; later ones wait until it is written
+                // (the generator may have queued more since), so the answer agrees with the
+                // events before it.
+                loop {
+                    let b = match st.held.take() {
+                        Some(b) => b,
+                        None => match st.events.as_mut().map(mpsc::Receiver::try_recv) {
+                            Some(Ok(b)) => b,
+                            _ => break,
+                        },
+                    };
+                    if b.end > seen {
+                        st.held = Some(b);
+                        break;
                     }
+                    write_batch(st.mask, &st.filters, w, &b).await?;
                 }
-                return Ok(v);
+                return Ok(Some(v));
             }
-            b = next_batch(&mut st.events) => match b {
+            b = next_batch(&mut st.held, &mut st.events) => match b {
                 Some(b) => write_batch(st.mask, &st.filters, w, &b).await?,
                 None => st.events = None,
             },
@@ -478,6 +523,7 @@ async fn action_inner<W: AsyncWrite + Unpin>(
         w.write(&error(aid, "Permission denied")).await?;
         return Ok(Flow::Continue);
     }
+    srv.tally.record(&f);
     let out = if is(name, "Ping") {
         Resp::new("Success", aid)
             .kv("Ping", b"Pong")
@@ -506,7 +552,31 @@ async fn action_inner<W: AsyncWrite + Unpin>(
         let chans = call_gen(srv, st, w, |g, _| g.channels())
             .await?
             .unwrap_or_default();
-        core_show_channels(aid, &chans)
+        list::core_show_channels(aid, &chans)
+    } else if is(name, "QueueStatus") {
+        let only = nonempty(f.get("Queue")).map(<[u8]>::to_vec);
+        let id = aid.map(<[u8]>::to_vec);
+        call_gen(srv, st, w, move |g, _| {
+            g.lists()
+                .queue_status(id.as_deref(), only.as_deref(), g.now_us())
+        })
+        .await?
+        .unwrap_or_else(|| list::Tracker::default().queue_status(aid, None, 0))
+    } else if is(name, "DeviceStateList") {
+        let id = aid.map(<[u8]>::to_vec);
+        call_gen(srv, st, w, move |g, _| {
+            g.lists().device_state_list(id.as_deref())
+        })
+        .await?
+        .unwrap_or_else(|| list::Tracker::default().device_state_list(aid))
+    } else if is(name, "BridgeList") {
+        let kind = nonempty(f.get("BridgeType")).map(<[u8]>::to_vec);
+        let id = aid.map(<[u8]>::to_vec);
+        call_gen(srv, st, w, move |g, _| {
+            g.lists().bridge_list(id.as_deref(), kind.as_deref())
+        })
+        .await?
+        .unwrap_or_else(|| list::Tracker::default().bridge_list(aid, None))
     } else if is(name, "Status") {
         let want = nonempty(f.get("Channel")).map(<[u8]>::to_vec);
         let chans = call_gen(srv, st, w, |g, _| g.channels())
@@ -520,7 +590,7 @@ async fn action_inner<W: AsyncWrite + Unpin>(
                     .collect()
             })
             .unwrap_or_default();
-        status(aid, &chans, want.as_deref(), &vars)
+        list::status(aid, &chans, want.as_deref(), &vars)
     } else if is(name, "Originate") {
         originate(srv, st, w, &f, aid).await?
     } else if is(name, "Hangup") {
@@ -621,142 +691,6 @@ async fn action_inner<W: AsyncWrite + Unpin>(
     };
     w.write(&out).await?;
     Ok(Flow::Continue)
-}
-
-fn snapshot(v: &mut Vec<u8>, c: &ChannelInfo) {
-    let unk = |x: &[u8]| -> Vec<u8> {
-        if x.is_empty() {
-            b"<unknown>".to_vec()
-        } else {
-            x.to_vec()
-        }
-    };
-    push_kv(v, "Channel", &c.name);
-    push_kv(v, "ChannelState", c.state.to_string().as_bytes());
-    push_kv(v, "ChannelStateDesc", state_desc(c.state));
-    push_kv(v, "CallerIDNum", &unk(&c.cid_num));
-    push_kv(v, "CallerIDName", &unk(&c.cid_name));
-    push_kv(v, "ConnectedLineNum", b"<unknown>");
-    push_kv(v, "ConnectedLineName", b"<unknown>");
-    push_kv(v, "Language", b"en");
-    push_kv(v, "AccountCode", b"acct1");
-    push_kv(v, "Context", &c.context);
-    push_kv(v, "Exten", &c.exten);
-    push_kv(v, "Priority", b"1");
-    push_kv(v, "Uniqueid", &c.uniqueid);
-    push_kv(v, "Linkedid", &c.linkedid);
-    push_kv(v, "ChanVariable", b"BENCH_RUN=amibus-sim");
-    push_kv(v, "ChanVariable", b"BENCH_TAG=");
-    push_kv(v, "ChanVariable", b"CHANNEL(accountcode)=acct1");
-}
-
-fn state_desc(s: u8) -> &'static [u8] {
-    match s {
-        0 => b"Down",
-        4 => b"Ring",
-        5 => b"Ringing",
-        6 => b"Up",
-        _ => b"Unknown",
-    }
-}
-
-fn core_show_channels(aid: Option<&[u8]>, chans: &[ChannelInfo]) -> Vec<u8> {
-    let mut out = Resp::new("Success", aid)
-        .kv("EventList", b"start")
-        .kv("Message", b"Channels will follow")
-        .done();
-    for c in chans {
-        out.extend_from_slice(b"Event: CoreShowChannel\r\n");
-        if let Some(id) = aid {
-            push_kv(&mut out, "ActionID", id);
-        }
-        snapshot(&mut out, c);
-        push_kv(&mut out, "Application", c.app.as_bytes());
-        push_kv(&mut out, "ApplicationData", &c.app_data);
-        let d = format!(
-            "{:02}:{:02}:{:02}",
-            c.seconds / 3600,
-            c.seconds / 60 % 60,
-            c.seconds % 60
-        );
-        push_kv(&mut out, "Duration", d.as_bytes());
-        push_kv(
-            &mut out,
-            "BridgeId",
-            c.bridge.as_deref().unwrap_or_default(),
-        );
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"Event: CoreShowChannelsComplete\r\n");
-    if let Some(id) = aid {
-        push_kv(&mut out, "ActionID", id);
-    }
-    push_kv(&mut out, "EventList", b"Complete");
-    push_kv(&mut out, "ListItems", chans.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-fn status(
-    aid: Option<&[u8]>,
-    chans: &[ChannelInfo],
-    want: Option<&[u8]>,
-    vars: &[Vec<u8>],
-) -> Vec<u8> {
-    let chosen: Vec<&ChannelInfo> = chans
-        .iter()
-        .filter(|c| want.is_none_or(|w| w == c.name.as_slice()))
-        .collect();
-    if want.is_some() && chosen.is_empty() {
-        return error(aid, "No such channel");
-    }
-    let mut out = Resp::new("Success", aid)
-        .kv("EventList", b"start")
-        .kv("Message", b"Channel status will follow")
-        .done();
-    for c in &chosen {
-        out.extend_from_slice(b"Event: Status\r\nPrivilege: Call\r\n");
-        snapshot(&mut out, c);
-        push_kv(&mut out, "Type", c.tech.as_bytes());
-        push_kv(&mut out, "DNID", b"");
-        push_kv(&mut out, "EffectiveConnectedLineNum", b"<unknown>");
-        push_kv(&mut out, "EffectiveConnectedLineName", b"<unknown>");
-        push_kv(&mut out, "TimeToHangup", b"0");
-        push_kv(
-            &mut out,
-            "BridgeID",
-            c.bridge.as_deref().unwrap_or_default(),
-        );
-        push_kv(&mut out, "Application", c.app.as_bytes());
-        push_kv(&mut out, "Data", &c.app_data);
-        push_kv(&mut out, "Nativeformats", b"(ulaw)");
-        push_kv(&mut out, "Readformat", b"ulaw");
-        push_kv(&mut out, "Readtrans", b"");
-        push_kv(&mut out, "Writeformat", b"ulaw");
-        push_kv(&mut out, "Writetrans", b"");
-        push_kv(&mut out, "Callgroup", b"0");
-        push_kv(&mut out, "Pickupgroup", b"0");
-        push_kv(&mut out, "Seconds", c.seconds.to_string().as_bytes());
-        for v in vars {
-            let mut line = v.clone();
-            line.extend_from_slice(b"=(null)");
-            push_kv(&mut out, "Variable", &line);
-        }
-        if let Some(id) = aid {
-            push_kv(&mut out, "ActionID", id);
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"Event: StatusComplete\r\n");
-    if let Some(id) = aid {
-        push_kv(&mut out, "ActionID", id);
-    }
-    push_kv(&mut out, "EventList", b"Complete");
-    let n = chosen.len().to_string();
-    push_kv(&mut out, "ListItems", n.as_bytes());
-    push_kv(&mut out, "Items", n.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 const TECHS: &[&[u8]] = &[b"Local/", b"PJSIP/", b"SIP/", b"IAX2/", b"DAHDI/"];
@@ -878,7 +812,7 @@ async fn command<W: AsyncWrite + Unpin>(
                         String::from_utf8_lossy(&c.exten),
                         String::from_utf8_lossy(&c.context)
                     ),
-                    String::from_utf8_lossy(state_desc(c.state)),
+                    String::from_utf8_lossy(list::state_desc(c.state)),
                     c.app,
                     String::from_utf8_lossy(&c.app_data)
                 ));

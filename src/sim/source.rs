@@ -152,6 +152,10 @@ struct Call {
 /// An event batch shared by every session of a server.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Events the generator had emitted once this batch was taken (a running count): an answer
+    /// computed when the count was `n` is written after the batches with `end <= n` and before
+    /// the others, so it agrees with the events a session saw before it.
+    pub end: u64,
     pub bytes: bytes::Bytes,
     /// `(end offset, class bits)` per event; each event starts where the previous ended.
     pub events: Vec<(u32, u32)>,
@@ -187,6 +191,7 @@ impl BatchBuilder {
         let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(cap));
         let events = std::mem::take(&mut self.events);
         Batch {
+            end: 0,
             bytes: bytes::Bytes::from(buf),
             events,
         }
@@ -237,6 +242,8 @@ pub struct Generator {
     date_cache: (u64, [u8; 19]),
     globals: HashMap<Vec<u8>, Vec<u8>>,
     kind_total: u32,
+    /// Devices, queues and bridges, as the events emitted so far left them.
+    lists: super::list::Tracker,
 }
 
 impl Generator {
@@ -256,6 +263,7 @@ impl Generator {
             lib,
             cfg,
             kind_total,
+            lists: super::list::Tracker::default(),
         }
     }
 
@@ -404,6 +412,9 @@ impl Generator {
         self.clock_us += self.cfg.step_us;
         self.apply_faults(base, out);
         out.events.push((out.buf.len() as u32, ev.class));
+        if ev.effect == Effect::List {
+            self.lists.observe(&out.buf[base..], self.clock_us);
+        }
         let call = &mut self.calls[ci];
         match ev.effect {
             Effect::Create(s) => {
@@ -424,7 +435,7 @@ impl Generator {
                     *a = false;
                 }
             }
-            Effect::None | Effect::Originated => {}
+            Effect::None | Effect::Originated | Effect::List => {}
         }
         if tpl.has_bridge {
             let b = &tpl.bytes[s..e];
@@ -598,6 +609,11 @@ impl Generator {
             }
         }
         v
+    }
+
+    /// Devices, queues and bridges as the events emitted so far left them.
+    pub(crate) fn lists(&self) -> &super::list::Tracker {
+        &self.lists
     }
 
     /// Hang up the call owning `channel`: its remaining events go out with the next batch.

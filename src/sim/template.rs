@@ -61,7 +61,23 @@ pub enum Effect {
     Gone(u8),
     /// The `OriginateResponse` of an originated call (sync originates wait for it).
     Originated,
+    /// Changes a state list (devices, queues, bridges): the generator hands the emitted event
+    /// to the list tracker (`sim::list`). Set by [`Builder::end`] on the events that do.
+    List,
 }
+
+/// Events that change what `QueueStatus`, `DeviceStateList` or `BridgeList` answer.
+const LIST_EVENTS: [&str; 9] = [
+    "DeviceStateChange",
+    "QueueCallerJoin",
+    "QueueCallerLeave",
+    "AgentCalled",
+    "AgentComplete",
+    "BridgeCreate",
+    "BridgeEnter",
+    "BridgeLeave",
+    "BridgeDestroy",
+];
 
 #[derive(Clone, Copy, Debug)]
 pub struct EventMeta {
@@ -118,7 +134,8 @@ struct Chan {
     prio: u32,
 }
 
-fn state_desc(s: u8) -> &'static [u8] {
+/// `ChannelStateDesc` of a channel state number.
+pub(super) fn state_desc(s: u8) -> &'static [u8] {
     match s {
         0 => b"Down",
         4 => b"Ring",
@@ -149,6 +166,8 @@ pub struct Builder {
     start: usize,
     patch_lo: usize,
     class: u32,
+    /// The event being built changes a state list.
+    list: bool,
 }
 
 impl Default for Builder {
@@ -164,6 +183,7 @@ impl Builder {
             start: 0,
             patch_lo: 0,
             class: 0,
+            list: false,
         }
     }
 
@@ -184,6 +204,7 @@ impl Builder {
         self.start = self.t.bytes.len();
         self.patch_lo = self.t.patches.len();
         self.class = class;
+        self.list = LIST_EVENTS.contains(&name);
         self.lit(b"Event: ");
         self.lit(name.as_bytes());
         self.lit(b"\r\nPrivilege: ");
@@ -207,8 +228,14 @@ impl Builder {
         self.lit(b"\r\n");
     }
 
-    /// Close the event with its blank line.
+    /// Close the event with its blank line. An event that changes a state list and has no other
+    /// effect gets [`Effect::List`].
     pub fn end(&mut self, effect: Effect) {
+        let effect = if effect == Effect::None && self.list {
+            Effect::List
+        } else {
+            effect
+        };
         self.lit(b"\r\n");
         self.t.events.push(EventMeta {
             start: self.start as u32,

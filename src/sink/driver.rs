@@ -25,11 +25,16 @@ use std::time::Duration;
 use std::time::Instant;
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use super::{Delivery, Sink, SinkError};
 use crate::spool::{Reader, SpoolError};
+
+/// The send-latency histogram (hand-off to acknowledgement), recorded here per acknowledgement
+/// and described by `telemetry`.
+pub const SEND_SECONDS: &str = "amibus_sink_send_seconds";
 
 /// Running totals of one driver, readable from other tasks.
 #[derive(Debug, Default)]
@@ -66,6 +71,10 @@ pub struct DriverConfig {
     pub backoff_max: Duration,
     /// How long shutdown waits for in-flight deliveries.
     pub drain_deadline: Duration,
+    /// A delivery not confirmed this long after it was handed to the sink fails (retriable),
+    /// counted from the hand-off, whatever the client's own timer does; `None` leaves it to
+    /// the client (librdkafka enforces `message.timeout.ms` from enqueue time itself).
+    pub ack_deadline: Option<Duration>,
 }
 
 impl Default for DriverConfig {
@@ -74,6 +83,7 @@ impl Default for DriverConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(10),
+            ack_deadline: None,
         }
     }
 }
@@ -84,12 +94,28 @@ impl Default for DriverConfig {
 /// them all, where a set polled as a whole woke and polled every record's future on its own.
 /// A later delivery that finished first is settled as soon as the ones before it are; the
 /// spool's in-flight window already counts from the oldest unacknowledged record.
-#[derive(Default)]
+///
+/// Deadlines count from the hand-off, not from the first poll: a client timer that starts when
+/// its future is first polled (the JetStream PubAck's) ran one record after another here, since
+/// only the oldest is polled, and after a broker restart delivery froze for (records in flight)
+/// x (ack timeout): half an hour with 20,000 in flight. One timer serves the whole queue: it is
+/// armed at the oldest's deadline and, when it fires for a record already settled, moved to the
+/// new oldest's, so it costs nothing per record.
 struct InFlight {
     queue: VecDeque<(u64, Instant, Delivery)>,
+    deadline: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl InFlight {
+    fn new(deadline: Option<Duration>) -> Self {
+        InFlight {
+            queue: VecDeque::new(),
+            deadline,
+            timer: None,
+        }
+    }
+
     fn push(&mut self, id: u64, delivery: Delivery) {
         self.queue.push_back((id, Instant::now(), delivery));
     }
@@ -98,18 +124,72 @@ impl InFlight {
         self.queue.is_empty()
     }
 
-    /// The oldest delivery's outcome once it has one; pending while empty.
+    /// The oldest delivery's outcome once it has one, or a retriable failure once its deadline
+    /// has passed; pending while empty.
     fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<(u64, Instant, Result<(), SinkError>)> {
-        let Some((_, _, delivery)) = self.queue.front_mut() else {
+        let Some((_, sent, delivery)) = self.queue.front_mut() else {
             return Poll::Pending;
         };
-        let outcome = std::task::ready!(delivery.as_mut().poll(cx));
-        let (id, sent, _) = self.queue.pop_front().expect("front exists");
-        Poll::Ready((id, sent, outcome))
+        if let Poll::Ready(outcome) = delivery.as_mut().poll(cx) {
+            let (id, sent, _) = self.queue.pop_front().expect("front exists");
+            return Poll::Ready((id, sent, outcome));
+        }
+        let Some(limit) = self.deadline else {
+            return Poll::Pending;
+        };
+        let due = tokio::time::Instant::from_std(*sent + limit);
+        loop {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() < due {
+                // Armed for a record settled since: it fires early, and is moved then.
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                timer.as_mut().reset(due);
+                continue;
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.timer = None;
+            let (id, sent, _) = self.queue.pop_front().expect("front exists");
+            let why = format!("not acknowledged within {limit:?} of the hand-off");
+            return Poll::Ready((id, sent, Err(SinkError::Retriable(why))));
+        }
     }
 
     async fn next(&mut self) -> (u64, Instant, Result<(), SinkError>) {
         poll_fn(|cx| self.poll_oldest(cx)).await
+    }
+}
+
+/// Says "delivery failed; will resend" at most once per [`RETRY_LOG_EVERY`], with how many
+/// failures there were since: a stall of any length leaves a line every few seconds, never a
+/// line per record (a counter per 1,000 failures left a 30-minute stall with one line).
+struct RetryLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+const RETRY_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RetryLog {
+    fn failed(&mut self, sink: &str, id: u64, why: &str) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < RETRY_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            sink,
+            record = id,
+            error = why,
+            failures = self.since,
+            "delivery failed; will resend"
+        );
+        self.last = Some(Instant::now());
+        self.since = 0;
     }
 }
 
@@ -125,16 +205,21 @@ pub async fn run<S: Sink>(
     stats: Arc<DriverStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SpoolError> {
-    let mut in_flight = InFlight::default();
+    let mut in_flight = InFlight::new(cfg.ack_deadline);
+    let mut retry_log = RetryLog {
+        last: None,
+        since: 0,
+    };
     let name = sink.name();
     // Looked up once: the macro with labels builds and hashes a key on every call.
-    let send_seconds = metrics::histogram!(crate::telemetry::SINK_SEND_SECONDS, "sink" => name);
-    let settled = |reader: &Reader, (id, sent, outcome): (u64, Instant, Result<(), SinkError>)| {
-        if outcome.is_ok() {
-            send_seconds.record(sent.elapsed().as_secs_f64());
-        }
-        settle(reader, &stats, name, id, outcome)
-    };
+    let send_seconds = metrics::histogram!(SEND_SECONDS, "sink" => name);
+    let mut settled =
+        |reader: &Reader, (id, sent, outcome): (u64, Instant, Result<(), SinkError>)| {
+            if outcome.is_ok() {
+                send_seconds.record(sent.elapsed().as_secs_f64());
+            }
+            settle(reader, &stats, &mut retry_log, name, id, outcome)
+        };
     let mut rewind_pending = false;
     let mut backoff = cfg.backoff_min;
     tokio::pin!(shutdown);
@@ -181,7 +266,7 @@ pub async fn run<S: Sink>(
                 match sent {
                     Ok(delivery) => in_flight.push(id, delivery),
                     Err(e) => {
-                        if settle(&reader, &stats, name, id, Err(e)) {
+                        if settled(&reader, (id, Instant::now(), Err(e))) {
                             rewind_pending = true;
                         }
                     }
@@ -204,6 +289,7 @@ pub async fn run<S: Sink>(
 fn settle(
     reader: &Reader,
     stats: &DriverStats,
+    retry_log: &mut RetryLog,
     sink: &str,
     id: u64,
     outcome: Result<(), SinkError>,
@@ -223,9 +309,8 @@ fn settle(
         }
         Err(SinkError::Retriable(why)) => {
             stats.failing.store(true, Ordering::Relaxed);
-            if stats.failed_retriable.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                tracing::warn!(sink, record = id, error = %why, "delivery failed; will resend");
-            }
+            stats.failed_retriable.fetch_add(1, Ordering::Relaxed);
+            retry_log.failed(sink, id, &why);
             true
         }
     }
@@ -299,7 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn deliveries_settle_in_the_order_they_were_sent() {
-        let mut in_flight = InFlight::default();
+        let mut in_flight = InFlight::new(None);
         let mut confirm = Vec::new();
         for id in 0..3u64 {
             let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), SinkError>>();
@@ -331,6 +416,42 @@ mod tests {
         assert_eq!(id, 2);
         assert!(outcome.is_err_and(|e| e.is_retriable()));
         assert!(in_flight.is_empty());
+    }
+
+    /// Deadlines count from the hand-off: once they have all passed, every waiting delivery
+    /// fails on its first poll, instead of each starting its own timer when it becomes the
+    /// oldest (which made a broker restart freeze delivery for in-flight x timeout).
+    #[tokio::test]
+    async fn ack_deadlines_count_from_the_hand_off_not_from_the_first_poll() {
+        let limit = Duration::from_millis(50);
+        let mut in_flight = InFlight::new(Some(limit));
+        for id in 0..100u64 {
+            in_flight.push(id, Box::pin(std::future::pending()));
+        }
+        // Paces the test only: every deadline is behind us after this.
+        tokio::time::sleep(limit * 2).await;
+        for want in 0..100u64 {
+            let got = poll_fn(|cx| Poll::Ready(in_flight.poll_oldest(cx))).await;
+            let Poll::Ready((id, _, outcome)) = got else {
+                panic!("record {want} waited for a timer of its own");
+            };
+            assert_eq!(id, want);
+            assert!(outcome.is_err_and(|e| e.is_retriable()));
+        }
+        assert!(in_flight.is_empty());
+
+        // A record confirmed in time is not failed by the timer armed for it.
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), SinkError>>();
+        in_flight.push(1, Box::pin(async move { rx.await.unwrap_or(Ok(())) }));
+        in_flight.push(2, Box::pin(std::future::pending()));
+        let pending = poll_fn(|cx| Poll::Ready(in_flight.poll_oldest(cx).is_pending())).await;
+        assert!(pending);
+        let _ = tx.send(Ok(()));
+        let (id, _, outcome) = in_flight.next().await;
+        assert_eq!((id, outcome), (1, Ok(())));
+        let (id, _, outcome) = in_flight.next().await;
+        assert_eq!(id, 2);
+        assert!(outcome.is_err_and(|e| e.is_retriable()));
     }
 
     #[tokio::test]

@@ -1,5 +1,8 @@
 //! The file sink: payloads to a file or stdout, newline- or length-delimited, rotated by size.
 //!
+//! The framing follows `[pipeline] format` ([`Framing::for_format`]): JSON lines, or
+//! length-delimited protobuf envelopes (a varint length, then one `amibus.v1.Envelope`).
+//!
 //! Owns: one writer thread per sink (file writes block), batching every record that is
 //! waiting into one write and one flush, and acknowledging a batch only after its flush.
 //! It is the embedded default, so `amibus run` works without any broker.
@@ -15,6 +18,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Delivery, Record, Sink, SinkError};
+use crate::model::PayloadFormat;
 
 /// How records are separated in the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +27,20 @@ pub enum Framing {
     Lines,
     /// A protobuf varint length, then the payload (`parseDelimitedFrom` in most libraries).
     LengthDelimited,
+}
+
+impl Framing {
+    /// The framing a reader of `format` payloads expects: JSON is one object per line;
+    /// protobuf is length-delimited, the standard framing of a stream of messages (what
+    /// `amibus decode --format proto` writes, ClickHouse's `Protobuf` format and every
+    /// library's delimited reader take). Newlines cannot separate protobuf: its bytes may hold
+    /// any value, `\n` included.
+    pub fn for_format(format: PayloadFormat) -> Framing {
+        match format {
+            PayloadFormat::Json => Framing::Lines,
+            PayloadFormat::Proto => Framing::LengthDelimited,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

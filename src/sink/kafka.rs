@@ -1,8 +1,9 @@
-//! The Kafka sink, and the small Kafka reader behind `amibus tail` and the tests.
+//! The Kafka sink. Client settings (brokers, TLS, SASL) and reading back live in
+//! [`crate::broker::kafka`].
 //!
 //! Owns: the librdkafka producer (idempotent, `acks=all`, always), topic names from the
-//! record headers, the mapping of Kafka errors onto [`SinkError`], creating missing topics on
-//! request, and a [`KafkaSource`] that reads records back.
+//! record headers, the mapping of Kafka errors onto [`SinkError`], and creating missing topics
+//! on request.
 //!
 //! "Sent" means acknowledged: the [`Delivery`] of a record resolves `Ok` only when its
 //! delivery report says the partition leader and its in-sync replicas have it (`acks=all`).
@@ -10,12 +11,13 @@
 //! duplicates inside one producer session) until `message.timeout.ms`; only what it gives up
 //! on reaches the driver, which then rewinds the spool.
 //!
-//! Error mapping: what is wrong with *this record* (too large, invalid topic name, not
-//! authorized for the topic, rejected by the broker's record validation or policy) is
-//! [`SinkError::Permanent`], so the driver drops it and goes on. Everything else (timeouts,
-//! broker down, leader elections, full queues, unknown topics, and misconfiguration that
-//! affects every record) is [`SinkError::Retriable`]: the records stay in the spool until the
-//! cause is fixed, which loses nothing.
+//! Error mapping: what is wrong with *this record* (too large, invalid topic name, rejected by
+//! the broker's record validation or policy) is [`SinkError::Permanent`], so the driver drops
+//! it and goes on. Everything else (timeouts, broker down, leader elections, full queues,
+//! unknown topics, and misconfiguration that affects every record, authorization included) is
+//! [`SinkError::Retriable`]: the records stay in the spool until the cause is fixed, which
+//! loses nothing. An ACL that does not let amibus write a topic is such a misconfiguration:
+//! it refuses every record, and treating it as permanent acknowledged the whole spool away.
 //!
 //! Topics: a record goes to `expand_template(topic, record)`. With `create_topics`, the sink
 //! creates each topic the first time it sends to it (an existing topic is left as it is);
@@ -25,20 +27,17 @@
 //! on a blocking thread; a full local queue is waited on asynchronously).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{Delivery, Record, Sink, SinkError, expand_template};
+use crate::broker::kafka::{KafkaConfigError, KafkaConnection, TracingContext, is_record_error};
 
 /// Producer properties the sink always sets, with the only values it accepts for them.
 const ENFORCED: &[(&str, &[&str])] = &[
@@ -111,64 +110,6 @@ impl std::str::FromStr for Compression {
     }
 }
 
-pub use crate::secret::Secret;
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tls {
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SaslMechanism {
-    #[default]
-    Plain,
-    ScramSha256,
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "PLAIN",
-            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-}
-
-impl std::str::FromStr for SaslMechanism {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_uppercase().as_str() {
-            "PLAIN" => Ok(SaslMechanism::Plain),
-            "SCRAM-SHA-256" => Ok(SaslMechanism::ScramSha256),
-            "SCRAM-SHA-512" => Ok(SaslMechanism::ScramSha512),
-            _ => Err(format!(
-                "unknown SASL mechanism {s:?} (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)"
-            )),
-        }
-    }
-}
-
-/// SASL authentication. The password is a [`Secret`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Sasl {
-    pub mechanism: SaslMechanism,
-    pub username: String,
-    pub password: Secret,
-}
-
-/// Where the brokers are and how to reach them; shared by the sink and the source.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Connection {
-    /// `host:port[,host:port...]`
-    pub brokers: String,
-    pub tls: Option<Tls>,
-    pub sasl: Option<Sasl>,
-}
-
 /// How the sink creates a topic it has not seen yet (see [`KafkaSinkConfig::create_topics`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewTopics {
@@ -205,7 +146,7 @@ impl Default for NewTopics {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaSinkConfig {
-    pub connection: Connection,
+    pub connection: KafkaConnection,
     /// The topic of a record, with `{server}`, `{event}`, `{class}` (any header) placeholders.
     pub topic: String,
     pub compression: Compression,
@@ -228,7 +169,7 @@ impl KafkaSinkConfig {
     /// Defaults for everything but the brokers.
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaSinkConfig {
-            connection: Connection {
+            connection: KafkaConnection {
                 brokers: brokers.into(),
                 tls: None,
                 sasl: None,
@@ -308,125 +249,15 @@ impl KafkaSinkConfig {
     }
 }
 
-impl Connection {
-    /// Set the connection properties on `cc`; problems are added to `problems`.
-    pub(crate) fn apply(&self, cc: &mut ClientConfig, problems: &mut Vec<String>) {
-        if self.brokers.trim().is_empty() {
-            problems.push("kafka.brokers: at least one host:port is needed".to_string());
-        }
-        cc.set("bootstrap.servers", &self.brokers);
-        let protocol = match (&self.tls, &self.sasl) {
-            (None, None) => "plaintext",
-            (Some(_), None) => "ssl",
-            (None, Some(_)) => "sasl_plaintext",
-            (Some(_), Some(_)) => "sasl_ssl",
-        };
-        cc.set("security.protocol", protocol);
-        if let Some(tls) = &self.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                problems.push(
-                    "kafka.tls: a client certificate needs both cert_file and key_file".to_string(),
-                );
-            }
-            for (key, path) in [
-                ("ssl.ca.location", &tls.ca_file),
-                ("ssl.certificate.location", &tls.cert_file),
-                ("ssl.key.location", &tls.key_file),
-            ] {
-                if let Some(path) = path {
-                    cc.set(key, path.to_string_lossy());
-                }
-            }
-        }
-        if let Some(sasl) = &self.sasl {
-            if sasl.username.is_empty() {
-                problems.push("kafka.sasl.username: must not be empty".to_string());
-            }
-            cc.set("sasl.mechanism", sasl.mechanism.as_str())
-                .set("sasl.username", &sasl.username)
-                .set("sasl.password", sasl.password.expose());
-        }
-    }
-}
-
-/// Kafka settings that cannot work; lists every problem found.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid Kafka configuration: {}", .problems.join("; "))]
-pub struct KafkaConfigError {
-    pub problems: Vec<String>,
-}
-
-impl KafkaConfigError {
-    fn client(e: KafkaError) -> Self {
-        KafkaConfigError {
-            problems: vec![match e {
-                KafkaError::ClientConfig(_, desc, key, _) => {
-                    format!("kafka.properties.\"{key}\": {desc}")
-                }
-                other => other.to_string(),
-            }],
-        }
-    }
-}
-
 /// Whether a Kafka error is about the record itself (permanent) or about the moment
 /// (retriable). See the module docs.
 pub fn classify(e: &KafkaError) -> SinkError {
-    if e.rdkafka_error_code().is_some_and(is_permanent) {
+    if e.rdkafka_error_code().is_some_and(is_record_error) {
         SinkError::Permanent(e.to_string())
     } else {
         SinkError::Retriable(e.to_string())
     }
 }
-
-/// Error codes that say something is wrong with the record (or its topic name), so sending
-/// it again cannot help.
-fn is_permanent(code: RDKafkaErrorCode) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        code,
-        C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::MessageBatchTooLarge
-            | C::InvalidTopic
-            | C::TopicAuthorizationFailed
-            | C::InvalidRecord
-            | C::InvalidTimestamp
-            | C::PolicyViolation
-            | C::KeySerialization
-            | C::ValueSerialization
-    )
-}
-
-/// Forwards librdkafka's log lines and client errors to `tracing`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TracingContext;
-
-impl ClientContext for TracingContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        // Broker-down and similar transient states are reported here too; the delivery
-        // reports carry the consequences, so this stays at warn.
-        tracing::warn!(error = %error, "kafka client: {reason}");
-    }
-}
-
-impl ConsumerContext for TracingContext {}
 
 /// See the module docs.
 pub struct KafkaSink {
@@ -502,7 +333,7 @@ impl KafkaSink {
                 Err((name, code)) => {
                     // InvalidTopic and the like are about this record's topic name.
                     let why = format!("creating topic {name}: {code}");
-                    return Err(if is_permanent(code) {
+                    return Err(if is_record_error(code) {
                         SinkError::Permanent(why)
                     } else {
                         SinkError::Retriable(why)
@@ -530,7 +361,7 @@ impl KafkaSink {
 }
 
 fn admin_client(
-    connection: &Connection,
+    connection: &KafkaConnection,
     properties: &BTreeMap<String, String>,
 ) -> Result<AdminClient<TracingContext>, KafkaConfigError> {
     let mut cc = ClientConfig::new();
@@ -616,121 +447,10 @@ impl Sink for KafkaSink {
     }
 }
 
-/// Settings of a [`KafkaSource`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KafkaSourceConfig {
-    pub connection: Connection,
-    pub topics: Vec<String>,
-    /// The consumer group; a new group starts at the earliest offset.
-    pub group_id: String,
-    /// Any other librdkafka consumer property.
-    pub properties: BTreeMap<String, String>,
-}
-
-impl KafkaSourceConfig {
-    pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
-        KafkaSourceConfig {
-            connection: Connection {
-                brokers: brokers.into(),
-                tls: None,
-                sasl: None,
-            },
-            topics: Vec::new(),
-            group_id: group_id.into(),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-/// One record read back, with where it was.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Received {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub record: Record,
-}
-
-/// Why reading failed.
-#[derive(Debug, thiserror::Error)]
-#[error("kafka read: {0}")]
-pub struct ReadError(#[from] KafkaError);
-
-/// Reads records from Kafka topics as a group member, from the earliest offset for a new
-/// group; offsets are committed automatically. For `amibus tail` and tests.
-pub struct KafkaSource {
-    consumer: StreamConsumer<TracingContext>,
-}
-
-impl KafkaSource {
-    /// Create the consumer and subscribe.
-    ///
-    /// # Errors
-    /// Invalid settings, no topics, or librdkafka rejects a property.
-    pub fn new(cfg: &KafkaSourceConfig) -> Result<KafkaSource, KafkaConfigError> {
-        let mut problems = Vec::new();
-        if cfg.topics.is_empty() {
-            problems.push("kafka.topics: at least one topic is needed".to_string());
-        }
-        if cfg.group_id.is_empty() {
-            problems.push("kafka.group_id: must not be empty".to_string());
-        }
-        let mut cc = ClientConfig::new();
-        cfg.connection.apply(&mut cc, &mut problems);
-        if !problems.is_empty() {
-            return Err(KafkaConfigError { problems });
-        }
-        cc.set("group.id", &cfg.group_id)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
-        for (k, v) in &cfg.properties {
-            cc.set(k, v);
-        }
-        let consumer: StreamConsumer<TracingContext> = cc
-            .create_with_context(TracingContext)
-            .map_err(KafkaConfigError::client)?;
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(KafkaConfigError::client)?;
-        Ok(KafkaSource { consumer })
-    }
-
-    /// The next record.
-    ///
-    /// # Errors
-    /// A consume error reported by librdkafka (the consumer stays usable).
-    pub async fn recv(&self) -> Result<Received, ReadError> {
-        let m = self.consumer.recv().await?;
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned().into(),
-                            Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Received {
-            topic: m.topic().to_owned(),
-            partition: m.partition(),
-            offset: m.offset(),
-            record: Record {
-                key: m.key().map(Bytes::copy_from_slice).unwrap_or_default(),
-                headers,
-                payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-            },
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::kafka::{KafkaSasl, KafkaTls, Secret};
 
     #[test]
     fn acks_and_idempotence_cannot_be_weakened() {
@@ -766,12 +486,12 @@ mod tests {
     #[test]
     fn the_password_is_never_printed() {
         let mut cfg = KafkaSinkConfig::new("localhost:9092");
-        cfg.connection.sasl = Some(Sasl {
+        cfg.connection.sasl = Some(KafkaSasl {
             mechanism: "scram-sha-512".parse().expect("mechanism"),
             username: "amibus".into(),
             password: Secret::new("hunter2"),
         });
-        cfg.connection.tls = Some(Tls::default());
+        cfg.connection.tls = Some(KafkaTls::default());
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("[redacted]"));
@@ -799,7 +519,6 @@ mod tests {
         for code in [
             C::MessageSizeTooLarge,
             C::InvalidTopic,
-            C::TopicAuthorizationFailed,
             C::MessageBatchTooLarge,
         ] {
             assert!(!classify(&KafkaError::MessageProduction(code)).is_retriable());
@@ -814,6 +533,9 @@ mod tests {
             C::QueueFull,
             C::UnknownTopicOrPartition,
             C::NotEnoughReplicas,
+            // An ACL mistake refuses every record: they wait in the spool until it is fixed.
+            C::TopicAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
         ] {
             assert!(classify(&KafkaError::MessageProduction(code)).is_retriable());
         }

@@ -5,11 +5,17 @@
 //! [u32 value_len][value]}*[payload to the end]`. A file is named after the id of its first
 //! record (`00000000000000000042.seg`).
 //!
-//! Must never: trust a length read from disk without bounds (a torn write or a corrupt byte is
-//! reported as [`Torn`], and the reader stops there).
+//! Damage: a record that fails its checksum, has an impossible length or a body that does not
+//! decode is reported as [`Torn`], and the reader stops there; [`SegmentReader::resync`] then
+//! scans forward byte by byte for the next whole valid record, so that one bad byte costs the
+//! records it is in, not the rest of the segment.
+//!
+//! Must never: trust a length read from disk without bounds, or hand out a record that is not
+//! whole and valid.
 
 use std::fs::File;
 use std::io::{self, Read, Seek};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -19,6 +25,8 @@ use super::Record;
 /// The largest record body accepted when reading back; anything larger is corruption.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;
 const FRAME_HEADER: usize = 8;
+/// The smallest body: an id, a key length and a header count.
+const MIN_BODY: usize = 8 + 4 + 2;
 
 /// The file name of the segment whose first record has `first_id`.
 pub fn file_name(first_id: u64) -> String {
@@ -33,6 +41,19 @@ pub fn parse_file_name(path: &Path) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The segment files in `dir`, by first id, oldest first (other files are left out).
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut paths: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| parse_file_name(&p).map(|id| (id, p)))
+        .collect();
+    paths.sort();
+    Ok(paths)
 }
 
 /// The bytes `record` takes in a segment, framing included.
@@ -82,8 +103,50 @@ pub struct Torn {
     pub offset: u64,
 }
 
+/// Where [`SegmentReader::resync`] found a whole valid record again after a bad one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resynced {
+    /// Where the skipped bytes start (the bad record).
+    pub offset: u64,
+    /// How many bytes were skipped.
+    pub bytes: u64,
+    /// The id of the record found after them (the next [`SegmentReader::read_next`] returns it).
+    pub next_id: u64,
+}
+
+/// A record's place in its source's numbering, read from the bus headers the pipeline writes:
+/// `server`, `epoch` and `seq`, and for a gap record the range it names (`gap_epoch`,
+/// `gap_first_seq`, `gap_last_seq`). The spool uses it only to infer what damaged records were
+/// from their neighbours (see [`super::damage`]); typed record metadata instead of headers
+/// parsed back is issue #13's job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    pub server: Bytes,
+    pub epoch: u64,
+    pub seq: u64,
+    /// (epoch, first seq, last seq) named by a gap record.
+    pub gap: Option<(u64, u64, u64)>,
+}
+
+/// The [`Stamp`] of `record`, if it carries `server`, `epoch` and `seq`.
+pub fn stamp(record: &Record) -> Option<Stamp> {
+    let num = |name: &str| -> Option<u64> {
+        std::str::from_utf8(record.header(name)?).ok()?.parse().ok()
+    };
+    let gap = match (num("gap_epoch"), num("gap_first_seq"), num("gap_last_seq")) {
+        (Some(epoch), Some(first), Some(last)) if first <= last => Some((epoch, first, last)),
+        _ => None,
+    };
+    Some(Stamp {
+        server: record.header("server")?.clone(),
+        epoch: num("epoch")?,
+        seq: num("seq")?,
+        gap,
+    })
+}
+
 /// The names the pipeline writes, shared instead of allocated when read back.
-const KNOWN_NAMES: [&str; 10] = [
+const KNOWN_NAMES: [&str; 11] = [
     "server",
     "event",
     "kind",
@@ -94,6 +157,7 @@ const KNOWN_NAMES: [&str; 10] = [
     "gap_epoch",
     "gap_first_seq",
     "gap_last_seq",
+    "snapshot",
 ];
 
 fn header_name(bytes: &[u8]) -> Option<super::HeaderName> {
@@ -140,6 +204,23 @@ fn decode_body(mut body: Bytes) -> Option<(u64, Record)> {
             payload: body,
         },
     ))
+}
+
+/// Hand each record [`encode`] wrote into `bytes` to `each`, in order; stops at the first that
+/// is not whole (the buffer is the spool's own, never read from disk).
+pub fn decode_all(mut bytes: Bytes, mut each: impl FnMut(u64, Record)) {
+    while bytes.len() >= FRAME_HEADER {
+        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        if bytes.len() < FRAME_HEADER + len {
+            return;
+        }
+        let body = bytes.slice(FRAME_HEADER..FRAME_HEADER + len);
+        bytes.advance(FRAME_HEADER + len);
+        match decode_body(body) {
+            Some((id, record)) => each(id, record),
+            None => return,
+        }
+    }
 }
 
 /// How much a [`SegmentReader`] reads at a time.
@@ -212,6 +293,74 @@ impl SegmentReader {
         Ok(Some(record))
     }
 
+    /// Skip a bad record: scan forward from one byte past [`SegmentReader::offset`] for the first
+    /// position that holds a whole valid record (a length within bounds, a matching checksum, a
+    /// body that decodes) whose id is in `ids`, and go on reading from there.
+    ///
+    /// Looks only at what the file holds now. `Ok(None)` when no such record follows: nothing is
+    /// consumed, and a later call (the active segment may have grown) scans again.
+    ///
+    /// The scan keeps a window of at most a chunk plus the candidate being checked; a candidate
+    /// costs a checksum only when its length fits in the file and its id is in `ids`, which
+    /// almost no byte position inside other records passes.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn resync(&mut self, ids: Range<u64>) -> io::Result<Option<Resynced>> {
+        let start = self.offset;
+        let end = self.file.metadata()?.len();
+        self.forget()?;
+        let mut window = Window {
+            base: start,
+            buf: Vec::new(),
+        };
+        let mut at = start + 1;
+        let found = loop {
+            if at + (FRAME_HEADER + MIN_BODY) as u64 > end {
+                break None;
+            }
+            if at - window.base >= CHUNK as u64 {
+                window.advance_to(at);
+            }
+            let Some(head) = window.get(&mut self.file, at, FRAME_HEADER + 8)? else {
+                break None;
+            };
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&head[8..16]);
+            let id = u64::from_le_bytes(id);
+            if !(MIN_BODY..=MAX_RECORD_BYTES).contains(&len)
+                || at + (FRAME_HEADER + len) as u64 > end
+                || !ids.contains(&id)
+            {
+                at += 1;
+                continue;
+            }
+            let Some(frame) = window.get(&mut self.file, at, FRAME_HEADER + len)? else {
+                break None;
+            };
+            let body = &frame[FRAME_HEADER..];
+            if crc32fast::hash(body) == crc
+                && decode_body(Bytes::copy_from_slice(body)).is_some_and(|(i, _)| i == id)
+            {
+                break Some((at, id));
+            }
+            at += 1;
+        };
+        let Some((at, next_id)) = found else {
+            self.forget()?;
+            return Ok(None);
+        };
+        self.offset = at;
+        self.forget()?;
+        Ok(Some(Resynced {
+            offset: start,
+            bytes: at - start,
+            next_id,
+        }))
+    }
+
     /// Make `chunk` hold at least `need` bytes if the file has them; false if it ends first.
     fn fill(&mut self, need: usize) -> io::Result<bool> {
         if self.chunk.len() >= need {
@@ -232,6 +381,35 @@ impl SegmentReader {
     fn forget(&mut self) -> io::Result<()> {
         self.chunk = Bytes::new();
         self.file.seek(io::SeekFrom::Start(self.offset)).map(|_| ())
+    }
+}
+
+/// The bytes of a file from `base` on, read sequentially as a scan needs them (the file's
+/// position is always `base + buf.len()`).
+struct Window {
+    base: u64,
+    buf: Vec<u8>,
+}
+
+impl Window {
+    /// `len` bytes from file offset `at` (not before `base`); `None` if the file ends first.
+    fn get(&mut self, file: &mut File, at: u64, len: usize) -> io::Result<Option<&[u8]>> {
+        let Some(from) = at.checked_sub(self.base).map(|d| d as usize) else {
+            return Ok(None);
+        };
+        let need = from + len;
+        if self.buf.len() < need {
+            let want = (need - self.buf.len()).max(CHUNK);
+            (&mut *file).take(want as u64).read_to_end(&mut self.buf)?;
+        }
+        Ok(self.buf.get(from..need))
+    }
+
+    /// Forget the bytes before `at`.
+    fn advance_to(&mut self, at: u64) {
+        let n = ((at - self.base) as usize).min(self.buf.len());
+        self.buf.drain(..n);
+        self.base += n as u64;
     }
 }
 
@@ -308,6 +486,155 @@ mod tests {
         file.write_all(second_half).expect("write");
         assert_eq!(r.read_next().expect("ok"), Some((2_000, last)));
         assert_eq!(r.read_next().expect("ok"), None);
+    }
+
+    /// `n` records with ids `first..first + n`, and where each starts.
+    fn segment_bytes(first: u64, n: u64) -> (Vec<u8>, Vec<usize>) {
+        let (mut bytes, mut starts) = (Vec::new(), Vec::new());
+        for id in first..first + n {
+            starts.push(bytes.len());
+            encode(
+                id,
+                &record(&format!("k{id}"), &format!("payload {id}")),
+                &mut bytes,
+            );
+        }
+        (bytes, starts)
+    }
+
+    fn ids(r: &mut SegmentReader) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Ok(Some((id, _))) = r.read_next() {
+            out.push(id);
+        }
+        out
+    }
+
+    #[test]
+    fn a_reader_resyncs_after_a_flipped_byte_and_reports_the_span() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(10));
+        let (mut bytes, starts) = segment_bytes(10, 6);
+        // A byte in the payload of the third record (id 12).
+        bytes[starts[3] - 2] ^= 0x40;
+        std::fs::write(&path, &bytes).expect("write");
+        let mut r = SegmentReader::open(&path).expect("open");
+        assert_eq!(ids(&mut r), vec![10, 11]);
+        assert!(matches!(r.read_next(), Err(Ok(Torn { offset })) if offset == starts[2] as u64));
+        let skipped = r.resync(12..u64::MAX).expect("scan").expect("found");
+        assert_eq!(
+            skipped,
+            Resynced {
+                offset: starts[2] as u64,
+                bytes: (starts[3] - starts[2]) as u64,
+                next_id: 13
+            }
+        );
+        assert_eq!(r.offset(), starts[3] as u64);
+        assert_eq!(ids(&mut r), vec![13, 14, 15]);
+        assert!(matches!(r.read_next(), Ok(None)));
+    }
+
+    #[test]
+    fn a_resync_skips_a_wrecked_length_and_records_outside_the_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(1));
+        let (mut bytes, starts) = segment_bytes(1, 8);
+        // Record 3's length claims more than the file: it and record 4 (zeroed) are lost.
+        bytes[starts[2]..starts[2] + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes[starts[3]..starts[4]].fill(0);
+        std::fs::write(&path, &bytes).expect("write");
+        let mut r = SegmentReader::open(&path).expect("open");
+        assert_eq!(ids(&mut r), vec![1, 2]);
+        assert!(r.read_next().is_err());
+        // Only ids in the range count: 5 is passed over as if it were damaged too.
+        let skipped = r.resync(3..5).expect("scan");
+        assert_eq!(skipped, None, "no id in 3..5 follows");
+        assert_eq!(r.offset(), starts[2] as u64, "nothing consumed");
+        let skipped = r.resync(3..u64::MAX).expect("scan").expect("found");
+        assert_eq!(
+            (skipped.offset, skipped.bytes, skipped.next_id),
+            (starts[2] as u64, (starts[4] - starts[2]) as u64, 5)
+        );
+        assert_eq!(ids(&mut r), vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_resync_with_nothing_valid_after_finds_the_next_append() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(1));
+        let (mut bytes, starts) = segment_bytes(1, 3);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).expect("write");
+        let mut r = SegmentReader::open(&path).expect("open");
+        assert_eq!(ids(&mut r), vec![1, 2]);
+        assert!(r.read_next().is_err());
+        assert_eq!(r.resync(3..u64::MAX).expect("scan"), None);
+        // A record appended after the bad one is found by the next scan.
+        let mut more = Vec::new();
+        encode(4, &record("k4", "payload 4"), &mut more);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("append");
+        file.write_all(&more).expect("write");
+        let skipped = r.resync(3..u64::MAX).expect("scan").expect("found");
+        assert_eq!((skipped.offset, skipped.next_id), (starts[2] as u64, 4));
+        assert_eq!(ids(&mut r), vec![4]);
+    }
+
+    #[test]
+    fn a_resync_scans_garbage_longer_than_a_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(1));
+        let (mut bytes, _) = segment_bytes(1, 3);
+        let damage_at = bytes.len();
+        // Noise, with a frame header here and there that claims a plausible length.
+        let mut x: u32 = 12345;
+        for i in 0..(2 * CHUNK + 77) {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            bytes.push(if i % 997 == 0 { 40 } else { (x >> 16) as u8 });
+        }
+        let resumes_at = bytes.len();
+        let (more, _) = segment_bytes(4, 3);
+        bytes.extend_from_slice(&more);
+        std::fs::write(&path, &bytes).expect("write");
+        let mut r = SegmentReader::open(&path).expect("open");
+        assert_eq!(ids(&mut r), vec![1, 2, 3]);
+        assert!(r.read_next().is_err());
+        let skipped = r.resync(4..u64::MAX).expect("scan").expect("found");
+        assert_eq!(
+            skipped,
+            Resynced {
+                offset: damage_at as u64,
+                bytes: (resumes_at - damage_at) as u64,
+                next_id: 4
+            }
+        );
+        assert_eq!(ids(&mut r), vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn stamps_are_read_from_the_pipeline_headers() {
+        let mut rec = record("k", "p");
+        assert_eq!(stamp(&rec), None, "no epoch or seq");
+        rec.headers.push(("epoch".into(), Bytes::from_static(b"7")));
+        rec.headers.push(("seq".into(), Bytes::from_static(b"12")));
+        let s = stamp(&rec).expect("stamp");
+        assert_eq!(
+            (&s.server[..], s.epoch, s.seq, s.gap),
+            (&b"pbx1"[..], 7, 12, None)
+        );
+        for (name, v) in [
+            ("gap_epoch", "6"),
+            ("gap_first_seq", "3"),
+            ("gap_last_seq", "5"),
+        ] {
+            rec.headers.push((name.into(), Bytes::from(v)));
+        }
+        assert_eq!(stamp(&rec).expect("stamp").gap, Some((6, 3, 5)));
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! own stop, and an `amibus run` left behind would keep its simulator and spool busy (and its
 //! ports taken) for every test after it.
 
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::process::Child;
+use std::time::{Duration, Instant};
 
 /// Killed and reaped on drop, unless it has exited already.
 pub struct KillOnDrop(pub Child);
@@ -27,5 +30,41 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+}
+
+/// The address `amibus run` serves metrics on, from its log line "serving /metrics, ..." (run
+/// with `[metrics] listen = "127.0.0.1:0"`, so the system picks a port no other process holds:
+/// probing for a free port and passing it on races with every other socket on the machine).
+///
+/// # Panics
+/// The line does not appear within 60 s, or `child` exits first.
+#[allow(dead_code)]
+pub fn metrics_addr(log: &Path, child: &mut KillOnDrop) -> SocketAddr {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(|l| {
+                l.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+        {
+            return addr;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("amibus exited ({status}) before serving metrics:\n{text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "amibus did not log its metrics address:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

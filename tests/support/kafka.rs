@@ -55,19 +55,29 @@ impl Broker {
     /// # Panics
     /// When `tansu` is missing (saying how to install it) or does not come up.
     pub async fn start() -> Broker {
-        let bin = find_tansu();
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
-            l.local_addr().expect("local addr").port()
-        };
         let mut broker = Broker {
-            bin,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            bin: find_tansu(),
+            addr: free_addr(),
             dir: tempfile::tempdir().expect("tempdir for tansu"),
             child: None,
             starts: 0,
         };
-        broker.run().await;
+        // The port is probed free and then bound by tansu, a child that must also advertise
+        // it, so it cannot bind port 0. Another process can take the port in between: then
+        // tansu exits at once, and the start is tried again on another port.
+        for attempt in 1.. {
+            match broker.run().await {
+                Ok(()) => break,
+                Err(why) if attempt < 5 => {
+                    eprintln!(
+                        "tansu did not start on {} ({why}); another port",
+                        broker.addr
+                    );
+                    broker.addr = free_addr();
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
         broker
     }
 
@@ -87,7 +97,14 @@ impl Broker {
     /// Start the broker again on the same port and storage, after [`Broker::stop`].
     pub async fn restart(&mut self) {
         self.stop();
-        self.run().await;
+        // The port was released by the stop; while another process holds it, wait.
+        for attempt in 1.. {
+            match self.run().await {
+                Ok(()) => return,
+                Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     /// Create a topic (an existing one is fine).
@@ -122,7 +139,8 @@ impl Broker {
         self.dir.path().join("tansu.log")
     }
 
-    async fn run(&mut self) {
+    /// Start tansu and wait until it accepts connections; why not if it exits first.
+    async fn run(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log = File::options()
             .create(true)
@@ -145,23 +163,24 @@ impl Broker {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
+                    self.child = None;
+                    return Err(format!(
                         "tansu exited with {status} on start {}; its log:\n{}",
                         self.starts,
                         self.log()
-                    );
+                    ));
                 }
             }
             if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                return;
+                return Ok(());
             }
             if started.elapsed() > START_DEADLINE {
                 panic!(
@@ -173,6 +192,12 @@ impl Broker {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free loopback port")
 }
 
 impl Drop for Broker {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amibus::ami::login::md5_key;
-use amibus::ami::{Record, Stamped};
-use amibus::config::Secret;
+use amibus::ami::{Record, Stamped, handoff};
+use amibus::secret::Secret;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
@@ -56,6 +56,8 @@ pub struct Behaviour {
     pub reject_filter: Option<String>,
     /// Items in a CoreShowChannels list.
     pub list_items: usize,
+    /// Actions (lower case) the fake never answers: the test answers them with `send`.
+    pub leave_to_test: Vec<String>,
 }
 
 impl Default for Behaviour {
@@ -67,6 +69,7 @@ impl Default for Behaviour {
             after_events: Vec::new(),
             reject_filter: None,
             list_items: 3,
+            leave_to_test: Vec::new(),
         }
     }
 }
@@ -260,6 +263,7 @@ async fn serve<S>(
                             close = true;
                         }
                         _ if !authed => out = response(&id, "Error", "Message: Permission denied\r\n"),
+                        n if b.leave_to_test.iter().any(|a| a == n) => continue,
                         "filter" => {
                             if b.reject_filter.is_some() && a.get("Filter") == b.reject_filter.as_deref() {
                                 out = response(&id, "Error", "Message: Filter did not compile.\r\n");
@@ -313,7 +317,7 @@ pub fn event(name: &str, n: usize) -> Vec<u8> {
 }
 
 /// The next record (waits up to 10 s).
-pub async fn next(rx: &mut mpsc::Receiver<Stamped>) -> Stamped {
+pub async fn next(rx: &mut handoff::Receiver) -> Stamped {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("no record within 10 s")
@@ -321,10 +325,7 @@ pub async fn next(rx: &mut mpsc::Receiver<Stamped>) -> Stamped {
 }
 
 /// Records up to and including the first one matching `pred`.
-pub async fn until(
-    rx: &mut mpsc::Receiver<Stamped>,
-    pred: impl Fn(&Stamped) -> bool,
-) -> Vec<Stamped> {
+pub async fn until(rx: &mut handoff::Receiver, pred: impl Fn(&Stamped) -> bool) -> Vec<Stamped> {
     let mut out = Vec::new();
     loop {
         let r = next(rx).await;
@@ -363,14 +364,14 @@ pub fn down_reason(r: &Stamped) -> Option<&str> {
 
 /// Start a connection task for `c` whose records go to a queue of `queue`.
 pub fn start(
-    c: amibus::config::ServerConfig,
+    c: amibus::ami::server::ServerConfig,
     queue: usize,
 ) -> (
     amibus::ami::connection::Connection,
-    mpsc::Receiver<Stamped>,
+    handoff::Receiver,
     tokio_util::sync::CancellationToken,
 ) {
-    let (tx, rx) = mpsc::channel(queue);
+    let (tx, rx) = handoff::channel(queue);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let conn = amibus::ami::connection::Connection::spawn(
         Arc::new(c),

@@ -1,5 +1,5 @@
 //! A real `nats-server` for integration tests: started as a child process with JetStream on a
-//! free port and a store in a temp dir, stoppable and restartable on the same port and store
+//! port it picks itself and a store in a temp dir, stoppable and restartable on the same port and store
 //! (for "broker down for a while" tests), killed on drop.
 //!
 //! Include it with `#[path = "support/nats.rs"] mod nats_support;`.
@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,9 +38,11 @@ fn binary() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+/// The port of the log's "Listening for client connections on 127.0.0.1:<port>" line.
+fn logged_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|l| l.split("Listening for client connections on ").nth(1))
+        .and_then(|addr| addr.trim().rsplit(':').next()?.parse().ok())
 }
 
 impl NatsServer {
@@ -68,7 +70,9 @@ impl NatsServer {
         }
         let mut server = NatsServer {
             bin,
-            port: free_port(),
+            // Chosen by the server at its first start (`-p -1`), so no other process can take
+            // it between a probe and the bind; restarts reuse it.
+            port: 0,
             dir: tempfile::tempdir().expect("tempdir for the nats store"),
             opts,
             child: None,
@@ -101,7 +105,7 @@ impl NatsServer {
         self.dir.path().join(format!("server-{n}.log"))
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log_path = self.log_path(self.starts);
         let log = File::create(&log_path).expect("create the server log");
@@ -110,7 +114,11 @@ impl NatsServer {
             .arg("-sd")
             .arg(self.store_dir())
             .args(["-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
+            .arg(if self.port == 0 {
+                "-1".to_string()
+            } else {
+                self.port.to_string()
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -131,24 +139,44 @@ impl NatsServer {
         }
         let child = cmd.spawn().expect("spawn nats-server");
         self.child = Some(child);
-        self.wait_ready(&log_path);
+        self.wait_ready(&log_path)
     }
 
-    /// Until the log says "Server is ready" and the port accepts connections.
-    fn wait_ready(&mut self, log_path: &Path) {
+    /// Start the server; a restart whose port another process took meanwhile (its listener
+    /// was closed by the stop) tries again for a while instead of failing the test.
+    fn spawn(&mut self) {
+        for attempt in 1.. {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if log.contains("address already in use") && attempt < 100 => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(log) => panic!("nats-server exited while starting:\n{log}"),
+            }
+        }
+    }
+
+    /// Until the log says "Server is ready" and the port accepts connections; the log if the
+    /// server exits first.
+    fn wait_ready(&mut self, log_path: &Path) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
-                    "nats-server exited ({status}) while starting:\n{}",
-                    read_log(log_path)
-                );
+                self.child = None;
+                return Err(format!("({status}) {}", read_log(log_path)));
             }
-            let logged = read_log(log_path).contains("Server is ready");
-            if logged && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            let log = read_log(log_path);
+            if log.contains("Server is ready") {
+                if self.port == 0 {
+                    self.port = logged_port(&log).unwrap_or_else(|| {
+                        panic!("nats-server did not log its client port:\n{log}")
+                    });
+                }
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return Ok(());
+                }
             }
             if Instant::now() > deadline {
                 panic!(

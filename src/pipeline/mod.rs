@@ -1,0 +1,830 @@
+//! The pipeline: stamped records from the connections → envelopes → the spool.
+//!
+//! Owns: encoding each record (protobuf or JSON), its partition key and bus headers, and
+//! turning what the spool had to drop into `gap` records, so loss is visible on the bus.
+//!
+//! Bus headers of every record: `server`, `event` (the normalized event name, the response
+//! value, or the synthetic kind), `kind`, `class` (the first privilege class, e.g. `call`;
+//! `amibus` for synthetic records), `schema` (`amibus.v1`), `epoch` and `seq` (decimal); and
+//! `snapshot` (the snapshot id) on a snapshot's items and on its begin and end records.
+//!
+//! Gap records made here (for records the spool dropped) carry `seq` 0: they are not part of
+//! the connection's numbering; their `gap` detail names the lost epoch and sequence range.
+//! Every gap record (these and the connection's) also carries that range in the headers
+//! `gap_epoch`, `gap_first_seq` and `gap_last_seq`, so that when the spool drops a gap record
+//! itself (it keeps only the headers of what it drops), the range is remembered again and
+//! reported in a later gap record: a loss is never hidden by the loss of its report.
+//!
+//! A gap record's `reason` says why: `spool full` for records the cap dropped, `spool damaged`
+//! for records the spool found damaged on disk (their seqs are inferred by the spool, see
+//! [`crate::spool::damage`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::ami::{ParseErrorRecord, Record as AmiRecord, Stamp, Stamped, record};
+use crate::model::{self, PayloadFormat, json, pb};
+use crate::spool::{self, Appended, Spool, SpoolError};
+
+/// Counters of one pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    pub records: u64,
+    pub stored: u64,
+    pub dropped_newest: u64,
+    pub dropped_oldest: u64,
+    /// Of the dropped records, gap records made here (seq 0): not AMI records themselves;
+    /// the ranges they named are reported again.
+    pub dropped_gap_records: u64,
+    pub gap_records: u64,
+    /// Records too large for the spool, published as a `parse_error` record in their place.
+    pub too_large: u64,
+    /// Records the spool could not write (disk full, I/O error): dropped and reported as
+    /// gaps once the spool can be written again. Counted in `dropped_newest` too.
+    pub write_failures: u64,
+    /// Seqs the spool found damaged on disk (named by `spool damaged` gap records).
+    pub damaged_seqs: u64,
+}
+
+impl PipelineStats {
+    /// Add another pipeline's counters (several run in parallel).
+    pub fn merge(&mut self, o: &PipelineStats) {
+        self.records += o.records;
+        self.stored += o.stored;
+        self.dropped_newest += o.dropped_newest;
+        self.dropped_oldest += o.dropped_oldest;
+        self.dropped_gap_records += o.dropped_gap_records;
+        self.gap_records += o.gap_records;
+        self.too_large += o.too_large;
+        self.write_failures += o.write_failures;
+        self.damaged_seqs += o.damaged_seqs;
+    }
+}
+
+/// The counters of all pipelines together, readable from other tasks (the metrics endpoint);
+/// each pipeline adds what changed after every batch.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    records: std::sync::atomic::AtomicU64,
+    gap_records: std::sync::atomic::AtomicU64,
+    too_large: std::sync::atomic::AtomicU64,
+    write_failures: std::sync::atomic::AtomicU64,
+}
+
+impl SharedStats {
+    /// Add the change from `before` to `now` of one pipeline's counters.
+    pub fn publish(&self, before: &PipelineStats, now: &PipelineStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.records
+            .fetch_add(now.records - before.records, Relaxed);
+        self.gap_records
+            .fetch_add(now.gap_records - before.gap_records, Relaxed);
+        self.too_large
+            .fetch_add(now.too_large - before.too_large, Relaxed);
+        self.write_failures
+            .fetch_add(now.write_failures - before.write_failures, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> PipelineStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        PipelineStats {
+            records: self.records.load(Relaxed),
+            gap_records: self.gap_records.load(Relaxed),
+            too_large: self.too_large.load(Relaxed),
+            write_failures: self.write_failures.load(Relaxed),
+            ..PipelineStats::default()
+        }
+    }
+}
+
+/// An inclusive range of sequence numbers.
+type SeqRange = (u64, u64);
+
+/// Why records were lost in the spool: the `reason` of their gap record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LossReason {
+    /// Dropped by the spool's cap (or a gap record naming them was).
+    #[default]
+    SpoolFull,
+    /// Damaged on disk (a flipped byte, a truncated segment).
+    SpoolDamaged,
+    /// The spool could not write them (disk full, I/O error).
+    SpoolWriteFailed,
+}
+
+impl LossReason {
+    /// The gap record's `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::SpoolFull => "spool full",
+            LossReason::SpoolDamaged => "spool damaged",
+            LossReason::SpoolWriteFailed => "spool write failed",
+        }
+    }
+
+    /// The word in [`UNREPORTED_FILE`].
+    fn token(self) -> &'static str {
+        match self {
+            LossReason::SpoolFull => "spool-full",
+            LossReason::SpoolDamaged => "spool-damaged",
+            LossReason::SpoolWriteFailed => "spool-write-failed",
+        }
+    }
+
+    fn parse_token(s: &str) -> Option<LossReason> {
+        [
+            LossReason::SpoolFull,
+            LossReason::SpoolDamaged,
+            LossReason::SpoolWriteFailed,
+        ]
+        .into_iter()
+        .find(|r| r.token() == s)
+    }
+}
+
+/// A loss not reported yet.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LostRange {
+    pub server: String,
+    pub epoch: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub reason: LossReason,
+}
+
+/// The file in the spool directory that carries unreported loss from one run to the next. It
+/// is read at start and replaced only at a clean stop, so a crash in between reports the loss
+/// twice rather than never.
+pub const UNREPORTED_FILE: &str = "unreported-gaps";
+
+/// Write `lost` to [`UNREPORTED_FILE`] in `dir` (one `server epoch first last [reason]` line
+/// each; the reason is left out for `spool-full`, as files written before it existed read), or
+/// remove the file when there is nothing.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn save_unreported(dir: &std::path::Path, lost: &[LostRange]) -> std::io::Result<()> {
+    let path = dir.join(UNREPORTED_FILE);
+    if lost.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let text: String = lost
+        .iter()
+        .map(|l| {
+            let (server, epoch, first, last) = (&l.server, l.epoch, l.first_seq, l.last_seq);
+            match l.reason {
+                LossReason::SpoolFull => format!("{server} {epoch} {first} {last}\n"),
+                r => format!("{server} {epoch} {first} {last} {}\n", r.token()),
+            }
+        })
+        .collect();
+    write_replacing(dir, UNREPORTED_FILE, text.as_bytes())
+}
+
+/// Read [`UNREPORTED_FILE`] from `dir`: the ranges, and the lines that are not ranges. A line
+/// without a reason (every line of a file written before reasons) is `spool-full`.
+///
+/// # Errors
+/// The file exists but cannot be read.
+pub fn load_unreported(dir: &std::path::Path) -> std::io::Result<(Vec<LostRange>, Vec<String>)> {
+    let text = match std::fs::read_to_string(dir.join(UNREPORTED_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    let (mut ranges, mut bad) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        let reason = match f.get(4) {
+            None => Some(LossReason::SpoolFull),
+            Some(token) => LossReason::parse_token(token),
+        };
+        match (f.first(), num(1), num(2), num(3), reason, f.len()) {
+            (Some(server), Some(epoch), Some(first), Some(last), Some(reason), 4 | 5)
+                if first <= last =>
+            {
+                ranges.push(LostRange {
+                    server: (*server).to_owned(),
+                    epoch,
+                    first_seq: first,
+                    last_seq: last,
+                    reason,
+                });
+            }
+            _ => bad.push(line.to_owned()),
+        }
+    }
+    Ok((ranges, bad))
+}
+
+/// The file in the spool directory naming each (server, epoch) whose `connection_up` was
+/// accepted and whose `connection_down` was not yet: one `server epoch` line each. A run that
+/// ends without closing them (SIGKILL, a crash, the machine gone) leaves them there, and the
+/// next start closes each with a `connection_down` record, so consumers can tell "no calls"
+/// from "amibus was dead".
+pub const OPEN_EPOCHS_FILE: &str = "open-epochs";
+
+/// The `reason` of the `connection_down` a start publishes for an epoch an earlier run left
+/// open (its `seq` is 0: the epoch's own numbering ended with that run, unknown where).
+pub const UNCLOSED_REASON: &str = "amibus stopped without closing this session (killed or crashed): records read after the last one published were lost";
+
+/// The epochs open right now, shared by the pipelines, mirrored in [`OPEN_EPOCHS_FILE`].
+/// Written on every login and logout (rare), with tmp + rename.
+#[derive(Clone)]
+pub struct OpenEpochs {
+    dir: std::path::PathBuf,
+    open: Arc<std::sync::Mutex<EpochSet>>,
+}
+
+type EpochSet = std::collections::BTreeSet<(Arc<str>, u64)>;
+
+/// What an earlier run left in [`OPEN_EPOCHS_FILE`].
+#[derive(Debug, Default)]
+pub struct LeftOpen {
+    /// (server, epoch) of each session it did not close.
+    pub epochs: Vec<(String, u64)>,
+    /// Lines that are not `server epoch`.
+    pub bad_lines: Vec<String>,
+}
+
+impl OpenEpochs {
+    /// Read what an earlier run left open in `dir` (the lines that are not `server epoch` are
+    /// returned apart), and start with nothing open.
+    ///
+    /// # Errors
+    /// The file exists but cannot be read.
+    pub fn load(dir: &std::path::Path) -> std::io::Result<(OpenEpochs, LeftOpen)> {
+        let text = match std::fs::read_to_string(dir.join(OPEN_EPOCHS_FILE)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut left = LeftOpen::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match (f.as_slice(), f.get(1).and_then(|e| e.parse::<u64>().ok())) {
+                ([server, _], Some(epoch)) => left.epochs.push(((*server).to_owned(), epoch)),
+                _ => left.bad_lines.push(line.to_owned()),
+            }
+        }
+        let open = OpenEpochs {
+            dir: dir.to_owned(),
+            open: Arc::default(),
+        };
+        Ok((open, left))
+    }
+
+    /// Write the set as it is now: at start, once what an earlier run left open is closed
+    /// (in the spool), so the next start does not close it again.
+    pub fn persist(&self) {
+        let open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write(&open);
+    }
+
+    fn change(&self, server: &Arc<str>, epoch: u64, up: bool) {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = if up {
+            open.insert((server.clone(), epoch))
+        } else {
+            open.remove(&(server.clone(), epoch))
+        };
+        if changed {
+            self.write(&open);
+        }
+    }
+
+    fn write(&self, open: &EpochSet) {
+        let text: String = open
+            .iter()
+            .map(|(server, epoch)| format!("{server} {epoch}\n"))
+            .collect();
+        // Under the lock: two pipelines writing at once must not leave the older set behind.
+        if let Err(e) = write_replacing(&self.dir, OPEN_EPOCHS_FILE, text.as_bytes()) {
+            tracing::warn!(error = %e, file = OPEN_EPOCHS_FILE, "cannot record the open AMI sessions; after a crash their close may not be published");
+        }
+    }
+}
+
+/// Write `name` in `dir` whole or not at all: a temporary file, then a rename over it.
+///
+/// # Errors
+/// Writing or renaming fails.
+pub fn write_replacing(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// See the module docs.
+pub struct Pipeline {
+    spool: Spool,
+    format: PayloadFormat,
+    stats: PipelineStats,
+    /// Lost (server, epoch, why) → seq ranges not yet reported.
+    lost: BTreeMap<(Arc<str>, u64, LossReason), Vec<SeqRange>>,
+    payload: Vec<u8>,
+    key: Vec<u8>,
+    /// Where records' bytes are packed: see [`Pipeline::to_spool_record`].
+    chunk: BytesMut,
+    last_broadcast_event: bool,
+    /// When a spool write error was last logged (one line per [`WRITE_ERROR_LOG_EVERY`]).
+    last_write_error: Option<std::time::Instant>,
+    /// Where logins and logouts are recorded, if anywhere.
+    open_epochs: Option<OpenEpochs>,
+}
+
+const WRITE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Records are packed into shared chunks of this size (or one record's size, if larger).
+const CHUNK_BYTES: usize = 64 * 1024;
+
+impl Pipeline {
+    pub fn new(spool: Spool, format: PayloadFormat) -> Self {
+        Pipeline {
+            spool,
+            format,
+            stats: PipelineStats::default(),
+            lost: BTreeMap::new(),
+            payload: Vec::with_capacity(4096),
+            key: Vec::with_capacity(64),
+            chunk: BytesMut::new(),
+            last_broadcast_event: false,
+            last_write_error: None,
+            open_epochs: None,
+        }
+    }
+
+    pub fn stats(&self) -> PipelineStats {
+        self.stats
+    }
+
+    /// Record logins and logouts in `open` (see [`OPEN_EPOCHS_FILE`]).
+    pub fn with_open_epochs(mut self, open: OpenEpochs) -> Self {
+        self.open_epochs = Some(open);
+        self
+    }
+
+    /// Publish a `connection_down` (seq 0, reason [`UNCLOSED_REASON`]) for each epoch an
+    /// earlier run left open.
+    pub fn close_unclosed(&mut self, left: &[(String, u64)]) {
+        for (server, epoch) in left {
+            tracing::warn!(%server, epoch, "an earlier run stopped without closing this AMI session; publishing its connection_down");
+            self.accept(&Stamped {
+                stamp: Stamp {
+                    server: Arc::from(server.as_str()),
+                    epoch: *epoch,
+                    seq: 0,
+                    received_at_ns: record::now_ns(),
+                },
+                record: AmiRecord::ConnectionDown {
+                    reason: UNCLOSED_REASON.to_owned(),
+                },
+            });
+        }
+    }
+
+    /// Whether the record last accepted was an event a server broadcast (not the per-session
+    /// `FullyBooted`), as the simulator counts what it sent.
+    pub fn last_was_broadcast_event(&self) -> bool {
+        self.last_broadcast_event
+    }
+
+    /// Hand what was appended to the OS, so a SIGKILL loses none of it. A failure (disk full)
+    /// is logged at most every few seconds; what was appended stays buffered and is written by
+    /// a later flush, and readers take it from the spool's memory meanwhile.
+    pub fn flush(&mut self) {
+        if let Err(e) = self.spool.flush()
+            && self
+                .last_write_error
+                .is_none_or(|t| t.elapsed() >= WRITE_ERROR_LOG_EVERY)
+        {
+            tracing::error!(error = %e, "cannot write the spool; retrying");
+            self.last_write_error = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Encode one record and append it to the spool; report anything lost so far.
+    ///
+    /// Nothing the spool refuses stops the pipeline: a record too large for it is replaced by
+    /// a `parse_error` record with the same (server, epoch, seq), and a record it cannot write
+    /// (disk full, I/O error) is dropped and reported as a gap once it can write again.
+    pub fn accept(&mut self, stamped: &Stamped) {
+        self.stats.records += 1;
+        self.last_broadcast_event = false;
+        if let Some(open) = &self.open_epochs {
+            match &stamped.record {
+                AmiRecord::ConnectionUp { .. } => {
+                    open.change(&stamped.stamp.server, stamped.stamp.epoch, true);
+                }
+                AmiRecord::ConnectionDown { .. } => {
+                    open.change(&stamped.stamp.server, stamped.stamp.epoch, false);
+                }
+                _ => {}
+            }
+        }
+        let record = Arc::new(self.to_spool_record(stamped));
+        let stored = match self.append(&record) {
+            Err(SpoolError::TooLarge { bytes }) => self.accept_too_large(stamped, bytes),
+            Err(e) => {
+                self.write_failed(&record, &e);
+                false
+            }
+            Ok(stored) => stored,
+        };
+        if stored && !self.lost.is_empty() {
+            self.report_gaps();
+        }
+    }
+
+    /// `stamped` encodes to `bytes`, more than the spool can hold: a `parse_error` record
+    /// takes its place, so its seq is accounted for and its neighbours go on.
+    fn accept_too_large(&mut self, stamped: &Stamped, bytes: usize) -> bool {
+        self.stats.too_large += 1;
+        let cap = self.spool.config().max_bytes;
+        tracing::warn!(
+            server = %stamped.stamp.server,
+            epoch = stamped.stamp.epoch,
+            seq = stamped.stamp.seq,
+            bytes,
+            cap,
+            "a record is too large for the spool; a parse_error record takes its place"
+        );
+        let instead = Stamped {
+            stamp: stamped.stamp.clone(),
+            record: AmiRecord::ParseError(ParseErrorRecord {
+                reason: "record_too_large",
+                message: format!(
+                    "the record encodes to {bytes} bytes, more than the spool holds (spool.max_bytes = {cap}); lower pipeline.max_frame_bytes or raise spool.max_bytes"
+                ),
+            }),
+        };
+        let record = Arc::new(self.to_spool_record(&instead));
+        match self.append(&record) {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.write_failed(&record, &e);
+                false
+            }
+        }
+    }
+
+    /// The spool could not write `record`: it is lost, reported as a gap once it can.
+    fn write_failed(&mut self, record: &spool::Record, e: &SpoolError) {
+        self.stats.write_failures += 1;
+        self.stats.dropped_newest += 1;
+        self.remember_lost(record, LossReason::SpoolWriteFailed);
+        if self.stats.write_failures == 1
+            || self
+                .last_write_error
+                .is_none_or(|t| t.elapsed() >= WRITE_ERROR_LOG_EVERY)
+        {
+            tracing::error!(error = %e, failures = self.stats.write_failures, "cannot write the spool; dropping records (reported as gaps once it can write again)");
+            self.last_write_error = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Append; returns whether the record was stored.
+    fn append(&mut self, record: &Arc<spool::Record>) -> Result<bool, SpoolError> {
+        match self.spool.append_shared(record)? {
+            Appended::Stored { .. } => {
+                self.stats.stored += 1;
+                Ok(true)
+            }
+            Appended::DroppedNewest => {
+                self.stats.dropped_newest += 1;
+                self.remember_lost(record, LossReason::SpoolFull);
+                Ok(false)
+            }
+            Appended::StoredDroppingOldest { dropped, .. } => {
+                self.stats.stored += 1;
+                self.stats.dropped_oldest += dropped.len() as u64;
+                for r in &dropped {
+                    self.remember_lost(r, LossReason::SpoolFull);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn remember_lost(&mut self, r: &spool::Record, reason: LossReason) {
+        let num = |name: &str| {
+            r.header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let (Some(server), Some(epoch), Some(seq)) = (
+            r.header("server").and_then(|v| std::str::from_utf8(v).ok()),
+            num("epoch"),
+            num("seq"),
+        ) else {
+            return;
+        };
+        // A gap record that is lost: what it named is lost again, not forgotten.
+        if let (Some(gap_epoch), Some(first), Some(last)) =
+            (num("gap_epoch"), num("gap_first_seq"), num("gap_last_seq"))
+        {
+            let key = (Arc::from(server), gap_epoch, LossReason::SpoolFull);
+            add_range(self.lost.entry(key).or_default(), (first, last));
+        }
+        if seq == 0 {
+            // Not part of the connection's numbering.
+            self.stats.dropped_gap_records += 1;
+            return;
+        }
+        let key = (Arc::from(server), epoch, reason);
+        add_range(self.lost.entry(key).or_default(), (seq, seq));
+    }
+
+    /// Take what the spool lost since the last call: records deleted while in flight that the
+    /// sink then did not confirm (reported like any other drop), and what damaged records held
+    /// (reported as `spool damaged`). Returns whether there was any.
+    pub fn collect_spool_losses(&mut self) -> bool {
+        let lost = self.spool.take_lost();
+        self.stats.dropped_oldest += lost.len() as u64;
+        for r in &lost {
+            self.remember_lost(r, LossReason::SpoolFull);
+        }
+        let damaged = self.spool.take_damaged();
+        for d in &damaged {
+            self.remember_damaged(d);
+        }
+        !lost.is_empty() || !damaged.is_empty()
+    }
+
+    /// Remember seqs damaged records held, except those already waiting to be reported for
+    /// another reason (a drop not reported yet leaves the same hole in the seqs the spool
+    /// inferred them from): a seq is named by one gap record.
+    fn remember_damaged(&mut self, d: &spool::DamagedRange) {
+        let server: Arc<str> = Arc::from(d.server.as_str());
+        let mut ranges = vec![(d.first_seq, d.last_seq)];
+        for ((s, epoch, _), pending) in &self.lost {
+            if *s != server || *epoch != d.epoch {
+                continue;
+            }
+            for &p in pending {
+                ranges = ranges
+                    .into_iter()
+                    .flat_map(|r| subtract_range(r, p))
+                    .collect();
+            }
+        }
+        self.stats.damaged_seqs += ranges.iter().map(|(f, l)| l - f + 1).sum::<u64>();
+        let entry = self
+            .lost
+            .entry((server, d.epoch, LossReason::SpoolDamaged))
+            .or_default();
+        for r in ranges {
+            add_range(entry, r);
+        }
+    }
+
+    /// Loss not reported yet, to carry over to the next run ([`save_unreported`]).
+    pub fn unreported(&self) -> Vec<LostRange> {
+        self.lost
+            .iter()
+            .flat_map(|((server, epoch, reason), ranges)| {
+                ranges.iter().map(|&(first_seq, last_seq)| LostRange {
+                    server: server.to_string(),
+                    epoch: *epoch,
+                    first_seq,
+                    last_seq,
+                    reason: *reason,
+                })
+            })
+            .collect()
+    }
+
+    /// Remember a loss to report (one an earlier run could not).
+    pub fn remember_range(&mut self, l: &LostRange) {
+        let ranges = self
+            .lost
+            .entry((Arc::from(l.server.as_str()), l.epoch, l.reason))
+            .or_default();
+        add_range(ranges, (l.first_seq, l.last_seq));
+    }
+
+    /// Whether some loss is not yet reported (the spool had no room for its gap record, or no
+    /// record was stored since).
+    pub fn has_unreported_gaps(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
+    /// Report what is lost and not yet reported, without waiting for the next record: when
+    /// the connections are idle, and at shutdown. What does not fit stays remembered.
+    pub fn report_unreported_gaps(&mut self) {
+        if !self.lost.is_empty() {
+            self.report_gaps();
+        }
+    }
+
+    /// Store a gap record for every range lost so far, as long as the spool has room for them
+    /// without dropping anything (a report must not push out what it could report next) and
+    /// can write. The rest stays remembered for the next try.
+    fn report_gaps(&mut self) {
+        let lost = std::mem::take(&mut self.lost);
+        let mut full = false;
+        for ((server, epoch, reason), ranges) in lost {
+            for (first_seq, last_seq) in ranges {
+                if full {
+                    add_range(
+                        self.lost
+                            .entry((server.clone(), epoch, reason))
+                            .or_default(),
+                        (first_seq, last_seq),
+                    );
+                    continue;
+                }
+                let gap = Stamped {
+                    stamp: Stamp {
+                        server: server.clone(),
+                        epoch,
+                        seq: 0,
+                        received_at_ns: record::now_ns(),
+                    },
+                    record: AmiRecord::Gap {
+                        epoch,
+                        first_seq,
+                        last_seq,
+                        reason: reason.as_str().into(),
+                    },
+                };
+                let record = self.to_spool_record(&gap);
+                if let Ok(Some(_)) = self.spool.append_if_room(&record) {
+                    self.stats.gap_records += 1;
+                } else {
+                    tracing::debug!(%server, epoch, first_seq, last_seq, "the spool is full; the gap will be reported later");
+                    full = true;
+                    add_range(
+                        self.lost
+                            .entry((server.clone(), epoch, reason))
+                            .or_default(),
+                        (first_seq, last_seq),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Encode `stamped` as a spool record: payload, partition key and bus headers.
+    pub fn to_spool_record(&mut self, stamped: &Stamped) -> spool::Record {
+        let stamp = &stamped.stamp;
+        self.payload.clear();
+        self.key.clear();
+        let mut extra: Vec<(spool::HeaderName, Bytes)> = Vec::new();
+        // A snapshot's item is its frame's envelope plus `snapshot_id` (and the bus header
+        // `snapshot`), keyed like any event of its call.
+        let frame = match &stamped.record {
+            AmiRecord::Frame(f) => Some((f, None)),
+            AmiRecord::SnapshotItem { snapshot_id, frame } => Some((&**frame, Some(snapshot_id))),
+            _ => None,
+        };
+        let (kind, event, class) = match frame {
+            Some((f, snapshot)) => {
+                let frame = f.frame();
+                let n = model::normalize(&frame);
+                model::partition_key(&stamp.server, &n, &mut self.key);
+                match self.format {
+                    PayloadFormat::Proto => {
+                        model::encode_frame(stamp, &n, &frame, &mut self.payload);
+                        if let Some(id) = snapshot {
+                            model::encode::encode_snapshot_id(id, &mut self.payload);
+                        }
+                    }
+                    PayloadFormat::Json => {
+                        match snapshot {
+                            // The common case, written from the frame without an Envelope.
+                            None => json::write_frame_line(stamp, &n, &frame, &mut self.payload),
+                            Some(id) => {
+                                let mut env = model::to_envelope(stamp, &n, &frame);
+                                env.snapshot_id = id.to_string();
+                                json::write_json_line(&env, &mut self.payload)
+                            }
+                        }
+                    }
+                }
+                if let Some(id) = snapshot {
+                    extra.push(("snapshot".into(), Bytes::from(id.to_string())));
+                }
+                let class = n
+                    .privilege
+                    .map(|p| p.split(|&b| b == b',').next().unwrap_or_default())
+                    .unwrap_or_default();
+                self.last_broadcast_event =
+                    snapshot.is_none() && n.kind == pb::Kind::Event && n.name != b"FullyBooted";
+                (json::kind_name(n.kind), n.name, class)
+            }
+            None => {
+                let env = model::record_envelope(stamped);
+                if !env.snapshot_id.is_empty() {
+                    extra.push(("snapshot".into(), Bytes::from(env.snapshot_id.clone())));
+                }
+                if let Some(pb::envelope::Detail::Gap(g)) = &env.detail {
+                    for (name, v) in [
+                        ("gap_epoch", g.epoch),
+                        ("gap_first_seq", g.first_seq),
+                        ("gap_last_seq", g.last_seq),
+                    ] {
+                        extra.push((name.into(), Bytes::from(v.to_string())));
+                    }
+                }
+                self.key.extend_from_slice(stamp.server.as_bytes());
+                match self.format {
+                    PayloadFormat::Proto => prost::Message::encode_raw(&env, &mut self.payload),
+                    PayloadFormat::Json => json::write_json_line(&env, &mut self.payload),
+                }
+                let kind = json::kind_name(env.kind());
+                (kind, kind.as_bytes(), &b"amibus"[..])
+            }
+        };
+        // One record's bytes (key, payload and the header values that are not constants) are
+        // written next to each other into a chunk shared by many records, and handed out as
+        // slices of it: one allocation per ~100 records instead of seven per record. A chunk is
+        // freed when the last record in it is (records leave the spool roughly in order).
+        let mut epoch = itoa::Buffer::new();
+        let epoch = epoch.format(stamp.epoch).as_bytes();
+        let mut seq = itoa::Buffer::new();
+        let seq = seq.format(stamp.seq).as_bytes();
+        let server = stamp.server.as_bytes();
+        let parts: [&[u8]; 7] = [&self.key, &self.payload, server, event, class, epoch, seq];
+        let need: usize = parts.iter().map(|p| p.len()).sum();
+        if self.chunk.capacity() < need {
+            self.chunk = BytesMut::with_capacity(CHUNK_BYTES.max(need));
+        }
+        let mut ends = [0usize; 7];
+        for (part, end) in parts.iter().zip(&mut ends) {
+            self.chunk.extend_from_slice(part);
+            *end = self.chunk.len();
+        }
+        let all = self.chunk.split().freeze();
+        let slice = |i: usize| all.slice(if i == 0 { 0 } else { ends[i - 1] }..ends[i]);
+        let mut headers: Vec<(spool::HeaderName, Bytes)> = Vec::with_capacity(7 + extra.len());
+        headers.extend([
+            ("server".into(), slice(2)),
+            ("event".into(), slice(3)),
+            ("kind".into(), Bytes::from_static(kind.as_bytes())),
+            ("class".into(), slice(4)),
+            (
+                "schema".into(),
+                Bytes::from_static(model::SCHEMA_VERSION.as_bytes()),
+            ),
+            ("epoch".into(), slice(5)),
+            ("seq".into(), slice(6)),
+        ]);
+        headers.extend(extra);
+        spool::Record {
+            key: slice(0),
+            headers,
+            payload: slice(1),
+        }
+    }
+}
+
+/// Add an inclusive range to sorted, disjoint, non-adjacent ranges, merging where they touch.
+fn add_range(ranges: &mut Vec<SeqRange>, (first, last): SeqRange) {
+    let at = ranges.partition_point(|&(_, l)| l.saturating_add(1) < first);
+    let mut merged = (first, last);
+    let mut end = at;
+    while end < ranges.len() && ranges[end].0 <= merged.1.saturating_add(1) {
+        merged = (merged.0.min(ranges[end].0), merged.1.max(ranges[end].1));
+        end += 1;
+    }
+    ranges.splice(at..end, [merged]);
+}
+
+/// `range` without the seqs of `other`: none, one or two ranges.
+fn subtract_range((first, last): SeqRange, (of, ol): SeqRange) -> Vec<SeqRange> {
+    if ol < first || of > last {
+        return vec![(first, last)];
+    }
+    let mut out = Vec::new();
+    if of > first {
+        out.push((first, of - 1));
+    }
+    if ol < last {
+        out.push((ol + 1, last));
+    }
+    out
+}
+
+/// Decode a spool payload back to an envelope (for tests and `tail`).
+///
+/// # Errors
+/// The payload is not an `Envelope`.
+pub fn decode_payload(payload: &[u8]) -> Result<pb::Envelope, prost::DecodeError> {
+    prost::Message::decode(payload)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+//! `amibus action` through the real binary, against `amibus run` (in this process) on the
+//! simulator and a real nats-server (core and JetStream) or Kafka-protocol broker: the JSON
+//! result on stdout and the exit status.
+//!
+//! No assertion depends on timing: waits only guard against hangs.
+
+#[path = "support/kafka.rs"]
+mod kafka_support;
+#[path = "support/nats.rs"]
+mod nats_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use amibus::app::run::run_with;
+use amibus::config::{Config, ProcessEnv};
+use amibus::sim::{Sim, SimConfig, SimHandle};
+use nats_support::NatsServer;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(60);
+
+fn config(dir: &Path, sim: &SimHandle, control: &str) -> Config {
+    let text = format!(
+        "[[server]]\nid = \"pbx1\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\nsecret = \"amp111\"\nallow_actions = [\"read-only\", \"Originate\"]\n[spool]\ndir = \"{}\"\n[sink]\nkind = \"file\"\n[sink.file]\npath = \"{}\"\n{control}",
+        sim.addrs()[0].port(),
+        dir.join("spool").display(),
+        dir.join("out.jsonl").display()
+    );
+    Config::parse(&text, &ProcessEnv).expect("config")
+}
+
+struct Running {
+    stop: CancellationToken,
+    _reloads: mpsc::Sender<Vec<amibus::ami::server::ServerConfig>>,
+    task: tokio::task::JoinHandle<anyhow::Result<amibus::app::run::Report>>,
+}
+
+impl Running {
+    fn start(mut cfg: Config) -> Running {
+        let stop = CancellationToken::new();
+        let (reloads, rx) = mpsc::channel(1);
+        let s = stop.clone();
+        let task = tokio::spawn(async move { run_with(&mut cfg, s, rx).await });
+        Running {
+            stop,
+            _reloads: reloads,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(T, self.task)
+            .await
+            .expect("amibus stops")
+            .expect("no panic")
+            .expect("a clean exit");
+    }
+}
+
+/// `amibus action ARGS...`: (exit code, the JSON result if one was printed).
+async fn action(args: &[&str]) -> (i32, Option<Value>) {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_amibus"))
+            .arg("action")
+            .args(&args)
+            .output()
+            .expect("amibus runs")
+    })
+    .await
+    .expect("joined");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout
+        .lines()
+        .next()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}")));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// Ask until amibus answers `Ping` successfully (it may still be starting).
+async fn until_ready(transport: &[&str]) {
+    tokio::time::timeout(T, async {
+        loop {
+            let mut a = transport.to_vec();
+            a.extend(["--server", "pbx1", "--wait", "3s", "Ping"]);
+            if action(&a).await.0 == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("amibus answers");
+}
+
+fn status(v: &Value) -> &str {
+    v["status"].as_str().unwrap_or("")
+}
+
+/// Every scenario over one transport.
+async fn scenarios(transport: &[&str]) {
+    until_ready(transport).await;
+    let with = |rest: &[&'static str]| {
+        let mut a = transport.to_vec();
+        a.extend(["--server", "pbx1"]);
+        a.extend(rest);
+        a
+    };
+    // A list action: every item and the completion.
+    let (code, r) = action(&with(&["CoreShowChannels"])).await;
+    let r = r.expect("a result");
+    assert_eq!((code, status(&r)), (0, "success"), "{r}");
+    let last = r["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .expect("events");
+    assert!(
+        last.to_string().contains("CoreShowChannelsComplete"),
+        "{last}"
+    );
+    // Originate with headers in order, async, with its OriginateResponse.
+    let (code, r) = action(&with(&[
+        "--request-id",
+        "orig-1",
+        "Originate",
+        "Channel=Local/100@test",
+        "Context=test",
+        "Exten=100",
+        "Priority=1",
+        "Async=true",
+        "Variable=A=1",
+    ]))
+    .await;
+    let r = r.expect("a result");
+    assert_eq!((code, status(&r)), (0, "success"), "{r}");
+    assert!(r["originate_response"].is_array(), "{r}");
+    assert_eq!(r["replayed"], false);
+    // The same request id again: answered from the first run, not run again.
+    let (code, again) = action(&with(&["--request-id", "orig-1", "Originate", "Channel=x"])).await;
+    let again = again.expect("a result");
+    assert_eq!(
+        (code, status(&again), &again["replayed"]),
+        (0, "success", &Value::Bool(true))
+    );
+    assert_eq!(again["action_id"], r["action_id"]);
+    // Refused: exit 2, the reason in the JSON.
+    let (code, r) = action(&with(&["Hangup", "Channel=PJSIP/x"])).await;
+    let r = r.expect("a result");
+    assert_eq!(
+        (code, status(&r), r["reject_code"].as_str()),
+        (2, "rejected", Some("not_allowed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amibus_action_over_core_nats_and_jetstream() {
+    let nats = NatsServer::start();
+    let sim = Sim::start(SimConfig {
+        rate: 100,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = nats.url();
+    let amibus = Running::start(config(
+        dir.path(),
+        &sim,
+        &format!("[control]\nnats_servers = [\"{url}\"]\nrate = 0\n"),
+    ));
+    scenarios(&["--nats", &url]).await;
+    // Nobody serves this server: exit 1, nothing on stdout.
+    let (code, r) = action(&["--nats", &url, "--server", "ghost", "--wait", "2s", "Ping"]).await;
+    assert_eq!((code, r), (1, None));
+    amibus.stop().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let amibus = Running::start(config(
+        dir.path(),
+        &sim,
+        &format!(
+            "[control]\nnats_servers = [\"{url}\"]\nrate = 0\n[control.jetstream]\nstream = \"ACTIONS\"\n"
+        ),
+    ));
+    scenarios(&["--nats", &url, "--jetstream"]).await;
+    amibus.stop().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amibus_action_over_kafka() {
+    let broker = kafka_support::Broker::start().await;
+    broker.create_topic("amibus.actions", 2).await;
+    broker.create_topic("amibus.results", 2).await;
+    let sim = Sim::start(SimConfig {
+        rate: 100,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let amibus = Running::start(config(
+        dir.path(),
+        &sim,
+        &format!(
+            "[control]\ntransport = \"kafka\"\nrate = 0\n[control.kafka]\nbrokers = \"{}\"\n",
+            broker.bootstrap()
+        ),
+    ));
+    let bootstrap = broker.bootstrap();
+    scenarios(&["--kafka", &bootstrap]).await;
+    amibus.stop().await;
+    sim.shutdown().await;
+}
