@@ -23,6 +23,8 @@ pub mod app;
 pub mod broker;
 pub mod config;
 pub mod control;
+pub mod durable;
+pub mod mix;
 pub mod model;
 pub mod pipeline;
 pub mod secret;

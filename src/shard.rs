@@ -10,6 +10,8 @@
 //! Must never: depend on anything but the id and the replica index (no per-process hash seeds,
 //! no std `DefaultHasher`, whose output may change between Rust releases).
 
+use crate::mix::{fnv1a64, splitmix as mix};
+
 /// This replica's place among `count` replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -36,22 +38,6 @@ pub fn owner(id: &str, count: u32) -> u32 {
     (0..count.max(1))
         .max_by_key(|&r| (mix(key ^ mix(u64::from(r) + 1)), r))
         .unwrap_or(0)
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// SplitMix64's finalizer: spreads every input bit over the output.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The ordinal at the end of a StatefulSet pod name (`amibus-2` → 2).

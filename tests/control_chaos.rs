@@ -81,16 +81,12 @@ impl Knobs {
     }
 }
 
-/// splitmix64: a seeded sequence, so a failing run's kill schedule and request mix reproduce.
-struct Rng(u64);
+/// A seeded sequence, so a failing run's kill schedule and request mix reproduce.
+struct Rng(amibus::mix::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `lo..hi` milliseconds.
@@ -370,7 +366,11 @@ async fn chaos(
         settled,
     } = t;
     eprintln!("{name}: {knobs:?}");
-    let mut rng = Rng(knobs.seed);
+    // The seed is the generator's state, as when the default seed was chosen. (With the
+    // sequence of `SplitMix64::new(14)`, three kills land within one session timeout, and tansu
+    // never rebalances the group once the dead members expire: the last run sits on 0
+    // partitions. Real Kafka does rebalance; that is tansu's limit, not what this test is for.)
+    let mut rng = Rng(amibus::mix::SplitMix64::from_state(knobs.seed));
     let requests: Vec<ActionRequest> = (0..knobs.requests)
         .map(|i| request(&format!("{name}-{}", knobs.seed), i, &mut rng))
         .collect();

@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut};
 use prost::Message;
 
+use crate::durable::{self, FrameHead, sync_dir, tmp_path};
 use crate::model::pb::{ActionResult, ActionStatus, ActionTimings};
 
 /// The reason given for a request that was running when amibus stopped.
@@ -112,9 +113,7 @@ impl Entry {
 
 /// Append `entry`, framed, to `out`.
 pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.put_u32_le(0);
-    out.put_u32_le(0);
+    let start = durable::begin_frame(out);
     let (kind, server, id, action, at, result): (u8, &str, &str, &str, u64, &[u8]) = match entry {
         Entry::Begin {
             server,
@@ -141,10 +140,7 @@ pub fn encode(entry: &Entry, out: &mut Vec<u8>) {
         out.put_slice(s.as_bytes());
     }
     out.put_slice(result);
-    let body_len = out.len() - start - FRAME_HEADER;
-    let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    durable::end_frame(out, start);
 }
 
 /// What [`parse`] found in a journal's bytes.
@@ -160,16 +156,15 @@ pub struct Parsed {
 pub fn parse(buf: &[u8]) -> Parsed {
     let mut entries = Vec::new();
     let mut at = 0;
-    while let Some(head) = buf.get(at..at + FRAME_HEADER) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    while let Some(head) = FrameHead::read(&buf[at..]) {
+        let len = head.len;
         if len > MAX_ENTRY_BYTES {
             break;
         }
         let Some(body) = buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len) else {
             break;
         };
-        if crc32fast::hash(body) != crc {
+        if !head.matches(body) {
             break;
         }
         let Some(entry) = parse_body(body) else {
@@ -523,12 +518,6 @@ fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
     Ok((file, len))
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    PathBuf::from(tmp)
-}
-
 /// Write `entries` to `tmp` (created or truncated) and sync it; the file stays open for
 /// appends.
 fn write_tmp(tmp: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
@@ -544,14 +533,6 @@ fn write_tmp(tmp: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
     file.write_all(&buf)?;
     file.sync_all()?;
     Ok((file, buf.len() as u64))
-}
-
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
 }
 
 /// The result a live entry stands for; `None` for a `Done` whose result does not decode.

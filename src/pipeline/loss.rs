@@ -1,8 +1,6 @@
 //! Loss the pipeline has yet to report as gap records, and the file that carries it across
 //! restarts.
 
-use super::*;
-
 /// Why records were lost in the spool: the `reason` of their gap record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LossReason {
@@ -84,7 +82,7 @@ pub fn save_unreported(dir: &std::path::Path, lost: &[LostRange]) -> std::io::Re
             }
         })
         .collect();
-    write_replacing(dir, UNREPORTED_FILE, text.as_bytes())
+    crate::durable::replace(&dir.join(UNREPORTED_FILE), text.as_bytes(), false)
 }
 
 /// Read [`UNREPORTED_FILE`] from `dir`: the ranges, and the lines that are not ranges. A line

@@ -106,7 +106,7 @@ mod loss;
 mod open_epochs;
 
 pub use loss::{LossReason, LostRange, UNREPORTED_FILE, load_unreported, save_unreported};
-pub use open_epochs::{LeftOpen, OPEN_EPOCHS_FILE, OpenEpochs, UNCLOSED_REASON, write_replacing};
+pub use open_epochs::{LeftOpen, OPEN_EPOCHS_FILE, OpenEpochs, UNCLOSED_REASON};
 
 /// See the module docs.
 pub struct Pipeline {

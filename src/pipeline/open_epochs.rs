@@ -91,18 +91,10 @@ impl OpenEpochs {
             .map(|(server, epoch)| format!("{server} {epoch}\n"))
             .collect();
         // Under the lock: two pipelines writing at once must not leave the older set behind.
-        if let Err(e) = write_replacing(&self.dir, OPEN_EPOCHS_FILE, text.as_bytes()) {
+        if let Err(e) =
+            crate::durable::replace(&self.dir.join(OPEN_EPOCHS_FILE), text.as_bytes(), false)
+        {
             tracing::warn!(error = %e, file = OPEN_EPOCHS_FILE, "cannot record the open AMI sessions; after a crash their close may not be published");
         }
     }
-}
-
-/// Write `name` in `dir` whole or not at all: a temporary file, then a rename over it.
-///
-/// # Errors
-/// Writing or renaming fails.
-pub fn write_replacing(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(name))
 }

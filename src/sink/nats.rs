@@ -41,6 +41,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Delivery, Record, Sink, SinkError, expand_template, within};
 use crate::broker::nats::{NatsConnection, NatsError, StreamSpec, connect, ensure_stream};
+use crate::mix::fnv1a64;
 use crate::spool;
 
 /// Core NATS or JetStream; see the module docs for what each guarantees.
@@ -288,17 +289,6 @@ async fn flusher(
             }
         }
     }
-}
-
-/// FNV-1a, 64 bits: stable across builds and platforms (unlike `DefaultHasher`), which matters
-/// because a resend after a restart must carry the same message id.
-fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// The `Nats-Msg-Id` of a record; identical for every send of the same spooled record.

@@ -67,15 +67,9 @@ impl Spool {
         };
         if floor != persisted {
             let dir = &self.shared.cfg.dir;
-            let tmp = dir.join("ack.tmp");
             let path = dir.join(ACK_FILE);
-            fs::write(&tmp, format!("{floor}\n")).map_err(SpoolError::io(&tmp))?;
-            if sync {
-                File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(SpoolError::io(&tmp))?;
-            }
-            fs::rename(&tmp, &path).map_err(SpoolError::io(&path))?;
+            crate::durable::replace(&path, format!("{floor}\n").as_bytes(), sync)
+                .map_err(SpoolError::io(&path))?;
             self.lock().persisted_floor = floor;
         }
         for path in self.reclaim_idle_active() {

@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use bytes::{Buf, BufMut, Bytes};
 
 use super::Record;
+use crate::durable::{self, FRAME_HEADER, FrameHead};
 
 /// The largest record body accepted when reading back; anything larger is corruption.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;
-const FRAME_HEADER: usize = 8;
 /// The smallest body: an id, a key length and a header count.
 const MIN_BODY: usize = 8 + 4 + 2;
 
@@ -75,9 +75,7 @@ fn body_len(record: &Record) -> usize {
 
 /// Append `record` with `id` to `out`.
 pub fn encode(id: u64, record: &Record, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.put_u32_le(0);
-    out.put_u32_le(0);
+    let start = durable::begin_frame(out);
     out.put_u64_le(id);
     out.put_u32_le(record.key.len() as u32);
     out.put_slice(&record.key);
@@ -90,10 +88,7 @@ pub fn encode(id: u64, record: &Record, out: &mut Vec<u8>) {
         out.put_slice(value);
     }
     out.put_slice(&record.payload);
-    let body_len = out.len() - start - FRAME_HEADER;
-    let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    durable::end_frame(out, start);
 }
 
 /// A record could not be read whole: the file ends inside it, or it fails its checksum.
@@ -271,15 +266,14 @@ impl SegmentReader {
                 Err(Ok(torn))
             };
         }
-        let head = &self.chunk[..FRAME_HEADER];
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let head = FrameHead::read(&self.chunk).expect("filled to a frame header");
+        let len = head.len;
         if len > MAX_RECORD_BYTES || !self.fill(FRAME_HEADER + len).map_err(Err)? {
             self.forget().map_err(Err)?;
             return Err(Ok(torn));
         }
         let body = self.chunk.slice(FRAME_HEADER..FRAME_HEADER + len);
-        let record = if crc32fast::hash(&body) == crc {
+        let record = if head.matches(&body) {
             decode_body(body)
         } else {
             None
@@ -325,8 +319,8 @@ impl SegmentReader {
             let Some(head) = window.get(&mut self.file, at, FRAME_HEADER + 8)? else {
                 break None;
             };
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let frame_head = FrameHead::read(head).expect("read a frame header and an id");
+            let len = frame_head.len;
             let mut id = [0u8; 8];
             id.copy_from_slice(&head[8..16]);
             let id = u64::from_le_bytes(id);
@@ -341,7 +335,7 @@ impl SegmentReader {
                 break None;
             };
             let body = &frame[FRAME_HEADER..];
-            if crc32fast::hash(body) == crc
+            if frame_head.matches(body)
                 && decode_body(Bytes::copy_from_slice(body)).is_some_and(|(i, _)| i == id)
             {
                 break Some((at, id));

@@ -19,20 +19,16 @@ pub(super) fn random_u64() -> u64 {
     h.finish()
 }
 
-/// SplitMix64, for backoff jitter.
-pub(super) struct Rng(u64);
+/// Backoff jitter.
+pub(super) struct Rng(crate::mix::SplitMix64);
 
 impl Rng {
     pub(super) fn new() -> Self {
-        Rng(random_u64())
+        Rng(crate::mix::SplitMix64::new(random_u64()))
     }
 
     pub(super) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `[lo, hi]`.
