@@ -65,7 +65,7 @@ pub use sections::{SPOOL_FRAMES_AT_LEAST, default_workers};
 pub use units::{parse_duration, parse_size};
 
 use crate::ami::server::{Auth, Filter, ServerConfig, TlsConfig};
-pub use crate::secret::Secret;
+use crate::secret::Secret;
 
 /// The validated configuration (the parts this module knows).
 #[derive(Clone, Debug, PartialEq)]
@@ -129,7 +129,7 @@ pub struct ControlSection {
     pub journal: JournalConfig,
 }
 
-pub use crate::control::journal::{JournalConfig, JournalFsync};
+use crate::control::journal::{JournalConfig, JournalFsync};
 
 /// Where action requests come from and results go.
 #[derive(Clone, Debug, PartialEq)]
@@ -402,11 +402,11 @@ fn with_lines(mut problems: Vec<Problem>, text: &str, env: &dyn Env) -> Vec<Prob
 // [spool], [sink], [pipeline], [sim]
 
 use crate::broker::nats::{NatsAuth, NatsTls, StreamSpec, StreamStorage};
-pub use crate::model::PayloadFormat;
-pub use crate::sink::file::{FileSinkConfig, Framing};
-pub use crate::sink::kafka::KafkaSinkConfig;
-pub use crate::sink::nats::{NatsMode, NatsSinkConfig};
-pub use crate::spool::{Fsync, SpoolConfig, WhenFull};
+use crate::model::PayloadFormat;
+use crate::sink::file::{FileSinkConfig, Framing};
+use crate::sink::kafka::KafkaSinkConfig;
+use crate::sink::nats::{NatsMode, NatsSinkConfig};
+use crate::spool::{Fsync, SpoolConfig, WhenFull};
 
 /// Where records go.
 #[derive(Clone, Debug, PartialEq, Eq)]
