@@ -73,6 +73,34 @@ async fn produce(p: &FutureProducer, key: &str, payload: Vec<u8>) {
     .expect("request produced");
 }
 
+/// The first offset `group` has committed on partition 0 of the request topic, read without
+/// joining the group; waits (up to `T`) until there is one.
+async fn committed_offset(broker: &Broker, group: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", group)
+        .create()
+        .expect("offset reader");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(REQUESTS, 0);
+    tokio::time::timeout(T, async {
+        loop {
+            let committed = tokio::task::block_in_place(|| {
+                probe.committed_offsets(tpl.clone(), Duration::from_secs(5))
+            });
+            if let Ok(c) = committed
+                && let rdkafka::Offset::Offset(o) = c.elements()[0].offset()
+            {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("group {group} committed nothing within {T:?}"))
+}
+
 /// Results read from a topic, each with its record key.
 struct Results {
     source: KafkaReader,
@@ -439,8 +467,13 @@ async fn a_commit_never_passes_a_request_whose_result_is_not_published() {
         (r.request_id.as_str(), status(&r)),
         ("fast", ActionStatus::Success)
     );
-    // Give a wrong implementation time to commit `fast` (nothing below depends on it).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once `fast` is done the partition's floor is committed for the first time: `hang`'s
+    // offset (0), where a wrong implementation would commit past `fast` (2).
+    assert_eq!(
+        committed_offset(&broker, "g-order").await,
+        0,
+        "the commit stays at the unanswered request"
+    );
     consumer.crash().await;
 
     // Restarted in the same group, both are read again: the commit stayed at `hang`.
@@ -621,7 +654,6 @@ async fn two_thousand_requests_across_ten_servers_each_answered_once_and_committ
 /// (even before it ever answered anything) are read after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_group_starts_at_the_end_and_keeps_that_start_across_a_crash() {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let broker = Broker::start().await;
     broker.create_topic(REQUESTS, 1).await;
     broker.create_topic(RESULTS, 1).await;
@@ -638,28 +670,11 @@ async fn a_new_group_starts_at_the_end_and_keeps_that_start_across_a_crash() {
     let group = "amibus-control-new";
     let consumer = Consumer::start_at(&broker, &servers, group, everything(), GroupStart::Latest);
     // The group's start is committed at its first assignment: after "old".
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", group)
-        .create()
-        .expect("offset reader");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(REQUESTS, 0);
-    tokio::time::timeout(T, async {
-        loop {
-            let committed = tokio::task::block_in_place(|| {
-                probe.committed_offsets(tpl.clone(), Duration::from_secs(5))
-            });
-            if let Ok(c) = committed {
-                if c.elements()[0].offset() == rdkafka::Offset::Offset(1) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the start is pinned at the end");
+    assert_eq!(
+        committed_offset(&broker, group).await,
+        1,
+        "the start is pinned at the end"
+    );
     consumer.crash().await;
 
     produce(
