@@ -16,7 +16,7 @@ use std::time::Duration;
 use amibus::app::run::run_with;
 use amibus::config::{Config, ProcessEnv};
 use amibus::sim::{Sim, SimConfig, SimHandle};
-use nats_support::NatsServer;
+use nats_support::{NatsServer, ServerOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,11 +64,23 @@ impl Running {
 
 /// `amibus action ARGS...`: (exit code, the JSON result if one was printed).
 async fn action(args: &[&str]) -> (i32, Option<Value>) {
+    let (code, json, _) = action_env(args, &[]).await;
+    (code, json)
+}
+
+/// `amibus action ARGS...` with `env` added to its environment: (exit code, the JSON result
+/// if one was printed, standard error).
+async fn action_env(args: &[&str], env: &[(&str, &str)]) -> (i32, Option<Value>, String) {
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_amibus"))
             .arg("action")
             .args(&args)
+            .envs(env)
             .output()
             .expect("amibus runs")
     })
@@ -79,7 +91,8 @@ async fn action(args: &[&str]) -> (i32, Option<Value>) {
         .lines()
         .next()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}")));
-    (out.status.code().unwrap_or(-1), json)
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), json, stderr)
 }
 
 /// Ask until amibus answers `Ping` successfully (it may still be starting).
@@ -188,6 +201,71 @@ async fn amibus_action_over_core_nats_and_jetstream() {
         ),
     ));
     scenarios(&["--nats", &url, "--jetstream"]).await;
+    amibus.stop().await;
+    sim.shutdown().await;
+}
+
+const TOKEN: &str = "act10n-t0ken";
+
+/// The environment amibus's configuration reads in the token test: one variable.
+struct TokenEnv;
+
+impl amibus::config::Env for TokenEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        (name == "AMIBUS_TEST_NATS_TOKEN").then(|| TOKEN.to_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amibus_action_authenticates_to_nats_with_a_token_from_the_environment() {
+    let nats = NatsServer::start_with(ServerOptions {
+        token: Some(TOKEN.into()),
+        ..ServerOptions::default()
+    });
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = nats.url();
+    // The action consumer uses the NATS sink's connection, token included.
+    let text = format!(
+        "[[server]]\nid = \"pbx1\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\nsecret = \"amp111\"\n[spool]\ndir = \"{}\"\n[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{url}\"]\nmode = \"core\"\ntoken_env = \"AMIBUS_TEST_NATS_TOKEN\"\n[control]\nrate = 0\n",
+        sim.addrs()[0].port(),
+        dir.path().join("spool").display(),
+    );
+    let amibus = Running::start(Config::parse(&text, &TokenEnv).expect("config"));
+    let ping = [
+        "--nats",
+        &url,
+        "--token-env",
+        "ACTION_TOKEN",
+        "--server",
+        "pbx1",
+        "--wait",
+        "3s",
+        "Ping",
+    ];
+    let answered = tokio::time::timeout(T, async {
+        loop {
+            let (code, r, _) = action_env(&ping, &[("ACTION_TOKEN", TOKEN)]).await;
+            if code == 0 {
+                return r.expect("a result");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("amibus answers a client with the token");
+    assert_eq!(status(&answered), "success", "{answered}");
+
+    // A wrong token: the server refuses the connection; exit 1, nothing on stdout, and the
+    // token is not printed.
+    let (code, r, stderr) = action_env(&ping, &[("ACTION_TOKEN", "wrong-token")]).await;
+    assert_eq!((code, r), (1, None), "{stderr}");
+    assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
+    assert!(!stderr.contains("wrong-token"), "{stderr}");
+    // The variable is not set: said so by name.
+    let (code, r, stderr) = action_env(&ping, &[]).await;
+    assert_eq!((code, r), (1, None), "{stderr}");
+    assert!(stderr.contains("ACTION_TOKEN is not set"), "{stderr}");
     amibus.stop().await;
     sim.shutdown().await;
 }

@@ -32,6 +32,9 @@ pub struct Args {
     /// `--jetstream`).
     #[arg(long, value_delimiter = ',')]
     pub nats: Vec<String>,
+    /// NATS authentication (`--creds FILE` or `--token-env VAR`).
+    #[command(flatten)]
+    pub nats_auth: super::NatsAuthArgs,
     /// Publish to the JetStream stream that stores the request subjects instead of a core
     /// NATS request.
     #[arg(long, requires = "nats")]
@@ -165,6 +168,7 @@ async fn via_nats(
 ) -> anyhow::Result<ActionResult> {
     let conn = NatsConnection {
         servers: args.nats.clone(),
+        auth: args.nats_auth.auth()?,
         name: Some("amibus-action".into()),
         ..NatsConnection::default()
     };

@@ -8,6 +8,41 @@ pub mod tail;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
+use crate::broker::nats::NatsAuth;
+use crate::secret::Secret;
+
+/// How a command-line client (`tail`, `action`) authenticates to NATS: at most one of a
+/// credentials file and a token read from the environment (never from the command line, where
+/// `ps` would show it).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuthArgs {
+    /// A `.creds` file (user JWT and nkey seed).
+    #[arg(long, conflicts_with = "token_env")]
+    pub creds: Option<PathBuf>,
+    /// The environment variable holding an auth token.
+    #[arg(long)]
+    pub token_env: Option<String>,
+}
+
+impl NatsAuthArgs {
+    /// The auth these arguments name.
+    ///
+    /// # Errors
+    /// `--token-env` names a variable that is not set.
+    pub fn auth(&self) -> anyhow::Result<NatsAuth> {
+        Ok(match (&self.creds, &self.token_env) {
+            (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
+            (None, Some(var)) => NatsAuth::Token(Secret::new(
+                std::env::var(var)
+                    .with_context(|| format!("environment variable {var} is not set"))?,
+            )),
+            (None, None) => NatsAuth::None,
+        })
+    }
+}
+
 /// How logs are written to standard error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

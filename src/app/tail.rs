@@ -24,7 +24,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 
 use crate::broker::kafka::{KafkaReader, KafkaReaderConfig};
-use crate::broker::nats::{self, NatsAuth, NatsConnection, NatsReader, Secret, StreamStart};
+use crate::broker::nats::{self, NatsConnection, NatsReader, StreamStart};
 use crate::model::{json, pb};
 
 /// Arguments of `amibus tail`.
@@ -82,12 +82,8 @@ pub struct NatsArgs {
     /// (always the case with `--from new`).
     #[arg(long, requires = "stream")]
     pub follow: bool,
-    /// A `.creds` file (user JWT and nkey seed).
-    #[arg(long)]
-    pub creds: Option<std::path::PathBuf>,
-    /// The environment variable holding an auth token.
-    #[arg(long)]
-    pub token_env: Option<String>,
+    #[command(flatten)]
+    pub auth: super::NatsAuthArgs,
     #[command(flatten)]
     pub filter: FilterArgs,
 }
@@ -396,14 +392,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 async fn open(args: Args) -> anyhow::Result<(Reader, FilterArgs)> {
     match args.source {
         SourceArgs::Nats(a) => {
-            let auth = match (&a.creds, &a.token_env) {
-                (Some(path), _) => NatsAuth::CredentialsFile(path.clone()),
-                (None, Some(var)) => NatsAuth::Token(Secret::new(
-                    std::env::var(var)
-                        .with_context(|| format!("environment variable {var} is not set"))?,
-                )),
-                (None, None) => NatsAuth::None,
-            };
+            let auth = a.auth.auth()?;
             let conn = NatsConnection {
                 servers: a.servers.clone(),
                 auth,
