@@ -4,22 +4,22 @@
 //!
 //! No assertion depends on timing: waits only guard against hangs.
 
+#[path = "support/in_process.rs"]
+mod in_process;
 #[path = "support/kafka.rs"]
 mod kafka_support;
 #[path = "support/nats.rs"]
 mod nats_support;
 
+use in_process::Running;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use amibus::app::run::run_with;
 use amibus::config::{Config, ProcessEnv};
 use amibus::sim::{Sim, SimConfig, SimHandle};
 use nats_support::{NatsServer, ServerOptions};
 use serde_json::Value;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -31,35 +31,6 @@ fn config(dir: &Path, sim: &SimHandle, control: &str) -> Config {
         dir.join("out.jsonl").display()
     );
     Config::parse(&text, &ProcessEnv).expect("config")
-}
-
-struct Running {
-    stop: CancellationToken,
-    _reloads: mpsc::Sender<Vec<amibus::ami::server::ServerConfig>>,
-    task: tokio::task::JoinHandle<anyhow::Result<amibus::app::run::Report>>,
-}
-
-impl Running {
-    fn start(mut cfg: Config) -> Running {
-        let stop = CancellationToken::new();
-        let (reloads, rx) = mpsc::channel(1);
-        let s = stop.clone();
-        let task = tokio::spawn(async move { run_with(&mut cfg, s, rx).await });
-        Running {
-            stop,
-            _reloads: reloads,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(T, self.task)
-            .await
-            .expect("amibus stops")
-            .expect("no panic")
-            .expect("a clean exit");
-    }
 }
 
 /// `amibus action ARGS...`: (exit code, the JSON result if one was printed).

@@ -6,16 +6,17 @@
 //! No assertion depends on timing: waits only guard against hangs (a retried request is a
 //! new request id, so a retry never counts as a duplicate).
 
+#[path = "support/in_process.rs"]
+mod in_process;
 #[path = "support/kafka.rs"]
 mod kafka_support;
 #[path = "support/nats.rs"]
 mod nats_support;
 
+use in_process::Running;
 use std::path::Path;
 use std::time::Duration;
 
-use amibus::ami::server::ServerConfig;
-use amibus::app::run::run_with;
 use amibus::config::{Config, ProcessEnv};
 use amibus::model::pb::{ActionRequest, ActionResult, ActionStatus, ReplyFrame};
 use amibus::sim::{Sim, SimConfig, SimHandle};
@@ -24,8 +25,6 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use nats_support::NatsServer;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -64,36 +63,6 @@ fn config(dir: &Path, servers: &str, control: &str) -> Config {
         dir.join("out.jsonl").display()
     );
     Config::parse(&text, &ProcessEnv).expect("config")
-}
-
-/// `amibus run` in this process.
-struct Running {
-    stop: CancellationToken,
-    reloads: mpsc::Sender<Vec<ServerConfig>>,
-    task: tokio::task::JoinHandle<anyhow::Result<amibus::app::run::Report>>,
-}
-
-impl Running {
-    fn start(mut cfg: Config) -> Running {
-        let stop = CancellationToken::new();
-        let (reloads, rx) = mpsc::channel(1);
-        let s = stop.clone();
-        let task = tokio::spawn(async move { run_with(&mut cfg, s, rx).await });
-        Running {
-            stop,
-            reloads,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(T, self.task)
-            .await
-            .expect("amibus stops")
-            .expect("no panic")
-            .expect("a clean exit");
-    }
 }
 
 /// A NATS request to `server`'s request subject; `None` for "no responders" (nobody
