@@ -16,7 +16,7 @@ use amibus::broker::nats::{
     NatsAuth, NatsConnection, NatsError, NatsMessage, NatsReader, NatsTls, Secret, StreamSpec,
     StreamStart, StreamStorage,
 };
-use amibus::sink::driver::{self, DriverConfig, DriverStats};
+use amibus::sink::driver::{self, DriverConfig, DriverSnapshot, DriverStats};
 use amibus::sink::nats::{NatsMode, NatsSink, NatsSinkConfig};
 use amibus::sink::{Record, Sink, SinkError};
 use amibus::spool::{Fsync, Spool, SpoolConfig};
@@ -424,7 +424,13 @@ async fn a_server_restart_mid_stream_loses_nothing_with_jetstream() {
     // from its store on restart) keeps one copy of each.
     assert_eq!(seen.len() as u64, TOTAL, "each record stored exactly once");
     assert_eq!(seen, expect, "nothing lost");
-    let [sent, acked, permanent, _, rewinds] = stats.snapshot();
+    let DriverSnapshot {
+        sent,
+        acknowledged: acked,
+        failed_permanent: permanent,
+        rewinds,
+        ..
+    } = stats.snapshot();
     assert_eq!(permanent, 0);
     assert!(acked >= TOTAL);
     assert!(sent >= acked);

@@ -54,15 +54,30 @@ impl DriverStats {
         !self.failing.load(Ordering::Relaxed)
     }
 
-    pub fn snapshot(&self) -> [u64; 5] {
-        [
-            self.sent.load(Ordering::Relaxed),
-            self.acknowledged.load(Ordering::Relaxed),
-            self.failed_permanent.load(Ordering::Relaxed),
-            self.failed_retriable.load(Ordering::Relaxed),
-            self.rewinds.load(Ordering::Relaxed),
-        ]
+    /// The totals now.
+    pub fn snapshot(&self) -> DriverSnapshot {
+        DriverSnapshot {
+            sent: self.sent.load(Ordering::Relaxed),
+            acknowledged: self.acknowledged.load(Ordering::Relaxed),
+            failed_permanent: self.failed_permanent.load(Ordering::Relaxed),
+            failed_retriable: self.failed_retriable.load(Ordering::Relaxed),
+            rewinds: self.rewinds.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// [`DriverStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverSnapshot {
+    /// Records handed to the sink (resends included).
+    pub sent: u64,
+    pub acknowledged: u64,
+    /// Records the broker refused for good (acknowledged in the spool, counted, not resent).
+    pub failed_permanent: u64,
+    /// Deliveries that failed and will be sent again.
+    pub failed_retriable: u64,
+    /// Times the driver went back to the oldest unacknowledged record to resend.
+    pub rewinds: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
