@@ -188,7 +188,7 @@ impl amibus::config::Env for TokenEnv {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn amibus_action_authenticates_to_nats_with_a_token_from_the_environment() {
+async fn action_cli_and_control_nats_authenticate_with_a_token_from_the_environment() {
     let nats = NatsServer::start_with(ServerOptions {
         token: Some(TOKEN.into()),
         ..ServerOptions::default()
@@ -196,11 +196,13 @@ async fn amibus_action_authenticates_to_nats_with_a_token_from_the_environment()
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let url = nats.url();
-    // The action consumer uses the NATS sink's connection, token included.
+    // The action consumer has a NATS of its own ([control.nats], token included); the sink
+    // is a file.
     let text = format!(
-        "[[server]]\nid = \"pbx1\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\nsecret = \"amp111\"\n[spool]\ndir = \"{}\"\n[sink]\nkind = \"nats\"\n[sink.nats]\nservers = [\"{url}\"]\nmode = \"core\"\ntoken_env = \"AMIBUS_TEST_NATS_TOKEN\"\n[control]\nrate = 0\n",
+        "[[server]]\nid = \"pbx1\"\nhost = \"127.0.0.1\"\nport = {}\nusername = \"admin\"\nsecret = \"amp111\"\n[spool]\ndir = \"{}\"\n[sink]\nkind = \"file\"\n[sink.file]\npath = \"{}\"\n[control]\nrate = 0\n[control.nats]\nservers = [\"{url}\"]\ntoken_env = \"AMIBUS_TEST_NATS_TOKEN\"\n",
         sim.addrs()[0].port(),
         dir.path().join("spool").display(),
+        dir.path().join("out.jsonl").display(),
     );
     let amibus = Running::start(Config::parse(&text, &TokenEnv).expect("config"));
     let ping = [

@@ -10,6 +10,7 @@ pub(super) struct RawControl {
     kafka: Option<RawControlKafka>,
     jetstream: Option<RawControlJetStream>,
     nats_servers: Option<Vec<String>>,
+    nats: Option<RawNatsConnection>,
     subject: Option<String>,
     queue_group: Option<String>,
     result_subject: Option<String>,
@@ -52,6 +53,7 @@ pub(super) fn validate_control(
     sink: &SinkConfig,
     spool: &SpoolConfig,
     shard: crate::shard::Shard,
+    env: &dyn Env,
     problems: &mut Vec<Problem>,
 ) -> ControlSection {
     let mut consumer = crate::control::ControlConfig::default();
@@ -64,7 +66,7 @@ pub(super) fn validate_control(
                     "only used with control.transport = \"kafka\"",
                 );
             }
-            let n = validate_control_nats(&mut raw, sink, shard, problems);
+            let n = validate_control_nats(&mut raw, sink, shard, env, problems);
             // A durable consumer per shard sees every request subject.
             consumer.answer_not_owned = n.jetstream.is_none();
             ControlTransport::Nats(n)
@@ -73,6 +75,7 @@ pub(super) fn validate_control(
             for (key, set) in [
                 ("jetstream", raw.jetstream.is_some()),
                 ("nats_servers", raw.nats_servers.is_some()),
+                ("nats", raw.nats.is_some()),
                 ("subject", raw.subject.is_some()),
                 ("queue_group", raw.queue_group.is_some()),
                 ("result_subject", raw.result_subject.is_some()),
@@ -100,7 +103,7 @@ pub(super) fn validate_control(
                 "control.transport",
                 format!("{other:?} is not a transport (\"nats\" or \"kafka\")"),
             );
-            ControlTransport::Nats(validate_control_nats(&mut raw, sink, shard, problems))
+            ControlTransport::Nats(validate_control_nats(&mut raw, sink, shard, env, problems))
         }
     };
     set_positive(
@@ -228,9 +231,26 @@ pub(super) fn validate_control_nats(
     raw: &mut RawControl,
     sink: &SinkConfig,
     shard: crate::shard::Shard,
+    env: &dyn Env,
     problems: &mut Vec<Problem>,
 ) -> NatsControl {
+    let own = raw.nats.take();
+    if own.is_some() && raw.nats_servers.is_some() {
+        problem(
+            problems,
+            "control.nats_servers",
+            "set either control.nats_servers or [control.nats] (servers, auth, TLS), not both",
+        );
+    }
     let nats = match (raw.nats_servers.take(), sink) {
+        // Like [sink.nats]: servers default to the local NATS.
+        _ if own.is_some() => validate_nats_connection(
+            "control.nats",
+            own.unwrap_or_default(),
+            crate::broker::nats::NatsConnection::default(),
+            env,
+            problems,
+        ),
         (Some(servers), _) if servers.is_empty() => {
             problem(
                 problems,
@@ -248,7 +268,7 @@ pub(super) fn validate_control_nats(
             problem(
                 problems,
                 "control.nats_servers",
-                "required unless sink.kind = \"nats\" (whose connection is then used)",
+                "required (or [control.nats]) unless sink.kind = \"nats\" (whose connection is then used)",
             );
             crate::broker::nats::NatsConnection::default()
         }

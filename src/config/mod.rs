@@ -334,7 +334,7 @@ impl Config {
         let shard = validate_shard(raw.shard, env, &mut problems);
         let control = raw
             .control
-            .map(|r| validate_control(r, &sink, &spool, shard, &mut problems));
+            .map(|r| validate_control(r, &sink, &spool, shard, env, &mut problems));
         if configured_servers == 0 && sim.is_none() {
             problems.push(Problem {
                 path: "server".into(),
@@ -401,7 +401,7 @@ fn with_lines(mut problems: Vec<Problem>, text: &str, env: &dyn Env) -> Vec<Prob
 // ---------------------------------------------------------------------------------------------
 // [spool], [sink], [pipeline], [sim]
 
-use crate::broker::nats::{NatsAuth, NatsTls, StreamSpec, StreamStorage};
+use crate::broker::nats::{NatsAuth, NatsConnection, NatsTls, StreamSpec, StreamStorage};
 use crate::model::PayloadFormat;
 use crate::sink::file::{FileSinkConfig, Framing};
 use crate::sink::kafka::KafkaSinkConfig;

@@ -81,6 +81,20 @@ pub(super) struct RawNatsSink {
     max_in_flight: Option<usize>,
 }
 
+/// The connection keys of a NATS client: `[sink.nats]` has them among its own, `[control.nats]`
+/// is only them.
+#[derive(Default, Deserialize)]
+pub(super) struct RawNatsConnection {
+    servers: Option<Vec<String>>,
+    name: Option<String>,
+    token_env: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
+    credentials_file: Option<PathBuf>,
+    nkey_seed_env: Option<String>,
+    tls: Option<RawNatsTls>,
+}
+
 #[derive(Default, Deserialize)]
 pub(super) struct RawNatsTls {
     ca_file: Option<PathBuf>,
@@ -326,17 +340,18 @@ pub(super) fn validate_nats(
     problems: &mut Vec<Problem>,
 ) -> NatsSinkConfig {
     let mut cfg = NatsSinkConfig::default();
-    if let Some(servers) = raw.servers {
-        if servers.is_empty() {
-            problem(
-                problems,
-                "sink.nats.servers",
-                "must list at least one server URL",
-            );
-        } else {
-            cfg.connection.servers = servers;
-        }
-    }
+    let connection = RawNatsConnection {
+        servers: raw.servers,
+        name: raw.name,
+        token_env: raw.token_env,
+        user: raw.user,
+        password_env: raw.password_env,
+        credentials_file: raw.credentials_file,
+        nkey_seed_env: raw.nkey_seed_env,
+        tls: raw.tls,
+    };
+    cfg.connection =
+        validate_nats_connection("sink.nats", connection, cfg.connection, env, problems);
     if let Some(subject) = raw.subject {
         cfg.subject = subject;
     }
@@ -354,54 +369,6 @@ pub(super) fn validate_nats(
             NatsMode::JetStream
         }
     };
-    if raw.name.is_some() {
-        cfg.connection.name = raw.name;
-    }
-    let token = env_secret("sink.nats.token_env", raw.token_env, env, problems);
-    let password = env_secret("sink.nats.password_env", raw.password_env, env, problems);
-    let seed = env_secret("sink.nats.nkey_seed_env", raw.nkey_seed_env, env, problems);
-    let chosen = [
-        token.is_some(),
-        raw.user.is_some(),
-        raw.credentials_file.is_some(),
-        seed.is_some(),
-    ]
-    .iter()
-    .filter(|b| **b)
-    .count();
-    if chosen > 1 {
-        problem(
-            problems,
-            "sink.nats",
-            "choose one of token_env, user + password_env, credentials_file, nkey_seed_env",
-        );
-    }
-    cfg.connection.auth = match (token, raw.user, password, raw.credentials_file, seed) {
-        (Some(t), ..) => NatsAuth::Token(t),
-        (_, Some(user), Some(password), ..) => NatsAuth::UserPassword { user, password },
-        (_, Some(_), None, ..) => {
-            problem(problems, "sink.nats.password_env", "required with user");
-            NatsAuth::None
-        }
-        (_, _, _, Some(file), _) => NatsAuth::CredentialsFile(file),
-        (_, _, _, _, Some(seed)) => NatsAuth::NkeySeed(seed),
-        _ => NatsAuth::None,
-    };
-    if let Some(tls) = raw.tls {
-        if tls.client_cert.is_some() != tls.client_key.is_some() {
-            problem(
-                problems,
-                "sink.nats.tls",
-                "client_cert and client_key go together",
-            );
-        }
-        cfg.connection.tls = NatsTls {
-            ca_file: tls.ca_file,
-            client_cert: tls.client_cert,
-            client_key: tls.client_key,
-            require: tls.require,
-        };
-    }
     if let Some(st) = raw.stream {
         let mut spec = StreamSpec::new(st.name.unwrap_or_else(|| "AMI".into()));
         spec.subjects = st.subjects.unwrap_or_default();
@@ -456,4 +423,90 @@ pub(super) fn validate_nats(
         problems,
     );
     cfg
+}
+
+/// The NATS connection that the keys of `raw` (at `path`) describe, on top of `base`: servers,
+/// client name, one kind of auth (secrets read from the environment), TLS.
+pub(super) fn validate_nats_connection(
+    path: &str,
+    raw: RawNatsConnection,
+    base: NatsConnection,
+    env: &dyn Env,
+    problems: &mut Vec<Problem>,
+) -> NatsConnection {
+    let mut conn = base;
+    if let Some(servers) = raw.servers {
+        if servers.is_empty() {
+            problem(
+                problems,
+                &format!("{path}.servers"),
+                "must list at least one server URL",
+            );
+        } else {
+            conn.servers = servers;
+        }
+    }
+    if raw.name.is_some() {
+        conn.name = raw.name;
+    }
+    let token = env_secret(&format!("{path}.token_env"), raw.token_env, env, problems);
+    let password = env_secret(
+        &format!("{path}.password_env"),
+        raw.password_env,
+        env,
+        problems,
+    );
+    let seed = env_secret(
+        &format!("{path}.nkey_seed_env"),
+        raw.nkey_seed_env,
+        env,
+        problems,
+    );
+    let chosen = [
+        token.is_some(),
+        raw.user.is_some(),
+        raw.credentials_file.is_some(),
+        seed.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if chosen > 1 {
+        problem(
+            problems,
+            path,
+            "choose one of token_env, user + password_env, credentials_file, nkey_seed_env",
+        );
+    }
+    conn.auth = match (token, raw.user, password, raw.credentials_file, seed) {
+        (Some(t), ..) => NatsAuth::Token(t),
+        (_, Some(user), Some(password), ..) => NatsAuth::UserPassword { user, password },
+        (_, Some(_), None, ..) => {
+            problem(
+                problems,
+                &format!("{path}.password_env"),
+                "required with user",
+            );
+            NatsAuth::None
+        }
+        (_, _, _, Some(file), _) => NatsAuth::CredentialsFile(file),
+        (_, _, _, _, Some(seed)) => NatsAuth::NkeySeed(seed),
+        _ => NatsAuth::None,
+    };
+    if let Some(tls) = raw.tls {
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            problem(
+                problems,
+                &format!("{path}.tls"),
+                "client_cert and client_key go together",
+            );
+        }
+        conn.tls = NatsTls {
+            ca_file: tls.ca_file,
+            client_cert: tls.client_cert,
+            client_key: tls.client_key,
+            require: tls.require,
+        };
+    }
+    conn
 }

@@ -639,3 +639,91 @@ fn environment_overrides_set_any_key() {
     .unwrap_err();
     assert_eq!(err.problems()[0].path, "AMIBUS__SERVER__7__HOST");
 }
+
+#[test]
+fn control_nats_has_its_own_connection_with_auth_and_tls() {
+    struct TokenEnv;
+    impl Env for TokenEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            match name {
+                "PBX_SECRET" => Some("from-env".to_owned()),
+                "ACTIONS_TOKEN" => Some("t0ken".to_owned()),
+                _ => None,
+            }
+        }
+    }
+    let base = r#"
+        [[server]]
+        id = "pbx-1"
+        host = "pbx.example"
+        username = "amibus"
+        secret_env = "PBX_SECRET"
+        [sink]
+        kind = "file"
+        [sink.file]
+        path = "out.jsonl"
+    "#;
+    let cfg = Config::parse(
+        &format!(
+            "{base}\n[control]\n[control.nats]\nservers = [\"tls://actions:4222\"]\n\
+             name = \"amibus-actions\"\ntoken_env = \"ACTIONS_TOKEN\"\n\
+             [control.nats.tls]\nca_file = \"/etc/ca.pem\"\n"
+        ),
+        &TokenEnv,
+    )
+    .unwrap();
+    let Some(ControlSection {
+        transport: ControlTransport::Nats(n),
+        ..
+    }) = &cfg.control
+    else {
+        panic!("a NATS control section: {:?}", cfg.control);
+    };
+    assert_eq!(n.nats.servers, ["tls://actions:4222"]);
+    assert_eq!(n.nats.name.as_deref(), Some("amibus-actions"));
+    assert_eq!(n.nats.auth, NatsAuth::Token(Secret::new("t0ken")));
+    assert_eq!(
+        n.nats.tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/ca.pem"))
+    );
+    assert!(
+        !format!("{cfg:?}").contains("t0ken"),
+        "the token is not printed"
+    );
+
+    // Both ways at once, an unset variable, two kinds of auth, an empty server list: each
+    // named.
+    let err = Config::parse(
+        &format!(
+            "{base}\n[control]\nnats_servers = [\"nats://a:4222\"]\n[control.nats]\n\
+             servers = []\nnkey_seed_env = \"MISSING\"\ntoken_env = \"ACTIONS_TOKEN\"\n\
+             credentials_file = \"x.creds\"\n"
+        ),
+        &TokenEnv,
+    )
+    .unwrap_err();
+    let paths = sorted(err.problems().iter().map(|p| p.path.as_str()));
+    assert_eq!(
+        paths,
+        sorted([
+            "control.nats_servers",
+            "control.nats.servers",
+            "control.nats.nkey_seed_env",
+            "control.nats",
+        ]),
+        "{err}"
+    );
+    // Over Kafka the NATS keys are refused.
+    let err = Config::parse(
+        &format!(
+            "{base}\n[control]\ntransport = \"kafka\"\n[control.kafka]\nbrokers = \"k:9092\"\n\
+             [control.nats]\nservers = [\"nats://a:4222\"]\n"
+        ),
+        &TokenEnv,
+    )
+    .unwrap_err();
+    assert!(
+        err.problems().iter().any(|p| p.path == "control.nats"),
+        "{err}"
+    );
+}
