@@ -137,7 +137,6 @@ pub fn decode(
                     summary.frames += 1;
                     summary.bytes += consumed as u64;
                     stamp.seq += 1;
-                    stamp.received_at_ns = record::now_ns();
                     let n = model::normalize(&frame);
                     match args.format {
                         Format::Json => json::write_frame_line(&stamp, &n, &frame, &mut scratch),
@@ -205,15 +204,15 @@ pub fn decode(
         };
         end += read;
         eof = read == 0;
+        // One clock reading per read, as a connection stamps: every frame a read completes was
+        // received then (a reading per frame cost ~25 ns, about a tenth of `--format none`).
+        stamp.received_at_ns = record::now_ns();
     }
 }
 
 fn write_record(stamp: &Stamp, record: Record, format: Format, out: &mut Vec<u8>) {
     let stamped = Stamped {
-        stamp: Stamp {
-            received_at_ns: record::now_ns(),
-            ..stamp.clone()
-        },
+        stamp: stamp.clone(),
         record,
     };
     let env = model::record_envelope(&stamped);
