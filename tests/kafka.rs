@@ -16,7 +16,7 @@ use amibus::model::pb::Envelope;
 use amibus::sink::driver::{self, DriverConfig, DriverStats};
 use amibus::sink::kafka::{KafkaSink, KafkaSinkConfig, NewTopics};
 use amibus::sink::{Record, Sink, SinkError};
-use amibus::spool::{Fsync, Spool, SpoolConfig};
+use amibus::spool::{Fsync, Kind, Meta, Spool, SpoolConfig};
 use bytes::Bytes;
 use kafka_support::Broker;
 use prost::Message as _;
@@ -24,7 +24,7 @@ use prost::Message as _;
 /// Turns a hang into a failure; never a measure of speed.
 const GUARD: Duration = Duration::from_secs(120);
 
-/// A record like the pipeline makes: key `server/call`, the five headers, an envelope payload
+/// A record like the pipeline makes: key `server/call`, its metadata, an envelope payload
 /// whose `seq` identifies it.
 fn record(server: &str, call: u32, seq: u64, pad: usize) -> Record {
     let env = Envelope {
@@ -38,21 +38,64 @@ fn record(server: &str, call: u32, seq: u64, pad: usize) -> Record {
     };
     Record {
         key: Bytes::from(format!("{server}/call-{call}")),
-        headers: vec![
-            ("server".into(), Bytes::from(server.to_owned())),
-            ("event".into(), Bytes::from_static(b"Newstate")),
-            ("kind".into(), Bytes::from_static(b"event")),
-            ("class".into(), Bytes::from_static(b"call")),
-            ("schema".into(), Bytes::from_static(b"amibus.v1")),
-        ],
+        meta: Meta {
+            server: Bytes::from(server.to_owned()),
+            event: Bytes::from_static(b"Newstate"),
+            kind: Kind::Event,
+            class: Bytes::from_static(b"call"),
+            epoch: 1,
+            seq,
+            snapshot: None,
+            gap: None,
+        },
         payload: Bytes::from(env.encode_to_vec()),
     }
 }
 
-fn seq_of(r: &Record) -> u64 {
-    Envelope::decode(r.payload.as_ref())
+/// A record as a consumer reads it: key, bus headers, payload.
+#[derive(Debug, PartialEq, Eq)]
+struct Read {
+    key: Bytes,
+    headers: Vec<(String, Bytes)>,
+    payload: Bytes,
+}
+
+impl Read {
+    /// What a consumer should read for `sent`.
+    fn of(sent: &Record) -> Read {
+        Read {
+            key: sent.key.clone(),
+            headers: sent
+                .meta
+                .headers()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            payload: sent.payload.clone(),
+        }
+    }
+}
+
+fn seq_of(r: &impl HasPayload) -> u64 {
+    Envelope::decode(r.payload())
         .expect("payload is an envelope")
         .seq
+}
+
+trait HasPayload {
+    fn payload(&self) -> &[u8];
+}
+
+impl HasPayload for Record {
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl HasPayload for Read {
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
 }
 
 fn sink_config(broker: &Broker, topic: &str) -> KafkaSinkConfig {
@@ -65,7 +108,7 @@ fn sink_config(broker: &Broker, topic: &str) -> KafkaSinkConfig {
 
 /// Read `topic` from the start until `want` distinct seqs arrived; returns every record read
 /// in order (duplicates included).
-async fn read_back(broker: &Broker, topic: &str, want: usize) -> Vec<Record> {
+async fn read_back(broker: &Broker, topic: &str, want: usize) -> Vec<Read> {
     let mut cfg = KafkaReaderConfig::new(broker.bootstrap(), format!("test-{topic}"));
     cfg.topics = vec![topic.into()];
     let source = KafkaReader::new(&cfg).expect("source");
@@ -76,9 +119,9 @@ async fn read_back(broker: &Broker, topic: &str, want: usize) -> Vec<Record> {
         let left = GUARD.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, source.recv()).await {
             Ok(Ok(m)) => {
-                let r = Record {
+                let r = Read {
                     key: m.key,
-                    headers: m.headers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                    headers: m.headers,
                     payload: m.payload,
                 };
                 seen.insert(seq_of(&r));
@@ -137,9 +180,9 @@ async fn records_arrive_intact_and_in_order_per_key() {
     sink.flush(Duration::from_secs(10)).await.expect("flush");
 
     let got = read_back(&broker, topic, sent.len()).await;
-    let by_seq: HashMap<u64, &Record> = sent.iter().map(|r| (seq_of(r), r)).collect();
+    let by_seq: HashMap<u64, Read> = sent.iter().map(|r| (seq_of(r), Read::of(r))).collect();
     for r in &got {
-        assert_eq!(by_seq[&seq_of(r)], r, "key, headers and payload intact");
+        assert_eq!(&by_seq[&seq_of(r)], r, "key, headers and payload intact");
     }
     // Per key, the order read back is the order sent.
     let mut per_key: HashMap<Bytes, Vec<u64>> = HashMap::new();

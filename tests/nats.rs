@@ -19,7 +19,7 @@ use amibus::broker::nats::{
 use amibus::sink::driver::{self, DriverConfig, DriverSnapshot, DriverStats};
 use amibus::sink::nats::{NatsMode, NatsSink, NatsSinkConfig};
 use amibus::sink::{Record, Sink, SinkError};
-use amibus::spool::{Fsync, Spool, SpoolConfig};
+use amibus::spool::{Fsync, Kind, Meta, Spool, SpoolConfig};
 use async_nats::jetstream;
 use bytes::Bytes;
 use nats_support::{NatsServer, ServerOptions, self_signed_cert};
@@ -35,13 +35,14 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 fn record(server: &str, event: &str, payload: impl Into<Bytes>) -> Record {
     Record {
         key: Bytes::from(format!("{server}/1700000000.1")),
-        headers: vec![
-            ("server".into(), Bytes::from(server.to_owned())),
-            ("event".into(), Bytes::from(event.to_owned())),
-            ("kind".into(), Bytes::from_static(b"event")),
-            ("class".into(), Bytes::from_static(b"call")),
-            ("schema".into(), Bytes::from_static(b"amibus.v1")),
-        ],
+        // Seq 0 (outside a connection's numbering): JetStream ids come from key and payload.
+        meta: Meta {
+            server: Bytes::from(server.to_owned()),
+            event: Bytes::from(event.to_owned()),
+            kind: Kind::Event,
+            class: Bytes::from_static(b"call"),
+            ..Meta::default()
+        },
         payload: payload.into(),
     }
 }

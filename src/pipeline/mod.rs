@@ -1,19 +1,18 @@
 //! The pipeline: stamped records from the connections → envelopes → the spool.
 //!
-//! Owns: encoding each record (protobuf or JSON), its partition key and bus headers, and
+//! Owns: encoding each record (protobuf or JSON), its partition key and typed metadata, and
 //! turning what the spool had to drop into `gap` records, so loss is visible on the bus.
 //!
-//! Bus headers of every record: `server`, `event` (the normalized event name, the response
-//! value, or the synthetic kind), `kind`, `class` (the first privilege class, e.g. `call`;
-//! `amibus` for synthetic records), `schema` (`amibus.v1`), `epoch` and `seq` (decimal); and
-//! `snapshot` (the snapshot id) on a snapshot's items and on its begin and end records.
+//! Every record's typed metadata ([`spool::Meta`]: server, event, kind, class, epoch, seq, a
+//! snapshot id, a gap range) is filled here; the sinks render it as bus headers (see
+//! [`crate::spool::Meta::each_header`]).
 //!
 //! Gap records made here (for records the spool dropped) carry `seq` 0: they are not part of
 //! the connection's numbering; their `gap` detail names the lost epoch and sequence range.
-//! Every gap record (these and the connection's) also carries that range in the headers
-//! `gap_epoch`, `gap_first_seq` and `gap_last_seq`, so that when the spool drops a gap record
-//! itself (it keeps only the headers of what it drops), the range is remembered again and
-//! reported in a later gap record: a loss is never hidden by the loss of its report.
+//! Every gap record (these and the connection's) also carries that range in its metadata, so
+//! that when the spool drops a gap record itself (it keeps only the metadata of what it
+//! drops), the range is remembered again and reported in a later gap record: a loss is never
+//! hidden by the loss of its report.
 //!
 //! A gap record's `reason` says why: `spool full` for records the cap dropped, `spool damaged`
 //! for records the spool found damaged on disk (their seqs are inferred by the spool, see
@@ -300,31 +299,20 @@ impl Pipeline {
     }
 
     fn remember_lost(&mut self, r: &spool::Record, reason: LossReason) {
-        let num = |name: &str| {
-            r.header(name)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        let (Some(server), Some(epoch), Some(seq)) = (
-            r.header("server").and_then(|v| std::str::from_utf8(v).ok()),
-            num("epoch"),
-            num("seq"),
-        ) else {
-            return;
-        };
+        let m = &r.meta;
+        let server: Arc<str> = String::from_utf8_lossy(&m.server).into();
         // A gap record that is lost: what it named is lost again, not forgotten.
-        if let (Some(gap_epoch), Some(first), Some(last)) =
-            (num("gap_epoch"), num("gap_first_seq"), num("gap_last_seq"))
-        {
-            let key = (Arc::from(server), gap_epoch, LossReason::SpoolFull);
-            add_range(self.lost.entry(key).or_default(), (first, last));
+        if let Some(g) = m.gap {
+            let key = (server.clone(), g.epoch, LossReason::SpoolFull);
+            add_range(self.lost.entry(key).or_default(), (g.first_seq, g.last_seq));
         }
+        let (epoch, seq) = (m.epoch, m.seq);
         if seq == 0 {
             // Not part of the connection's numbering.
             self.stats.dropped_gap_records += 1;
             return;
         }
-        let key = (Arc::from(server), epoch, reason);
+        let key = (server, epoch, reason);
         add_range(self.lost.entry(key).or_default(), (seq, seq));
     }
 
@@ -463,7 +451,8 @@ impl Pipeline {
         let stamp = &stamped.stamp;
         self.payload.clear();
         self.key.clear();
-        let mut extra: Vec<(spool::HeaderName, Bytes)> = Vec::new();
+        let mut snapshot_id: Option<Bytes> = None;
+        let mut gap = None;
         // A snapshot's item is its frame's envelope plus `snapshot_id` (and the bus header
         // `snapshot`), keyed like any event of its call.
         let frame = match &stamped.record {
@@ -496,7 +485,7 @@ impl Pipeline {
                     }
                 }
                 if let Some(id) = snapshot {
-                    extra.push(("snapshot".into(), Bytes::from(id.to_string())));
+                    snapshot_id = Some(Bytes::copy_from_slice(id.as_bytes()));
                 }
                 let class = n
                     .privilege
@@ -504,69 +493,58 @@ impl Pipeline {
                     .unwrap_or_default();
                 self.last_broadcast_event =
                     snapshot.is_none() && n.kind == pb::Kind::Event && n.name != b"FullyBooted";
-                (json::kind_name(n.kind), n.name, class)
+                (n.kind, n.name, class)
             }
             None => {
                 let env = model::record_envelope(stamped);
                 if !env.snapshot_id.is_empty() {
-                    extra.push(("snapshot".into(), Bytes::from(env.snapshot_id.clone())));
+                    snapshot_id = Some(Bytes::from(env.snapshot_id.clone()));
                 }
                 if let Some(pb::envelope::Detail::Gap(g)) = &env.detail {
-                    for (name, v) in [
-                        ("gap_epoch", g.epoch),
-                        ("gap_first_seq", g.first_seq),
-                        ("gap_last_seq", g.last_seq),
-                    ] {
-                        extra.push((name.into(), Bytes::from(v.to_string())));
-                    }
+                    gap = Some(spool::GapRange {
+                        epoch: g.epoch,
+                        first_seq: g.first_seq,
+                        last_seq: g.last_seq,
+                    });
                 }
                 self.key.extend_from_slice(stamp.server.as_bytes());
                 match self.format {
                     PayloadFormat::Proto => prost::Message::encode_raw(&env, &mut self.payload),
                     PayloadFormat::Json => json::write_json_line(&env, &mut self.payload),
                 }
-                let kind = json::kind_name(env.kind());
-                (kind, kind.as_bytes(), &b"amibus"[..])
+                let kind = env.kind();
+                (kind, json::kind_name(kind).as_bytes(), &b"amibus"[..])
             }
         };
-        // One record's bytes (key, payload and the header values that are not constants) are
-        // written next to each other into a chunk shared by many records, and handed out as
-        // slices of it: one allocation per ~100 records instead of seven per record. A chunk is
-        // freed when the last record in it is (records leave the spool roughly in order).
-        let mut epoch = itoa::Buffer::new();
-        let epoch = epoch.format(stamp.epoch).as_bytes();
-        let mut seq = itoa::Buffer::new();
-        let seq = seq.format(stamp.seq).as_bytes();
+        // One record's bytes (key, payload, server, event and class) are written next to each
+        // other into a chunk shared by many records, and handed out as slices of it: one
+        // allocation per ~100 records instead of five per record. A chunk is freed when the last
+        // record in it is (records leave the spool roughly in order).
         let server = stamp.server.as_bytes();
-        let parts: [&[u8]; 7] = [&self.key, &self.payload, server, event, class, epoch, seq];
+        let parts: [&[u8]; 5] = [&self.key, &self.payload, server, event, class];
         let need: usize = parts.iter().map(|p| p.len()).sum();
         if self.chunk.capacity() < need {
             self.chunk = BytesMut::with_capacity(CHUNK_BYTES.max(need));
         }
-        let mut ends = [0usize; 7];
+        let mut ends = [0usize; 5];
         for (part, end) in parts.iter().zip(&mut ends) {
             self.chunk.extend_from_slice(part);
             *end = self.chunk.len();
         }
         let all = self.chunk.split().freeze();
         let slice = |i: usize| all.slice(if i == 0 { 0 } else { ends[i - 1] }..ends[i]);
-        let mut headers: Vec<(spool::HeaderName, Bytes)> = Vec::with_capacity(7 + extra.len());
-        headers.extend([
-            ("server".into(), slice(2)),
-            ("event".into(), slice(3)),
-            ("kind".into(), Bytes::from_static(kind.as_bytes())),
-            ("class".into(), slice(4)),
-            (
-                "schema".into(),
-                Bytes::from_static(model::SCHEMA_VERSION.as_bytes()),
-            ),
-            ("epoch".into(), slice(5)),
-            ("seq".into(), slice(6)),
-        ]);
-        headers.extend(extra);
         spool::Record {
             key: slice(0),
-            headers,
+            meta: spool::Meta {
+                server: slice(2),
+                event: slice(3),
+                kind,
+                class: slice(4),
+                epoch: stamp.epoch,
+                seq: stamp.seq,
+                snapshot: snapshot_id,
+                gap,
+            },
             payload: slice(1),
         }
     }

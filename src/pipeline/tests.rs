@@ -31,7 +31,11 @@ fn records_carry_key_headers_and_an_envelope() {
         b"Event: Hangup\r\nPrivilege: call,all\r\nUniqueid: 1.2\r\nLinkedid: 1.1\r\n\r\n",
     ));
     assert_eq!(&r.key[..], b"pbx1/1.1");
-    let h = |n: &str| r.header(n).map(|v| String::from_utf8_lossy(v).into_owned());
+    let h = |n: &str| {
+        r.meta
+            .header(n)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
     assert_eq!(h("event").as_deref(), Some("Hangup"));
     assert_eq!(h("class").as_deref(), Some("call"));
     assert_eq!(h("kind").as_deref(), Some("event"));
@@ -50,19 +54,88 @@ fn records_carry_key_headers_and_an_envelope() {
     let after = p.to_spool_record(&frame_record("pbx3", 7, 11, b"Event: Newexten\r\n\r\n"));
     assert_eq!(&r.key[..], b"pbx1/1.1");
     assert_eq!(decode_payload(&r.payload).expect("envelope").seq, 9);
-    assert_eq!(next.header("server").map(|v| &v[..]), Some(&b"pbx22"[..]));
-    assert_eq!(
-        next.header("event").map(|v| &v[..]),
-        Some(&b"UserEvent"[..])
-    );
+    assert_eq!(&next.meta.server[..], b"pbx22");
+    assert_eq!(&next.meta.event[..], b"UserEvent");
     let env = decode_payload(&next.payload).expect("big envelope");
     assert!(
         env.headers
             .iter()
             .any(|h| h.value.as_ref().map(Vec::len) == Some(CHUNK_BYTES))
     );
-    assert_eq!(after.header("seq").map(|v| &v[..]), Some(&b"11"[..]));
+    assert_eq!(after.meta.seq, 11);
     assert_eq!(&after.key[..], b"pbx3");
+}
+
+/// Every record shape gets its typed metadata: what the sinks render as bus headers.
+#[test]
+fn each_kind_of_record_gets_its_metadata() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(SpoolConfig::new(dir.path())).expect("open");
+    let mut p = Pipeline::new(spool, PayloadFormat::Proto);
+    let stamp = |seq| Stamp {
+        server: Arc::from("pbx1"),
+        epoch: 4,
+        seq,
+        received_at_ns: 1,
+    };
+    let frame = frame_record(
+        "pbx1",
+        4,
+        1,
+        b"Event: CoreShowChannel\r\nPrivilege: system,all\r\nUniqueid: 1.2\r\n\r\n",
+    );
+    let AmiRecord::Frame(f) = frame.record.clone() else {
+        panic!("frame")
+    };
+    let item = p.to_spool_record(&Stamped {
+        stamp: stamp(2),
+        record: AmiRecord::SnapshotItem {
+            snapshot_id: Arc::from("pbx1-4-1"),
+            frame: Box::new(f),
+        },
+    });
+    assert_eq!(item.meta.kind, spool::Kind::Event);
+    assert_eq!(&item.meta.event[..], b"CoreShowChannel");
+    assert_eq!(&item.meta.class[..], b"system");
+    assert_eq!(item.meta.snapshot.as_deref(), Some(&b"pbx1-4-1"[..]));
+    assert_eq!(
+        decode_payload(&item.payload).expect("env").snapshot_id,
+        "pbx1-4-1"
+    );
+    let gap = p.to_spool_record(&Stamped {
+        stamp: stamp(3),
+        record: AmiRecord::Gap {
+            epoch: 4,
+            first_seq: 7,
+            last_seq: 9,
+            reason: "queue full".into(),
+        },
+    });
+    assert_eq!(
+        (gap.meta.kind, &gap.meta.event[..], &gap.meta.class[..]),
+        (spool::Kind::Gap, &b"gap"[..], &b"amibus"[..])
+    );
+    assert_eq!(
+        gap.meta.gap,
+        Some(spool::GapRange {
+            epoch: 4,
+            first_seq: 7,
+            last_seq: 9
+        })
+    );
+    assert_eq!((gap.meta.epoch, gap.meta.seq), (4, 3));
+    assert_eq!(gap.meta.snapshot, None);
+    let down = p.to_spool_record(&Stamped {
+        stamp: stamp(4),
+        record: AmiRecord::ConnectionDown {
+            reason: "eof".into(),
+        },
+    });
+    assert_eq!(
+        (down.meta.kind, &down.meta.event[..], down.meta.gap),
+        (spool::Kind::ConnectionDown, &b"connection_down"[..], None)
+    );
+    assert_eq!(&down.key[..], b"pbx1");
 }
 
 #[test]
@@ -181,8 +254,7 @@ fn unreported_loss_survives_a_restart_in_the_spool_directory() {
     while let Some((_, r)) = reader.try_next().expect("read") {
         if let Some(pb::envelope::Detail::Gap(g)) = decode_payload(&r.payload).expect("env").detail
         {
-            let env_server =
-                String::from_utf8_lossy(r.header("server").expect("server")).into_owned();
+            let env_server = String::from_utf8_lossy(&r.meta.server).into_owned();
             gaps.push((env_server, g.epoch, g.first_seq, g.last_seq, g.reason));
         }
     }

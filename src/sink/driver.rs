@@ -481,7 +481,7 @@ mod tests {
             spool
                 .append(&Record {
                     key: Bytes::new(),
-                    headers: Vec::new(),
+                    meta: Default::default(),
                     payload: Bytes::from(n.to_string()),
                 })
                 .expect("append");
@@ -525,7 +525,7 @@ mod tests {
             spool
                 .append(&Record {
                     key: Bytes::new(),
-                    headers: Vec::new(),
+                    meta: Default::default(),
                     payload: Bytes::from(n.to_string()),
                 })
                 .expect("append");

@@ -242,7 +242,7 @@ mod tests {
     fn record(payload: &'static [u8]) -> Record {
         Record {
             key: Bytes::new(),
-            headers: Vec::new(),
+            meta: Default::default(),
             payload: Bytes::from_static(payload),
         }
     }

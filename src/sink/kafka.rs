@@ -38,6 +38,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::{Delivery, Record, Sink, SinkError, expand_template};
 use crate::broker::kafka::{KafkaConfigError, KafkaConnection, TracingContext, is_record_error};
+use crate::spool;
 
 /// Producer properties the sink always sets, with the only values it accepts for them.
 const ENFORCED: &[(&str, &[&str])] = &[
@@ -386,16 +387,18 @@ fn admin_client(
         .map_err(KafkaConfigError::client)
 }
 
+/// The record's bus headers (rdkafka copies each value).
 fn owned_headers(record: &Record) -> OwnedHeaders {
-    record.headers.iter().fold(
-        OwnedHeaders::new_with_capacity(record.headers.len()),
-        |h, (k, v)| {
+    let mut headers = Some(OwnedHeaders::new_with_capacity(spool::HEADER_NAMES.len()));
+    record.meta.each_header(|key, value| {
+        headers = headers.take().map(|h| {
             h.insert(Header {
-                key: k,
-                value: Some(v.as_ref()),
+                key,
+                value: Some(value),
             })
-        },
-    )
+        });
+    });
+    headers.unwrap_or_default()
 }
 
 impl Sink for KafkaSink {

@@ -1,8 +1,9 @@
-//! Sinks: where records go, behind one trait that takes bytes + key + headers.
+//! Sinks: where records go, behind one trait that takes a key, typed metadata and payload bytes.
 //!
 //! Owns: the [`Sink`] trait, its error type, and the [`driver`] that moves records from the
 //! spool to a sink and acknowledges them in the spool only when the sink confirms them.
-//! Knows nothing of AMI frames or protobuf types: a record is a key, headers and payload bytes.
+//! Knows nothing of AMI frames or protobuf types: a record is a key, its [`crate::spool::Meta`]
+//! (rendered as bus headers here, by [`crate::spool::Meta::each_header`]) and payload bytes.
 //!
 //! "Sent" means acknowledged: a Kafka delivery report, a JetStream PubAck, a flushed write.
 
@@ -75,8 +76,9 @@ pub async fn within<F: Future>(
     tokio::time::timeout(limit, fut).await
 }
 
-/// Expand a template like `ami.{server}.{event}` with a record's headers; a missing header
-/// expands to `unknown`. Characters outside `[A-Za-z0-9_-]` in a value are replaced by `_`, so a
+/// Expand a template like `ami.{server}.{event}` with a record's bus headers (any name of
+/// [`crate::spool::HEADER_NAMES`]); a header the record lacks or an unknown name expands to
+/// `unknown`. Characters outside `[A-Za-z0-9_-]` in a value are replaced by `_`, so a
 /// value can never add a level to a NATS subject or make a Kafka topic invalid.
 pub fn expand_template(template: &str, record: &Record) -> String {
     let mut out = String::with_capacity(template.len() + 32);
@@ -88,7 +90,7 @@ pub fn expand_template(template: &str, record: &Record) -> String {
             return out;
         };
         let name = &rest[open + 1..open + close];
-        match record.header(name) {
+        match record.meta.header(name) {
             Some(v) if !v.is_empty() => out.extend(v.iter().map(|&b| {
                 if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
                     b as char
@@ -113,10 +115,11 @@ mod tests {
     fn templates_expand_and_sanitize() {
         let r = Record {
             key: Bytes::new(),
-            headers: vec![
-                ("server".into(), Bytes::from_static(b"pbx.1")),
-                ("event".into(), Bytes::from_static(b"Newchannel")),
-            ],
+            meta: crate::spool::Meta {
+                server: Bytes::from_static(b"pbx.1"),
+                event: Bytes::from_static(b"Newchannel"),
+                ..Default::default()
+            },
             payload: Bytes::new(),
         };
         assert_eq!(

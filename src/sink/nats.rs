@@ -35,14 +35,12 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject};
-use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Delivery, Record, Sink, SinkError, expand_template, within};
 use crate::broker::nats::{NatsConnection, NatsError, StreamSpec, connect, ensure_stream};
 use crate::mix::fnv1a64;
-use crate::spool;
 
 /// Core NATS or JetStream; see the module docs for what each guarantees.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,27 +291,20 @@ async fn flusher(
 
 /// The `Nats-Msg-Id` of a record; identical for every send of the same spooled record.
 ///
-/// `server/epoch/seq` when the record carries those headers (every record the pipeline makes
-/// does; they identify an event exactly). Otherwise (records amibus makes outside a
-/// connection's numbering carry seq 0, and records from elsewhere may carry none) the
-/// partition key and a 64-bit hash of the payload; the payload holds server, epoch, seq and
-/// the receive time, so two different records never share it.
+/// `server/epoch/seq` for a record of a connection's numbering (seq > 0): they identify an
+/// event exactly. Otherwise (records amibus makes outside a connection's numbering carry
+/// seq 0) the partition key and a 64-bit hash of the payload; the payload holds server, epoch,
+/// seq and the receive time, so two different records never share it.
 pub fn message_id(record: &Record) -> String {
-    // Records made by amibus itself outside a connection's numbering (gap records for spool
-    // drops) have seq 0 and are told apart by their payload.
-    if let (Some(server), Some(epoch), Some(seq)) = (
-        record.header("server"),
-        record.header("epoch"),
-        record.header("seq"),
-    ) && &seq[..] != b"0"
-    {
-        let mut id = String::with_capacity(server.len() + epoch.len() + seq.len() + 2);
-        for (i, part) in [server, epoch, seq].into_iter().enumerate() {
-            if i > 0 {
-                id.push('/');
-            }
-            id.push_str(&String::from_utf8_lossy(part));
-        }
+    let m = &record.meta;
+    if m.seq != 0 && !m.server.is_empty() {
+        let mut n = itoa::Buffer::new();
+        let mut id = String::with_capacity(m.server.len() + 2 + 2 * 20);
+        id.push_str(&String::from_utf8_lossy(&m.server));
+        id.push('/');
+        id.push_str(n.format(m.epoch));
+        id.push('/');
+        id.push_str(n.format(m.seq));
         return id;
     }
     let hash = fnv1a64(&record.payload);
@@ -337,58 +328,31 @@ fn header_value(v: &[u8]) -> HeaderValue {
     HeaderValue::from(s)
 }
 
-/// A NATS header name: static for the names amibus writes (no allocation), validated for any
-/// other.
-fn header_name(name: &spool::HeaderName) -> Result<HeaderName, SinkError> {
-    match name {
-        std::borrow::Cow::Borrowed(s) if is_token(s) => Ok(HeaderName::from_static(s)),
-        _ => HeaderName::try_from(name.as_ref()).map_err(|_| {
-            SinkError::Permanent(format!("header name {name:?} is not valid for NATS"))
-        }),
-    }
-}
-
-/// Printable ASCII without `:` or space, as NATS (like HTTP) requires of a header name.
-fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-}
-
-/// Add headers to a map, every value of a repeated name kept in order.
-fn put_headers<'a>(
-    map: &mut HeaderMap,
-    headers: impl Iterator<Item = &'a (spool::HeaderName, Bytes)> + Clone,
-) -> Result<(), SinkError> {
-    for (i, (name, value)) in headers.clone().enumerate() {
-        // `append` hashes the name twice; a name seen for the first time (the usual case, found
-        // by a scan cheaper than a hash over a handful of short names) is inserted.
-        if headers.clone().take(i).any(|(seen, _)| seen == name) {
-            map.append(header_name(name)?, header_value(value));
-        } else {
-            map.insert(header_name(name)?, header_value(value));
-        }
-    }
-    Ok(())
-}
-
-/// The record's headers as NATS headers, plus `Nats-Msg-Id` (JetStream only).
-fn headers(record: &Record, with_id: bool) -> Result<HeaderMap, SinkError> {
+/// The record's bus headers as NATS headers (each name once: no name is hashed twice), but
+/// `seq` when `without_seq`; plus `Nats-Msg-Id` (JetStream only).
+fn headers(record: &Record, with_id: bool, without_seq: bool) -> HeaderMap {
     let mut map = HeaderMap::new();
-    put_headers(&mut map, record.headers.iter())?;
+    record.meta.each_header(|name, value| {
+        if !(without_seq && name == "seq") {
+            map.insert(HeaderName::from_static(name), header_value(value));
+        }
+    });
     if with_id {
         map.insert(
             async_nats::header::NATS_MESSAGE_ID,
             header_value(message_id(record).as_bytes()),
         );
     }
-    Ok(map)
+    map
 }
 
 /// Header maps by everything but `seq`, which is the one header that changes with every
 /// record of a connection: the same server, event, kind, class and epoch recur. A hit clones
 /// the map (no name hashed, no table grown) and sets `seq` (and the message id); building one
 /// hashed every name and grew the table twice, the largest cost of publishing to NATS.
-/// The subject is kept next to the map: it is a function of the same headers (unless the
-/// template names `seq`), and expanding it allocated a string per record.
+/// The subject is kept next to the map: it is a function of the same metadata (unless the
+/// template names `seq`), and expanding it allocated a string per record. Records with a
+/// snapshot id or a gap range (a few per snapshot or loss) are not cached.
 struct HeaderCache {
     templates: std::collections::HashMap<Vec<u8>, (HeaderMap, Subject)>,
     key: Vec<u8>,
@@ -411,48 +375,30 @@ impl HeaderCache {
     }
 
     /// The record's NATS headers (see [`headers`]) and the subject it is published to.
-    fn headers(
-        &mut self,
-        record: &Record,
-        with_id: bool,
-    ) -> Result<(HeaderMap, Subject), SinkError> {
-        let uncached = |subject: &str| -> Result<(HeaderMap, Subject), SinkError> {
-            Ok((
-                headers(record, with_id)?,
-                Subject::from(expand_template(subject, record)),
-            ))
-        };
-        self.key.clear();
-        let mut seq = None;
-        for (name, value) in &record.headers {
-            if name == "seq" {
-                if seq.replace(value).is_some() {
-                    // Two values to set: not the shape the cache serves.
-                    return uncached(&self.subject);
-                }
-                continue;
-            }
-            // Length-prefixed, so no two different header lists make the same key.
-            for part in [name.as_bytes(), &value[..]] {
-                self.key
-                    .extend_from_slice(&(part.len() as u32).to_le_bytes());
-                self.key.extend_from_slice(part);
-            }
+    fn headers(&mut self, record: &Record, with_id: bool) -> (HeaderMap, Subject) {
+        let m = &record.meta;
+        if m.snapshot.is_some() || m.gap.is_some() {
+            return (
+                headers(record, with_id, false),
+                Subject::from(expand_template(&self.subject, record)),
+            );
         }
-        let Some(seq) = seq else {
-            return uncached(&self.subject);
-        };
+        self.key.clear();
+        // Length-prefixed, so no two different values make the same key.
+        for part in [&m.server[..], &m.event[..], &m.class[..]] {
+            self.key
+                .extend_from_slice(&(part.len() as u32).to_le_bytes());
+            self.key.extend_from_slice(part);
+        }
+        self.key.extend_from_slice(&(m.kind as i32).to_le_bytes());
+        self.key.extend_from_slice(&m.epoch.to_le_bytes());
         let (mut map, subject) = match self.templates.get(&self.key[..]) {
             Some((template, subject)) => (template.clone(), subject.clone()),
             None => {
                 // Every header but `seq`, and with the id, placeholders for both: a std map
                 // reserves room before it looks for the key, so setting a value in a full
                 // table (7 of 8 buckets) would grow it on every record.
-                let mut template = HeaderMap::new();
-                put_headers(
-                    &mut template,
-                    record.headers.iter().filter(|(name, _)| name != "seq"),
-                )?;
+                let mut template = headers(record, false, true);
                 if with_id {
                     template.insert("seq", "");
                     template.insert(async_nats::header::NATS_MESSAGE_ID, "");
@@ -471,14 +417,17 @@ impl HeaderCache {
         } else {
             subject
         };
-        map.insert("seq", header_value(seq));
+        map.insert(
+            "seq",
+            HeaderValue::from(itoa::Buffer::new().format(m.seq).to_owned()),
+        );
         if with_id {
             map.insert(
                 async_nats::header::NATS_MESSAGE_ID,
                 header_value(message_id(record).as_bytes()),
             );
         }
-        Ok((map, subject))
+        (map, subject)
     }
 }
 
@@ -559,7 +508,7 @@ impl Sink for NatsSink {
             || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
         match &mut self.mode {
             Mode::Core(core) => {
-                let (headers, subject) = self.header_cache.headers(record, false)?;
+                let (headers, subject) = self.header_cache.headers(record, false);
                 within(
                     queue_timeout,
                     self.client
@@ -585,7 +534,7 @@ impl Sink for NatsSink {
             }
             Mode::JetStream(js) => {
                 // Bytes inside: the clone kept for error reports is a reference count.
-                let (headers, subject) = self.header_cache.headers(record, true)?;
+                let (headers, subject) = self.header_cache.headers(record, true);
                 let published = within(
                     queue_timeout,
                     js.publish_with_headers(subject.clone(), headers, record.payload.clone()),

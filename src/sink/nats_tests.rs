@@ -1,86 +1,97 @@
 use super::*;
+use crate::spool::{GapRange, Kind, Meta};
+use bytes::Bytes;
 
-fn record(headers: &[(&str, &str)], key: &str, payload: &str) -> Record {
+fn meta(server: &str, event: &str, epoch: u64, seq: u64) -> Meta {
+    Meta {
+        server: Bytes::from(server.to_owned()),
+        event: Bytes::from(event.to_owned()),
+        kind: Kind::Event,
+        class: Bytes::from_static(b"call"),
+        epoch,
+        seq,
+        snapshot: None,
+        gap: None,
+    }
+}
+
+fn record(meta: Meta, key: &str, payload: &str) -> Record {
     Record {
         key: Bytes::from(key.to_owned()),
-        headers: headers
-            .iter()
-            .map(|(k, v)| ((*k).to_owned().into(), Bytes::from((*v).to_owned())))
-            .collect(),
+        meta,
         payload: Bytes::from(payload.to_owned()),
     }
 }
 
 #[test]
 fn message_ids_are_stable_and_distinct() {
-    let a = record(&[("server", "pbx1")], "pbx1/1.2", "payload-a");
-    let b = record(&[("server", "pbx1")], "pbx1/1.2", "payload-b");
+    // Seq 0: outside a connection's numbering, told apart by key and payload.
+    let a = record(meta("pbx1", "Gap", 3, 0), "pbx1/1.2", "payload-a");
+    let b = record(meta("pbx1", "Gap", 3, 0), "pbx1/1.2", "payload-b");
     assert_eq!(message_id(&a), message_id(&a.clone()));
     assert_ne!(message_id(&a), message_id(&b));
     assert!(message_id(&a).starts_with("pbx1/1.2/"));
-    let gap = record(
-        &[("server", "pbx1"), ("epoch", "3"), ("seq", "0")],
-        "pbx1",
-        "gap",
-    );
-    assert!(
-        message_id(&gap).starts_with("pbx1/"),
-        "seq 0 is not a connection seq"
-    );
-    assert_ne!(message_id(&gap), "pbx1/3/0");
+    assert_ne!(message_id(&a), "pbx1/3/0", "seq 0 is not a connection seq");
     // Stable across builds: a fixed input has a fixed id.
-    assert_eq!(message_id(&record(&[], "", "")), "cbf29ce484222325");
-    let exact = record(
-        &[("server", "pbx1"), ("epoch", "3"), ("seq", "17")],
-        "k",
-        "p",
+    assert_eq!(
+        message_id(&record(Meta::default(), "", "")),
+        "cbf29ce484222325"
     );
+    let exact = record(meta("pbx1", "Hangup", 3, 17), "k", "p");
     assert_eq!(message_id(&exact), "pbx1/3/17");
+    let largest = record(meta("pbx1", "Hangup", u64::MAX, u64::MAX), "k", "p");
+    assert_eq!(
+        message_id(&largest),
+        format!("pbx1/{}/{}", u64::MAX, u64::MAX)
+    );
 }
 
 #[test]
 fn headers_carry_the_record_and_the_id() {
-    let r = record(
-        &[
-            ("server", "pbx1"),
-            ("event", "Hangup"),
-            ("schema", "amibus.v1"),
-        ],
-        "k",
-        "p",
-    );
-    let h = headers(&r, true).expect("valid");
-    assert_eq!(h.get("event").map(HeaderValue::as_str), Some("Hangup"));
+    let r = record(meta("pbx1", "Hangup", 4, 9), "k", "p");
+    let h = headers(&r, true, false);
+    let get = |h: &HeaderMap, name: &str| h.get(name).map(|v| v.as_str().to_owned());
+    for (name, value) in r.meta.headers() {
+        assert_eq!(
+            get(&h, name).as_deref(),
+            Some(std::str::from_utf8(&value).expect("utf-8")),
+            "{name}"
+        );
+    }
+    assert_eq!(get(&h, "schema").as_deref(), Some("amibus.v1"));
+    assert_eq!(get(&h, "seq").as_deref(), Some("9"));
     assert_eq!(
-        h.get(async_nats::header::NATS_MESSAGE_ID)
-            .map(HeaderValue::as_str),
-        Some(message_id(&r).as_str())
+        get(&h, "Nats-Msg-Id"),
+        Some(message_id(&r)),
+        "JetStream's id"
     );
-    assert!(
-        headers(&r, false)
-            .expect("valid")
-            .get("Nats-Msg-Id")
-            .is_none()
-    );
-    let crlf = record(&[("server", "a\r\nb")], "", "");
-    assert_eq!(
-        headers(&crlf, false)
-            .expect("sanitized")
-            .get("server")
-            .map(HeaderValue::as_str),
-        Some("a  b")
-    );
-    let bad = record(&[("bad name", "x")], "", "");
-    assert!(matches!(headers(&bad, false), Err(SinkError::Permanent(_))));
-    // A repeated name keeps every value, in order; bytes that are not UTF-8 are replaced.
-    let mut twice = record(&[("x", "1"), ("y", "2"), ("x", "3")], "", "");
-    twice
-        .headers
-        .push(("z".into(), Bytes::from_static(b"caf\xe9")));
-    let h = headers(&twice, false).expect("valid");
-    let xs: Vec<&str> = h.get_all("x").map(HeaderValue::as_str).collect();
-    assert_eq!(xs, ["1", "3"]);
-    assert_eq!(h.get("z").map(HeaderValue::as_str), Some("caf\u{fffd}"));
+    assert_eq!(get(&headers(&r, false, false), "Nats-Msg-Id"), None);
+    assert_eq!(get(&headers(&r, false, true), "seq"), None);
+    // CR and LF cannot end a header early; bytes that are not UTF-8 are replaced.
+    let mut odd = meta("a\r\nb", "x", 1, 1);
+    odd.event = Bytes::from_static(b"caf\xe9");
+    let h = headers(&record(odd, "", ""), false, false);
+    assert_eq!(get(&h, "server").as_deref(), Some("a  b"));
+    assert_eq!(get(&h, "event").as_deref(), Some("caf\u{fffd}"));
+    // A gap record names its range; a snapshot's record its id.
+    let mut gap = meta("pbx1", "gap", 4, 0);
+    gap.kind = Kind::Gap;
+    gap.snapshot = Some(Bytes::from_static(b"pbx1-4-1"));
+    gap.gap = Some(GapRange {
+        epoch: 3,
+        first_seq: 10,
+        last_seq: 12,
+    });
+    let h = headers(&record(gap, "", ""), false, false);
+    for (name, value) in [
+        ("kind", "gap"),
+        ("snapshot", "pbx1-4-1"),
+        ("gap_epoch", "3"),
+        ("gap_first_seq", "10"),
+        ("gap_last_seq", "12"),
+    ] {
+        assert_eq!(get(&h, name).as_deref(), Some(value), "{name}");
+    }
 }
 
 #[test]
@@ -89,61 +100,50 @@ fn cached_header_maps_and_subjects_equal_the_ones_built_for_each_record() {
     let templates = ["ami.{server}.{event}", "x.{event}.{seq}"];
     let built = |r: &Record, with_id: bool, template: &str| {
         (
-            headers(r, with_id).expect("valid"),
+            headers(r, with_id, false),
             Subject::from(expand_template(template, r)),
         )
     };
-    let shapes: [&[(&str, &str)]; 6] = [
-        &[
-            ("server", "pbx1"),
-            ("event", "Newexten"),
-            ("epoch", "7"),
-            ("seq", "1"),
-        ],
-        &[
-            ("server", "pbx1"),
-            ("event", "Newexten"),
-            ("epoch", "7"),
-            ("seq", "2"),
-        ],
-        &[
-            ("server", "pbx1"),
-            ("event", "Newexten"),
-            ("epoch", "8"),
-            ("seq", "1"),
-        ],
-        &[
-            ("server", "pbx1"),
-            ("event", "Hangup"),
-            ("epoch", "7"),
-            ("seq", "3"),
-        ],
-        // No seq, and two: built directly.
-        &[("server", "pbx1"), ("event", "Hangup")],
-        &[("seq", "4"), ("seq", "5")],
+    let mut snapshot = meta("pbx1", "Hangup", 7, 5);
+    snapshot.snapshot = Some(Bytes::from_static(b"s-1"));
+    let mut gap = meta("pbx1", "gap", 7, 0);
+    gap.kind = Kind::Gap;
+    gap.gap = Some(GapRange {
+        epoch: 6,
+        first_seq: 1,
+        last_seq: 2,
+    });
+    let mut response = meta("pbx1", "Hangup", 7, 6);
+    response.kind = Kind::Response;
+    let shapes = [
+        meta("pbx1", "Newexten", 7, 1),
+        meta("pbx1", "Newexten", 7, 2),
+        meta("pbx1", "Newexten", 8, 1),
+        meta("pbx1", "Hangup", 7, 3),
+        response,
+        // Not cached: built directly.
+        snapshot,
+        gap,
     ];
     for template in templates {
         let mut cache = HeaderCache::new(template.into());
         for with_id in [false, true] {
             for round in 0..2 {
                 for (n, shape) in shapes.iter().enumerate() {
-                    let r = record(shape, "k", &format!("payload {n} {round}"));
+                    let r = record(shape.clone(), "k", &format!("payload {n} {round}"));
                     assert_eq!(
-                        cache.headers(&r, with_id).expect("valid"),
+                        cache.headers(&r, with_id),
                         built(&r, with_id, template),
                         "{shape:?}, with id: {with_id}, {template}"
                     );
                 }
             }
         }
-        // The same values under other names are another key.
-        let a = record(&[("ab", "c"), ("seq", "1")], "", "");
-        let b = record(&[("a", "bc"), ("seq", "1")], "", "");
-        cache.headers(&a, false).expect("valid");
-        assert_eq!(
-            cache.headers(&b, false).expect("valid"),
-            built(&b, false, template)
-        );
+        // The same bytes split differently are another key.
+        let a = record(meta("ab", "c", 1, 1), "", "");
+        let b = record(meta("a", "bc", 1, 1), "", "");
+        cache.headers(&a, false);
+        assert_eq!(cache.headers(&b, false), built(&b, false, template));
     }
 }
 

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
+use super::Meta;
 use super::segment::{self, SegmentReader};
 
 /// Ids lost to damage: first and last, inclusive.
@@ -66,21 +67,21 @@ pub fn infer(segments: &[PathBuf], damaged: &[IdSpan]) -> Inferred {
     let between = |a: u64, b: u64| damaged.iter().any(|&(f, l)| f < b && l > a);
     let mut keys: BTreeMap<(Bytes, u64), Key> = BTreeMap::new();
     let mut named: BTreeMap<(Bytes, u64), Vec<(u64, u64)>> = BTreeMap::new();
-    read_window(segments, |id, stamp| {
-        if let Some((epoch, first, last)) = stamp.gap {
+    read_window(segments, |id, meta| {
+        if let Some(g) = meta.gap {
             named
-                .entry((stamp.server.clone(), epoch))
+                .entry((meta.server.clone(), g.epoch))
                 .or_default()
-                .push((first, last));
+                .push((g.first_seq, g.last_seq));
         }
-        if stamp.seq == 0 {
+        if meta.seq == 0 {
             return;
         }
-        let seq = stamp.seq;
-        match keys.get_mut(&(stamp.server.clone(), stamp.epoch)) {
+        let seq = meta.seq;
+        match keys.get_mut(&(meta.server.clone(), meta.epoch)) {
             None => {
                 keys.insert(
-                    (stamp.server, stamp.epoch),
+                    (meta.server, meta.epoch),
                     Key {
                         first: (id, seq),
                         last: (id, seq),
@@ -167,8 +168,8 @@ pub fn infer(segments: &[PathBuf], damaged: &[IdSpan]) -> Inferred {
     out
 }
 
-/// Call `f` with the id and stamp of every readable record of `segments`, skipping damage.
-fn read_window(segments: &[PathBuf], mut f: impl FnMut(u64, segment::Stamp)) {
+/// Call `f` with the id and metadata of every readable record of `segments`, skipping damage.
+fn read_window(segments: &[PathBuf], mut f: impl FnMut(u64, Meta)) {
     for path in segments {
         let mut reader = match SegmentReader::open(path) {
             Ok(r) => r,
@@ -184,9 +185,7 @@ fn read_window(segments: &[PathBuf], mut f: impl FnMut(u64, segment::Stamp)) {
             match reader.read_next() {
                 Ok(Some((id, record))) => {
                     next = id + 1;
-                    if let Some(stamp) = segment::stamp(&record) {
-                        f(id, stamp);
-                    }
+                    f(id, record.meta);
                 }
                 Ok(None) => break,
                 Err(Ok(_)) => match reader.resync(next..u64::MAX) {

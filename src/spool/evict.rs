@@ -5,7 +5,7 @@ use super::*;
 
 impl Spool {
     /// Take the oldest segments out until `len` more bytes fit. Their ids handed to the sink
-    /// and not acknowledged become in doubt now; reading their headers, deciding what is lost
+    /// and not acknowledged become in doubt now; reading their metadata, deciding what is lost
     /// and deleting the files is [`Spool::read_detached`]'s, outside the lock.
     ///
     /// The caller holds the file mutex: no flush is writing, so every byte of these segments
@@ -69,7 +69,7 @@ impl Spool {
     }
 
     /// After [`Spool::detach_oldest`], without the lock: read the dropped segments' records
-    /// (headers only), delete their files, and sort the records out: in doubt (kept for
+    /// (metadata only), delete their files, and sort the records out: in doubt (kept for
     /// [`Spool::ack`] or [`Reader::rewind`] to decide), lost now (returned, counted in
     /// `dropped_oldest`), or acknowledged meanwhile (nothing). Records that cannot be read
     /// (damaged) are counted, lost without a gap record.
@@ -78,11 +78,11 @@ impl Spool {
         for d in detached {
             let mut found: Vec<(u64, Record)> = Vec::new();
             if d.first_id < d.in_file_end {
-                read_headers(&d.path, d.first_id..d.in_file_end, &mut found);
+                read_meta(&d.path, d.first_id..d.in_file_end, &mut found);
             }
             for chunk in d.memory {
                 segment::decode_all(Bytes::from(chunk.bytes), |id, rec| {
-                    found.push((id, headers_only(rec)));
+                    found.push((id, meta_only(rec)));
                 });
             }
             let _ = fs::remove_file(&d.path);

@@ -1,5 +1,5 @@
 //! The file side of the spool: writing queued chunks into segment files (under the file
-//! mutex only, never the state lock), and reading back the headers of detached segments.
+//! mutex only, never the state lock), and reading back the metadata of detached segments.
 
 use super::*;
 
@@ -79,20 +79,19 @@ impl FileState {
     }
 }
 
-/// `record` as drop_oldest reports it: headers and key copied out of the buffer they were
+/// `record` as drop_oldest reports it: its metadata and key copied out of the buffer they were
 /// read into (which they would otherwise keep whole while they wait), payload left out.
-pub(super) fn headers_only(mut record: Record) -> Record {
-    record.payload = Bytes::new();
-    record.key = Bytes::copy_from_slice(&record.key);
-    for (_, value) in &mut record.headers {
-        *value = Bytes::copy_from_slice(value);
+pub(super) fn meta_only(record: Record) -> Record {
+    Record {
+        key: Bytes::copy_from_slice(&record.key),
+        meta: record.meta.detached(),
+        payload: Bytes::new(),
     }
-    record
 }
 
-/// The records with `ids` in the segment file at `path`, headers only, skipping damage. A
+/// The records with `ids` in the segment file at `path`, metadata only, skipping damage. A
 /// file that cannot be read gives what was read of it.
-pub(super) fn read_headers(path: &Path, ids: Range<u64>, out: &mut Vec<(u64, Record)>) {
+pub(super) fn read_meta(path: &Path, ids: Range<u64>, out: &mut Vec<(u64, Record)>) {
     let Ok(mut reader) = SegmentReader::open(path) else {
         return;
     };
@@ -105,7 +104,7 @@ pub(super) fn read_headers(path: &Path, ids: Range<u64>, out: &mut Vec<(u64, Rec
                     break;
                 }
                 if id >= next {
-                    out.push((id, headers_only(rec)));
+                    out.push((id, meta_only(rec)));
                     next = id + 1;
                 }
             }

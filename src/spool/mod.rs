@@ -1,8 +1,8 @@
 //! The spool: a durable, bounded log between normalization and the sink.
 //!
 //! Owns: segment files on disk, record ids, the acknowledgement floor, the cap and its overflow
-//! rule, and replay after a restart. Knows nothing of AMI or brokers: a [`Record`] is a key,
-//! a few headers and payload bytes.
+//! rule, and replay after a restart. Knows nothing of brokers, and of AMI only a record's typed
+//! [`Meta`] (server, epoch, seq, kind, gap range): a [`Record`] is a key, that and payload bytes.
 //!
 //! How it works: every record gets the next id and is encoded into a queue of pending bytes
 //! in memory; a flush (the pipeline's after each batch, the checkpoint's, or an append's once
@@ -34,7 +34,7 @@
 //! - Deleting files happens after `state` is released: `ack` deletes the segments it frees
 //!   (a segment acknowledged before it was all written is deleted by the next flush, after
 //!   its writes); drop_oldest takes the oldest segments out under `state` (holding `file` too,
-//!   so no flush is writing them), and the appending thread then reads their headers and
+//!   so no flush is writing them), and the appending thread then reads their metadata and
 //!   deletes them. The checkpoint (in `spawn_blocking`) fsyncs holding no lock, and reclaims
 //!   an all-acknowledged active segment past `min(segment_bytes / 8, 1 MiB)`.
 //!
@@ -69,12 +69,15 @@ mod config;
 pub mod damage;
 mod evict;
 mod file;
+mod format_v1;
 mod open;
 mod reader;
+mod record;
 pub mod segment;
 
-use file::{file_path, headers_only, read_headers};
+use file::{file_path, meta_only, read_meta};
 pub use reader::Reader;
+pub use record::{GapRange, HEADER_NAMES, Kind, Meta, Record};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -90,25 +93,6 @@ use tokio::sync::Notify;
 pub use config::{Fsync, SpoolConfig, WhenFull};
 pub use damage::DamagedRange;
 use segment::{SegmentReader, Torn};
-
-/// A header name: the pipeline's names are static strings, so a record costs no allocation
-/// per header name on the way in or (see [`segment`]'s decoding) back out.
-pub type HeaderName = std::borrow::Cow<'static, str>;
-
-/// One record: a partition key, a few headers, and the payload (an encoded envelope).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Record {
-    pub key: Bytes,
-    pub headers: Vec<(HeaderName, Bytes)>,
-    pub payload: Bytes,
-}
-
-impl Record {
-    /// The first header named `name`.
-    pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -251,10 +235,10 @@ struct State {
     /// One past the highest id a reader has handed to the sink.
     handed_out: u64,
     /// Deleted by drop_oldest while in flight: delivered if acknowledged, lost if the reader
-    /// rewinds past them instead. The headers (payload left out) are `None` until the thread
+    /// rewinds past them instead. The metadata (payload left out) is `None` until the thread
     /// that dropped the segment has read them, outside the lock.
     in_doubt: BTreeMap<u64, Option<Record>>,
-    /// In-doubt ids the reader rewound past before their headers were read: lost, reported
+    /// In-doubt ids the reader rewound past before their metadata was read: lost, reported
     /// (through `lost_later`) once they are.
     lost_unread: BTreeSet<u64>,
     /// In-doubt records that turned out lost, for [`Spool::take_lost`].
@@ -337,7 +321,7 @@ pub struct Spool {
 
 const ACK_FILE: &str = "ack";
 
-/// A segment drop_oldest took out of the spool, to be read (for the headers of its records
+/// A segment drop_oldest took out of the spool, to be read (for the metadata of its records
 /// that were not acknowledged) and deleted after the lock is released.
 struct Detached {
     first_id: u64,
@@ -406,7 +390,7 @@ impl Spool {
     }
 
     /// Records deleted by drop_oldest while in flight that the sink then did not confirm (the
-    /// reader rewound past them): lost after all, headers only, counted in `dropped_oldest`
+    /// reader rewound past them): lost after all, metadata only, counted in `dropped_oldest`
     /// now. The pipeline reports them as gaps.
     pub fn take_lost(&self) -> Vec<Record> {
         let mut st = self.lock();

@@ -245,7 +245,7 @@ impl Reader {
         for (id, record) in lost {
             match record {
                 Some(record) => st.lost_later.push(record),
-                // Its headers are being read: reported once they are.
+                // Its metadata is being read: reported once it is.
                 None => {
                     st.lost_unread.insert(id);
                 }

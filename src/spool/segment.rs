@@ -1,9 +1,22 @@
 //! The on-disk record format of spool segments, and sequential reading of a segment file.
 //!
-//! A segment is a file of records, each `[u32 body_len][u32 crc32(body)][body]` (little endian),
-//! with `body = [u64 id][u32 key_len][key][u16 header_count]{[u16 name_len][name]
-//! [u32 value_len][value]}*[payload to the end]`. A file is named after the id of its first
-//! record (`00000000000000000042.seg`).
+//! A segment is a file of records, each `[u32 body_len][u32 crc32(body)][body]` (little endian).
+//! A file is named after the id of its first record (`00000000000000000042.seg`). The body,
+//! format 2 (written since typed metadata; every integer little endian):
+//!
+//! ```text
+//! [u64 id][u32 key_len][key][u16 0xFFFF]
+//! [u8 kind][u8 flags][u64 epoch][u64 seq]
+//! [u32 len][server][u32 len][event][u32 len][class]
+//! flags & 1: [u32 len][snapshot]    flags & 2: [u64 gap epoch][u64 first seq][u64 last seq]
+//! [payload to the end]
+//! ```
+//!
+//! Format 1 (before) had a header list where format 2 has `0xFFFF` and the metadata:
+//! `[u16 header_count]{[u16 name_len][name][u32 value_len][value]}*`. The pipeline never wrote
+//! more than 10 headers, so the tag cannot be mistaken for a count. Both are read, record by
+//! record, so a spool written by an older amibus drains after an upgrade; format 1's headers
+//! are turned into [`Meta`] once, when read ([`super::format_v1`]).
 //!
 //! Damage: a record that fails its checksum, has an impossible length or a body that does not
 //! decode is reported as [`Torn`], and the reader stops there; [`SegmentReader::resync`] then
@@ -20,13 +33,18 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut, Bytes};
 
-use super::Record;
+use super::format_v1;
+use super::{GapRange, Kind, Meta, Record};
 use crate::durable::{self, FRAME_HEADER, FrameHead};
 
 /// The largest record body accepted when reading back; anything larger is corruption.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;
-/// The smallest body: an id, a key length and a header count.
+/// The smallest body: an id, a key length and a header count (format 1 with no headers).
 const MIN_BODY: usize = 8 + 4 + 2;
+/// Where format 1 had its header count: format 2's metadata follows.
+const META_V2: u16 = 0xFFFF;
+const HAS_SNAPSHOT: u8 = 1;
+const HAS_GAP: u8 = 2;
 
 /// The file name of the segment whose first record has `first_id`.
 pub fn file_name(first_id: u64) -> String {
@@ -62,33 +80,61 @@ pub fn encoded_len(record: &Record) -> usize {
 }
 
 fn body_len(record: &Record) -> usize {
+    let m = &record.meta;
     8 + 4
         + record.key.len()
         + 2
-        + record
-            .headers
-            .iter()
-            .map(|(k, v)| 2 + k.len() + 4 + v.len())
-            .sum::<usize>()
+        + 1
+        + 1
+        + 8
+        + 8
+        + 4
+        + m.server.len()
+        + 4
+        + m.event.len()
+        + 4
+        + m.class.len()
+        + m.snapshot.as_ref().map_or(0, |s| 4 + s.len())
+        + m.gap.map_or(0, |_| 3 * 8)
         + record.payload.len()
 }
 
-/// Append `record` with `id` to `out`.
+/// Append `record` with `id` to `out` (format 2).
 pub fn encode(id: u64, record: &Record, out: &mut Vec<u8>) {
+    let m = &record.meta;
     let start = durable::begin_frame(out);
+    out.reserve(body_len(record));
     out.put_u64_le(id);
-    out.put_u32_le(record.key.len() as u32);
-    out.put_slice(&record.key);
-    out.put_u16_le(record.headers.len().min(u16::MAX as usize) as u16);
-    for (name, value) in record.headers.iter().take(u16::MAX as usize) {
-        let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
-        out.put_u16_le(name.len() as u16);
-        out.put_slice(name);
-        out.put_u32_le(value.len() as u32);
-        out.put_slice(value);
+    put_bytes(out, &record.key);
+    out.put_u16_le(META_V2);
+    out.put_u8(m.kind as i32 as u8);
+    let flags = if m.snapshot.is_some() {
+        HAS_SNAPSHOT
+    } else {
+        0
+    } | if m.gap.is_some() { HAS_GAP } else { 0 };
+    out.put_u8(flags);
+    out.put_u64_le(m.epoch);
+    out.put_u64_le(m.seq);
+    for part in [&m.server, &m.event, &m.class] {
+        put_bytes(out, part);
+    }
+    if let Some(id) = &m.snapshot {
+        put_bytes(out, id);
+    }
+    if let Some(g) = m.gap {
+        out.put_u64_le(g.epoch);
+        out.put_u64_le(g.first_seq);
+        out.put_u64_le(g.last_seq);
     }
     out.put_slice(&record.payload);
     durable::end_frame(out, start);
+}
+
+/// `[u32 len][bytes]`.
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.put_u32_le(bytes.len() as u32);
+    out.put_slice(bytes);
 }
 
 /// A record could not be read whole: the file ends inside it, or it fails its checksum.
@@ -109,96 +155,79 @@ pub struct Resynced {
     pub next_id: u64,
 }
 
-/// A record's place in its source's numbering, read from the bus headers the pipeline writes:
-/// `server`, `epoch` and `seq`, and for a gap record the range it names (`gap_epoch`,
-/// `gap_first_seq`, `gap_last_seq`). The spool uses it only to infer what damaged records were
-/// from their neighbours (see [`super::damage`]); typed record metadata instead of headers
-/// parsed back is issue #13's job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
-    pub server: Bytes,
-    pub epoch: u64,
-    pub seq: u64,
-    /// (epoch, first seq, last seq) named by a gap record.
-    pub gap: Option<(u64, u64, u64)>,
-}
-
-/// The [`Stamp`] of `record`, if it carries `server`, `epoch` and `seq`.
-pub fn stamp(record: &Record) -> Option<Stamp> {
-    let num = |name: &str| -> Option<u64> {
-        std::str::from_utf8(record.header(name)?).ok()?.parse().ok()
-    };
-    let gap = match (num("gap_epoch"), num("gap_first_seq"), num("gap_last_seq")) {
-        (Some(epoch), Some(first), Some(last)) if first <= last => Some((epoch, first, last)),
-        _ => None,
-    };
-    Some(Stamp {
-        server: record.header("server")?.clone(),
-        epoch: num("epoch")?,
-        seq: num("seq")?,
-        gap,
-    })
-}
-
-/// The names the pipeline writes, shared instead of allocated when read back.
-const KNOWN_NAMES: [&str; 11] = [
-    "server",
-    "event",
-    "kind",
-    "class",
-    "schema",
-    "epoch",
-    "seq",
-    "gap_epoch",
-    "gap_first_seq",
-    "gap_last_seq",
-    "snapshot",
-];
-
-fn header_name(bytes: &[u8]) -> Option<super::HeaderName> {
-    if let Some(&known) = KNOWN_NAMES.iter().find(|k| k.as_bytes() == bytes) {
-        return Some(known.into());
-    }
-    std::str::from_utf8(bytes).ok().map(|s| s.to_owned().into())
-}
-
-/// Decode one body.
+/// Decode one body (format 2, or format 1 by its header count).
 fn decode_body(mut body: Bytes) -> Option<(u64, Record)> {
     if body.remaining() < 8 + 4 {
         return None;
     }
     let id = body.get_u64_le();
-    let key_len = body.get_u32_le() as usize;
-    if body.remaining() < key_len + 2 {
+    let key = take_bytes(&mut body)?;
+    if body.remaining() < 2 {
         return None;
     }
-    let key = body.split_to(key_len);
-    let count = body.get_u16_le() as usize;
-    let mut headers = Vec::with_capacity(count);
-    for _ in 0..count {
-        if body.remaining() < 2 {
-            return None;
-        }
-        let name_len = body.get_u16_le() as usize;
-        if body.remaining() < name_len + 4 {
-            return None;
-        }
-        let name = header_name(&body[..name_len])?;
-        body.advance(name_len);
-        let value_len = body.get_u32_le() as usize;
-        if body.remaining() < value_len {
-            return None;
-        }
-        headers.push((name, body.split_to(value_len)));
-    }
+    let meta = match body.get_u16_le() {
+        META_V2 => decode_meta(&mut body)?,
+        count => format_v1::decode_headers(&mut body, count)?,
+    };
     Some((
         id,
         Record {
             key,
-            headers,
+            meta,
             payload: body,
         },
     ))
+}
+
+/// Format 2's metadata. A kind this build does not know (written by a newer amibus) is read
+/// as `Unspecified`: the record is still delivered.
+fn decode_meta(body: &mut Bytes) -> Option<Meta> {
+    if body.remaining() < 1 + 1 + 8 + 8 {
+        return None;
+    }
+    let kind = Kind::try_from(i32::from(body.get_u8())).unwrap_or(Kind::Unspecified);
+    let flags = body.get_u8();
+    let epoch = body.get_u64_le();
+    let seq = body.get_u64_le();
+    let server = take_bytes(body)?;
+    let event = take_bytes(body)?;
+    let class = take_bytes(body)?;
+    let snapshot = if flags & HAS_SNAPSHOT != 0 {
+        Some(take_bytes(body)?)
+    } else {
+        None
+    };
+    let gap = if flags & HAS_GAP != 0 {
+        if body.remaining() < 3 * 8 {
+            return None;
+        }
+        Some(GapRange {
+            epoch: body.get_u64_le(),
+            first_seq: body.get_u64_le(),
+            last_seq: body.get_u64_le(),
+        })
+    } else {
+        None
+    };
+    Some(Meta {
+        server,
+        event,
+        kind,
+        class,
+        epoch,
+        seq,
+        snapshot,
+        gap,
+    })
+}
+
+/// `[u32 len][bytes]`, bounds checked.
+fn take_bytes(body: &mut Bytes) -> Option<Bytes> {
+    if body.remaining() < 4 {
+        return None;
+    }
+    let len = body.get_u32_le() as usize;
+    (body.remaining() >= len).then(|| body.split_to(len))
 }
 
 /// Hand each record [`encode`] wrote into `bytes` to `each`, in order; stops at the first that
@@ -414,12 +443,53 @@ mod tests {
     fn record(key: &str, payload: &str) -> Record {
         Record {
             key: Bytes::copy_from_slice(key.as_bytes()),
-            headers: vec![
-                ("server".into(), Bytes::from_static(b"pbx1")),
-                ("event".into(), Bytes::from_static(b"Newchannel")),
-            ],
+            meta: Meta {
+                server: Bytes::from_static(b"pbx1"),
+                event: Bytes::from_static(b"Newchannel"),
+                kind: Kind::Event,
+                class: Bytes::from_static(b"call"),
+                epoch: 3,
+                seq: 41,
+                snapshot: None,
+                gap: None,
+            },
             payload: Bytes::copy_from_slice(payload.as_bytes()),
         }
+    }
+
+    /// Records with every optional part and kind.
+    fn varied() -> Vec<Record> {
+        let mut out = vec![record("k", "plain")];
+        let mut snap = record("pbx1/1.1", "item");
+        snap.meta.snapshot = Some(Bytes::from_static(b"pbx1-3-1"));
+        out.push(snap);
+        let mut gap = record("pbx1", "gap");
+        gap.meta.kind = Kind::Gap;
+        gap.meta.seq = 0;
+        gap.meta.gap = Some(GapRange {
+            epoch: 2,
+            first_seq: 10,
+            last_seq: 20,
+        });
+        out.push(gap);
+        for kind in (0..).map_while(|i| Kind::try_from(i).ok()) {
+            let mut r = record("", "");
+            r.meta.kind = kind;
+            r.meta.epoch = u64::MAX;
+            r.meta.seq = u64::MAX - 1;
+            r.meta.class = Bytes::new();
+            out.push(r);
+        }
+        out
+    }
+
+    fn read_all(path: &Path) -> Vec<(u64, Record)> {
+        let mut r = SegmentReader::open(path).expect("open");
+        let mut out = Vec::new();
+        while let Some(rec) = r.read_next().expect("whole") {
+            out.push(rec);
+        }
+        out
     }
 
     #[test]
@@ -611,24 +681,46 @@ mod tests {
     }
 
     #[test]
-    fn stamps_are_read_from_the_pipeline_headers() {
-        let mut rec = record("k", "p");
-        assert_eq!(stamp(&rec), None, "no epoch or seq");
-        rec.headers.push(("epoch".into(), Bytes::from_static(b"7")));
-        rec.headers.push(("seq".into(), Bytes::from_static(b"12")));
-        let s = stamp(&rec).expect("stamp");
-        assert_eq!(
-            (&s.server[..], s.epoch, s.seq, s.gap),
-            (&b"pbx1"[..], 7, 12, None)
-        );
-        for (name, v) in [
-            ("gap_epoch", "6"),
-            ("gap_first_seq", "3"),
-            ("gap_last_seq", "5"),
-        ] {
-            rec.headers.push((name.into(), Bytes::from(v)));
+    fn metadata_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(1));
+        let records = varied();
+        let mut bytes = Vec::new();
+        for (id, r) in (1..).zip(&records) {
+            encode(id, r, &mut bytes);
         }
-        assert_eq!(stamp(&rec).expect("stamp").gap, Some((6, 3, 5)));
+        assert_eq!(bytes.len(), records.iter().map(encoded_len).sum::<usize>());
+        std::fs::write(&path, &bytes).expect("write");
+        let back = read_all(&path);
+        assert_eq!(
+            back.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            records
+        );
+    }
+
+    #[test]
+    fn format_1_records_are_read_beside_format_2() {
+        // What an amibus before typed metadata wrote: the bus headers, `schema` among them.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file_name(1));
+        let records = varied();
+        let mut bytes = Vec::new();
+        for (id, r) in (1..).zip(&records) {
+            if id % 2 == 1 {
+                format_v1::encode(id, &r.key, &r.meta, &r.payload, &mut bytes);
+            } else {
+                encode(id, r, &mut bytes);
+            }
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let back = read_all(&path);
+        assert_eq!(
+            back.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            (1..=records.len() as u64).collect::<Vec<_>>()
+        );
+        for ((id, got), want) in back.into_iter().zip(&records) {
+            assert_eq!(&got, want, "record {id}");
+        }
     }
 
     #[test]

@@ -110,6 +110,46 @@ pub struct Got {
     pub stream_seq: u64,
 }
 
+/// The bus headers say what the envelope says, so a consumer that routes on headers alone
+/// sees the same record: server, kind, epoch, seq and schema always; the event name of an
+/// event; the snapshot id and the gap range exactly when the envelope has them.
+pub fn headers_agree<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+    env: &Envelope,
+) -> Result<(), String> {
+    let kind = amibus::model::json::kind_name(env.kind());
+    let mut want: Vec<(&str, Option<String>)> = vec![
+        ("server", Some(env.server.clone())),
+        ("kind", Some(kind.to_owned())),
+        ("epoch", Some(env.epoch.to_string())),
+        ("seq", Some(env.seq.to_string())),
+        ("schema", Some("amibus.v1".to_owned())),
+        (
+            "snapshot",
+            (!env.snapshot_id.is_empty()).then(|| env.snapshot_id.clone()),
+        ),
+    ];
+    if env.kind() == pb::Kind::Event {
+        want.push(("event", Some(env.name.clone())));
+    }
+    let gap = match &env.detail {
+        Some(Detail::Gap(g)) => Some(g),
+        _ => None,
+    };
+    want.push(("gap_epoch", gap.map(|g| g.epoch.to_string())));
+    want.push(("gap_first_seq", gap.map(|g| g.first_seq.to_string())));
+    want.push(("gap_last_seq", gap.map(|g| g.last_seq.to_string())));
+    for (name, value) in want {
+        if header(name) != value.as_deref() {
+            return Err(format!(
+                "header {name} is {:?}, the envelope says {value:?}",
+                header(name)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads a stream from the start, a little more on each `catch_up` (a new ordered consumer each
 /// time, so it works across broker restarts).
 pub struct StreamReader {
@@ -164,6 +204,9 @@ impl StreamReader {
             let stream_seq = m.stream_sequence.expect("a JetStream message");
             let env = decode_payload(&m.payload)
                 .unwrap_or_else(|e| panic!("stream seq {stream_seq}: not an envelope: {e}"));
+            if let Err(e) = headers_agree(|name| m.header(name), &env) {
+                panic!("stream seq {stream_seq}: {e}\n{:?}", m.headers);
+            }
             self.got.push(Got {
                 env,
                 msg_id: m.header("Nats-Msg-Id").unwrap_or_default().to_owned(),

@@ -220,14 +220,12 @@ fn inferred_ranges_are_exact_for_two_interleaved_streams() {
     let (spool, _) = Spool::open(one_segment.clone()).expect("open");
     // pbx1 1..=10 and pbx2 1..=4.
     let mut by_id = two_streams(&spool, 14);
-    let with_gap = |mut r: Record, epoch: u64, first: u64, last: u64| {
-        for (name, v) in [
-            ("gap_epoch", epoch),
-            ("gap_first_seq", first),
-            ("gap_last_seq", last),
-        ] {
-            r.headers.push((name.into(), Bytes::from(v.to_string())));
-        }
+    let with_gap = |mut r: Record, epoch: u64, first_seq: u64, last_seq: u64| {
+        r.meta.gap = Some(GapRange {
+            epoch,
+            first_seq,
+            last_seq,
+        });
         r
     };
     // pbx1's spool-drop gap record (seq 0), two more pbx1 records, then pbx2's connection says

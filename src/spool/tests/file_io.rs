@@ -210,10 +210,10 @@ fn the_active_segment_is_reclaimed_by_the_checkpoint_once_acknowledged() {
     assert_eq!(drain(&mut spool.reader()), vec![(81, 80)]);
 }
 
-/// drop_oldest takes segments out under the lock and reads their headers after it: a record
+/// drop_oldest takes segments out under the lock and reads their metadata after it: a record
 /// in flight that the sink confirms or fails in between is still delivered or lost, once.
 #[test]
-fn in_doubt_records_decided_before_their_headers_are_read_are_reported_once() {
+fn in_doubt_records_decided_before_their_metadata_is_read_are_reported_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = three_segments_drop_oldest(dir.path());
     for n in 0..9 {
@@ -233,12 +233,12 @@ fn in_doubt_records_decided_before_their_headers_are_read_are_reported_once() {
     assert_eq!(detached.len(), 2);
     let st = spool.stats();
     assert_eq!((st.in_doubt, st.dropped_oldest), (5, 0), "{st:?}");
-    // Before the headers are read: one is confirmed, then the reader rewinds past the rest.
+    // Before the metadata is read: one is confirmed, then the reader rewinds past the rest.
     spool.ack(in_flight[1]);
     reader.rewind();
     assert!(
         spool.take_lost().is_empty(),
-        "their headers are not read yet"
+        "their metadata is not read yet"
     );
     assert_eq!(spool.stats().dropped_oldest, 4);
     let lost_now: Vec<u64> = spool.read_detached(detached).iter().map(seq).collect();

@@ -3,16 +3,16 @@ use super::*;
 fn rec(key: &str, n: u64) -> Record {
     Record {
         key: Bytes::copy_from_slice(key.as_bytes()),
-        headers: vec![("seq".into(), Bytes::from(n.to_string()))],
+        meta: Meta {
+            seq: n,
+            ..Meta::default()
+        },
         payload: Bytes::from(vec![b'x'; 100]),
     }
 }
 
 fn seq(r: &Record) -> u64 {
-    r.header("seq")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX)
+    r.meta.seq
 }
 
 /// Records are read back from the files (no memory tail), unless a test says otherwise.
@@ -216,7 +216,8 @@ fn drop_oldest_deletes_the_oldest_segment_and_reports_its_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = three_segments_drop_oldest(dir.path());
     let mut lost = Vec::new();
-    for n in 0..12 {
+    // Every record is the same size: nine fit, and each third past them drops a segment.
+    for n in 0..15 {
         if let Appended::StoredDroppingOldest { dropped, .. } =
             spool.append(&rec("k", n)).expect("append")
         {
@@ -227,7 +228,7 @@ fn drop_oldest_deletes_the_oldest_segment_and_reports_its_records() {
     assert_eq!(spool.stats().dropped_oldest, 6);
     let mut reader = spool.reader();
     let seqs: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
-    assert_eq!(seqs, (6..12).collect::<Vec<_>>());
+    assert_eq!(seqs, (6..15).collect::<Vec<_>>());
 }
 
 #[test]
@@ -395,7 +396,7 @@ fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
         .collect();
     // The cap deletes the first two segments (0..6): 0..4 are in doubt, 4 and 5 lost now.
     let mut lost_now = Vec::new();
-    for n in 6..12 {
+    for n in 6..15 {
         if let Appended::StoredDroppingOldest { dropped, .. } =
             spool.append(&rec("k", n)).expect("append")
         {
@@ -420,7 +421,7 @@ fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
     assert_eq!((st.in_doubt, st.dropped_oldest, st.acknowledged), (0, 4, 2));
     // The rest is read again from the oldest record still held.
     let again: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
-    assert_eq!(again, (6..12).collect::<Vec<_>>());
+    assert_eq!(again, (6..15).collect::<Vec<_>>());
 }
 
 #[test]
@@ -480,15 +481,16 @@ fn closed_segments_wait_for_the_checkpoint_to_be_synced_outside_the_lock() {
 
 // Damage: records whose bytes were flipped or cut off on disk.
 
-/// A record as the pipeline stamps it: `server`, `epoch` and `seq` headers.
+/// A record as the pipeline stamps it: `server`, `epoch` and `seq`.
 fn stamped(server: &str, epoch: u64, seq: u64) -> Record {
     Record {
         key: Bytes::copy_from_slice(server.as_bytes()),
-        headers: vec![
-            ("server".into(), Bytes::copy_from_slice(server.as_bytes())),
-            ("epoch".into(), Bytes::from(epoch.to_string())),
-            ("seq".into(), Bytes::from(seq.to_string())),
-        ],
+        meta: Meta {
+            server: Bytes::copy_from_slice(server.as_bytes()),
+            epoch,
+            seq,
+            ..Meta::default()
+        },
         payload: Bytes::from(vec![b'x'; 100]),
     }
 }
@@ -496,11 +498,10 @@ fn stamped(server: &str, epoch: u64, seq: u64) -> Record {
 type Key = (String, u64, u64);
 
 fn key_of(r: &Record) -> Key {
-    let s = segment::stamp(r).expect("stamped");
     (
-        String::from_utf8_lossy(&s.server).into_owned(),
-        s.epoch,
-        s.seq,
+        String::from_utf8_lossy(&r.meta.server).into_owned(),
+        r.meta.epoch,
+        r.meta.seq,
     )
 }
 
@@ -596,3 +597,4 @@ fn persisted_floor(dir: &Path) -> u64 {
 
 mod damage;
 mod file_io;
+mod upgrade;
