@@ -80,15 +80,15 @@ impl Task {
             p.reply.unknown(Unknown::ConnectionLost);
         }
         self.stats.connected.store(false, Ordering::Relaxed);
-        let Some(reason) = reason else {
+        let Some(ended) = reason else {
             return End::DownstreamClosed;
         };
+        let reason = ended.reason().to_owned();
         if let Some(end) = s.snapshot.abort(&reason) {
             if self.out.emit(end, now_ns()).is_err() {
                 return End::DownstreamClosed;
             }
         }
-        let shutdown = reason == "shutdown";
         if self
             .out
             .emit(
@@ -101,7 +101,7 @@ impl Task {
         {
             return End::DownstreamClosed;
         }
-        if shutdown {
+        if matches!(ended, Ended::Shutdown) {
             info!(server = %self.cfg.id, epoch, "AMI connection closed for shutdown");
             return End::Shutdown;
         }
@@ -111,15 +111,14 @@ impl Task {
         }
     }
 
-    /// Read until the session ends; the reason for `ConnectionDown`, or `None` if downstream
-    /// is gone.
+    /// Read until the session ends; why it ended, or `None` if downstream is gone.
     pub(super) async fn read_loop<S>(
         &mut self,
         io: S,
         buf: &mut BytesMut,
         codec: &mut AmiCodec,
         s: &mut Session,
-    ) -> Option<String>
+    ) -> Option<Ended>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -159,11 +158,11 @@ impl Task {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
-                    return self.logoff(&mut rd, &mut wr, buf, codec, s).await.then(|| "shutdown".to_owned());
+                    return self.logoff(&mut rd, &mut wr, buf, codec, s).await.then_some(Ended::Shutdown);
                 }
                 r = write_some(&mut wr, &mut s.wbuf), if !s.wbuf.is_empty() => {
                     if let Err(e) = r {
-                        return Some(format!("io error: {e}"));
+                        return Some(Ended::Lost(format!("io error: {e}")));
                     }
                 }
                 permit = reserve(gap_tx) => match permit {
@@ -177,7 +176,7 @@ impl Task {
                 _ = sleep_until(wake) => {
                     let now = Instant::now();
                     if s.ping.as_ref().is_some_and(|(_, d)| now >= *d) || now >= s.last_byte + idle_limit {
-                        return Some("keepalive timeout".to_owned());
+                        return Some(Ended::Lost("keepalive timeout".to_owned()));
                     }
                     if now >= s.next_ping {
                         if s.ping.is_none() {
@@ -225,10 +224,10 @@ impl Task {
                                     return None;
                                 }
                             }
-                            return Some("eof".to_owned());
+                            return Some(Ended::Lost("eof".to_owned()));
                         }
                         Ok(n) => n,
-                        Err(e) => return Some(format!("io error: {e}")),
+                        Err(e) => return Some(Ended::Lost(format!("io error: {e}"))),
                     };
                     s.read_size = next_read_size(s.read_size, room, n);
                     let at = now_ns();
@@ -337,4 +336,22 @@ pub(super) async fn write_some<W: AsyncWrite + Unpin>(
         w.flush().await?;
     }
     Ok(())
+}
+
+/// Why a session ended.
+pub(super) enum Ended {
+    /// amibus is stopping: it logged off.
+    Shutdown,
+    /// The server or the network ended it: `eof`, `keepalive timeout`, `io error: …`.
+    Lost(String),
+}
+
+impl Ended {
+    /// The `ConnectionDown` reason (its stable label first).
+    fn reason(&self) -> &str {
+        match self {
+            Ended::Shutdown => "shutdown",
+            Ended::Lost(reason) => reason,
+        }
+    }
 }
