@@ -20,7 +20,14 @@
 //!   left out. For JetStream the consumer sees a message when the server routes
 //!   it, which is when the stream stores it and sends the PubAck, give or take scheduling;
 //! - CPU: utime + stime of amibus from /proc/PID/stat over the same window, as % of one core;
-//! - RSS: VmHWM of amibus from /proc/PID/status.
+//! - RSS: VmHWM of amibus from /proc/PID/status;
+//! - bare µs: the bare client's CPU per message, publish only (NATS, Kafka): after the floor,
+//!   the same messages published again by a bare client to a fresh subject or topic that
+//!   nobody reads, nothing else running in this process; this process's CPU time
+//!   (`CLOCK_PROCESS_CPUTIME_ID`, every thread, the client's I/O task or librdkafka's threads
+//!   included) over the publishing, per message. `× bare` is amibus's CPU per event over it.
+//!   Measured again without headers (JetStream keeps `Nats-Msg-Id`), to show what the headers
+//!   cost the client; that one is in the summary line and the JSON.
 //!
 //! The floor is measured in the same run, after amibus: the same messages (subjects, headers,
 //! payloads as amibus published them) sent by a bare async-nats client to a fresh subject and
@@ -61,7 +68,7 @@ use rdkafka::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -450,6 +457,13 @@ struct Row {
     latency_max_ms: f64,
     amibus_cpu_pct_of_one_core: f64,
     amibus_cpu_us_per_event: f64,
+    /// The bare client's CPU per message, publishing the same messages with nothing else
+    /// running (none for the file sink).
+    bare_cpu_us_per_message: Option<f64>,
+    /// The same without headers (JetStream keeps `Nats-Msg-Id`): what the headers cost.
+    bare_cpu_us_per_message_without_headers: Option<f64>,
+    /// amibus's CPU per event ÷ the bare client's CPU per message.
+    cpu_times_bare: Option<f64>,
     amibus_peak_rss_mib: f64,
     mean_payload_bytes: f64,
     window_s: f64,
@@ -577,20 +591,36 @@ async fn run_mode(
         .collect();
     latencies.sort_unstable();
 
-    // The floor, in the same run.
-    let (floor_rate, mean_payload) = match (mode, &client) {
-        (Mode::File, _) => file_floor(&dir, want)?,
-        (Mode::Kafka, _) => {
-            kafka_floor(
-                &brokers.kafka,
-                &names.floor_topic,
-                std::mem::take(&mut seen.kafka_messages),
-            )
-            .await?
+    // The floor, in the same run; then the bare client's CPU per message, publish only.
+    let (floor_rate, mean_payload, bare_us, bare_plain_us) = match (mode, &client) {
+        (Mode::File, _) => {
+            let (rate, mean) = file_floor(&dir, want)?;
+            (rate, mean, None, None)
         }
-        (_, Some(c)) => nats_floor(c, mode, nats, std::mem::take(&mut seen.messages)).await?,
+        (Mode::Kafka, _) => {
+            let messages = std::mem::take(&mut seen.kafka_messages);
+            let (rate, mean) = kafka_floor(&brokers.kafka, &names.floor_topic, &messages).await?;
+            let (to, to_plain) = (
+                format!("{}.publish", names.floor_topic),
+                format!("{}.plain", names.floor_topic),
+            );
+            let with = publish_only_kafka(&brokers.kafka, &to, &messages, true).await?;
+            let plain = publish_only_kafka(&brokers.kafka, &to_plain, &messages, false).await?;
+            (rate, mean, Some(with), Some(plain))
+        }
+        (_, Some(c)) => {
+            let messages = std::mem::take(&mut seen.messages);
+            // The floor's consumer keeps what it read: the same messages again, so nothing is
+            // copied before the floor runs.
+            let (rate, mean, again) = nats_floor(c, mode, nats, messages).await?;
+            let plain = again.clone();
+            let with = publish_only_nats(nats, mode, again, true).await?;
+            let plain = publish_only_nats(nats, mode, plain, false).await?;
+            (rate, mean, Some(with), Some(plain))
+        }
         _ => unreachable!("a NATS mode has a client"),
     };
+    let amibus_us = cpu_s * 1e6 / seen.events.max(1) as f64;
     if let Some(c) = &client
         && mode == Mode::JetStream
     {
@@ -611,7 +641,10 @@ async fn run_mode(
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: percentile(&latencies, 1.0),
         amibus_cpu_pct_of_one_core: 100.0 * cpu_s / window_s,
-        amibus_cpu_us_per_event: cpu_s * 1e6 / seen.events.max(1) as f64,
+        amibus_cpu_us_per_event: amibus_us,
+        bare_cpu_us_per_message: bare_us,
+        bare_cpu_us_per_message_without_headers: bare_plain_us,
+        cpu_times_bare: bare_us.map(|b| amibus_us / b),
         amibus_peak_rss_mib: hwm_kib as f64 / 1024.0,
         mean_payload_bytes: mean_payload,
         window_s,
@@ -624,8 +657,8 @@ async fn nats_floor(
     client: &async_nats::Client,
     mode: Mode,
     nats: &str,
-    messages: Vec<(Subject, Option<HeaderMap>, Bytes)>,
-) -> anyhow::Result<(f64, f64)> {
+    messages: Vec<NatsMessage>,
+) -> anyhow::Result<(f64, f64, Vec<NatsMessage>)> {
     let n = messages.len() as u64;
     let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
     let (from, to) = match mode {
@@ -645,10 +678,7 @@ async fn nats_floor(
         })
         .await?;
     }
-    let messages: Vec<(Subject, Option<HeaderMap>, Bytes)> = messages
-        .into_iter()
-        .map(|(s, h, p)| (Subject::from(s.as_str().replacen(from, to, 1)), h, p))
-        .collect();
+    let messages = resubject(messages, from, to);
     // The same consumer as amibus's run, doing the same work per message (header checks, the
     // stamp decoded, the message kept), so both sides of the ratio pay for the same reader.
     let events = messages
@@ -657,6 +687,34 @@ async fn nats_floor(
         .count() as u64;
     let consumer = tokio::spawn(consume_nats(sub, events, true));
     let t0 = now_ns();
+    publish_nats(&publisher, mode, messages).await?;
+    let acked = now_ns();
+    let seen = consumer.await??;
+    Ok((
+        floor_rate(&seen, events, n, t0, acked)?,
+        mean,
+        seen.messages,
+    ))
+}
+
+type NatsMessage = (Subject, Option<HeaderMap>, Bytes);
+
+/// `messages` with the subject prefix `from` replaced by `to`.
+fn resubject(messages: Vec<NatsMessage>, from: &str, to: &str) -> Vec<NatsMessage> {
+    messages
+        .into_iter()
+        .map(|(s, h, p)| (Subject::from(s.as_str().replacen(from, to, 1)), h, p))
+        .collect()
+}
+
+/// Publish `messages` as amibus's NATS sink does in `mode`: core = publish all, then one
+/// flush; JetStream = PubAck futures pipelined, 5,000 in flight (amibus's default), every one
+/// awaited.
+async fn publish_nats(
+    publisher: &async_nats::Client,
+    mode: Mode,
+    messages: Vec<NatsMessage>,
+) -> anyhow::Result<()> {
     match mode {
         Mode::Core => {
             for (s, h, p) in messages {
@@ -667,6 +725,7 @@ async fn nats_floor(
             publisher.flush().await?;
         }
         _ => {
+            let js = async_nats::jetstream::new(publisher.clone());
             let mut in_flight = FuturesUnordered::new();
             for (s, h, p) in messages {
                 if in_flight.len() >= 5000
@@ -682,8 +741,74 @@ async fn nats_floor(
             }
         }
     }
-    let acked = now_ns();
-    Ok((floor_rate(&consumer.await??, events, n, t0, acked)?, mean))
+    Ok(())
+}
+
+/// CPU time of this process so far, every thread included, in seconds.
+fn process_cpu_s() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid, writable timespec for the call's duration, and
+    // CLOCK_PROCESS_CPUTIME_ID is a clock every Linux kernel has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// The bare client's CPU per message, publish only: the same messages (subjects, headers,
+/// payloads, as the floor's consumer read them) published by a bare async-nats client as
+/// [`publish_nats`] does, to a fresh
+/// subject that nobody reads, while nothing else runs in this process (amibus has stopped and
+/// the floor's consumer is done). This process's CPU time over the publishing (the client's
+/// connection task included), per message. Without `headers`, the same with no headers: what
+/// they cost the client.
+async fn publish_only_nats(
+    nats: &str,
+    mode: Mode,
+    messages: Vec<NatsMessage>,
+    headers: bool,
+) -> anyhow::Result<f64> {
+    let n = messages.len().max(1) as f64;
+    let (from, to) = match mode {
+        Mode::Core => ("floorc.", "pubc."),
+        _ => ("floorj.", "pubj."),
+    };
+    let publisher = async_nats::connect(nats).await?;
+    let js = async_nats::jetstream::new(publisher.clone());
+    if mode == Mode::JetStream {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH_PUBLISH".into(),
+            subjects: vec![format!("{to}>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut messages = resubject(messages, from, to);
+    if !headers {
+        for m in &mut messages {
+            // JetStream keeps the message id: deduplication is part of the publish.
+            m.1 = match (mode, m.1.take()) {
+                (Mode::JetStream, Some(h)) => {
+                    h.get(async_nats::header::NATS_MESSAGE_ID).map(|id| {
+                        let mut only = HeaderMap::new();
+                        only.insert(async_nats::header::NATS_MESSAGE_ID, id.clone());
+                        only
+                    })
+                }
+                _ => None,
+            };
+        }
+    }
+    let cpu0 = process_cpu_s();
+    publish_nats(&publisher, mode, messages).await?;
+    let cpu = process_cpu_s() - cpu0;
+    if mode == Mode::JetStream {
+        let _ = js.delete_stream("BENCH_PUBLISH").await;
+    }
+    Ok(cpu * 1e6 / n)
 }
 
 /// Messages per second from the first publish until the last was both acknowledged and read.
@@ -852,7 +977,7 @@ fn consume_kafka(
 async fn kafka_floor(
     bootstrap: &str,
     floor_topic: &str,
-    messages: Vec<KafkaMessage>,
+    messages: &[KafkaMessage],
 ) -> anyhow::Result<(f64, f64)> {
     let n = messages.len() as u64;
     let mean = messages.iter().map(|m| m.2.len()).sum::<usize>() as f64 / n.max(1) as f64;
@@ -873,9 +998,21 @@ async fn kafka_floor(
     };
     let _ = tokio::task::spawn_blocking(move || is_ready.recv()).await;
     let t0 = now_ns();
+    produce_all(&producer, floor_topic, messages).await?;
+    let acked = now_ns();
+    Ok((floor_rate(&consumer.await??, events, n, t0, acked)?, mean))
+}
+
+/// Produce `messages` to `topic`, every delivery report awaited (librdkafka's queue full: wait
+/// for one).
+async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[KafkaMessage],
+) -> anyhow::Result<()> {
     let mut in_flight = FuturesUnordered::new();
-    for (key, headers, payload) in &messages {
-        let mut record = FutureRecord::to(floor_topic).payload(payload);
+    for (key, headers, payload) in messages {
+        let mut record = FutureRecord::to(topic).payload(payload);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -907,8 +1044,42 @@ async fn kafka_floor(
     while let Some(r) = in_flight.next().await {
         r?.map_err(|(e, _)| e)?;
     }
-    let acked = now_ns();
-    Ok((floor_rate(&consumer.await??, events, n, t0, acked)?, mean))
+    Ok(())
+}
+
+/// The bare client's CPU per message, publish only: the same keys, headers and payloads produced
+/// by a bare `FutureProducer` with amibus's producer settings to a fresh topic that nobody
+/// reads, while nothing else runs in this process; this process's CPU time over the producing
+/// (librdkafka's threads included), per message. Without `headers`, the same with no headers.
+async fn publish_only_kafka(
+    bootstrap: &str,
+    topic: &str,
+    messages: &[KafkaMessage],
+    headers: bool,
+) -> anyhow::Result<f64> {
+    let stripped: Vec<KafkaMessage>;
+    let messages = if headers {
+        messages
+    } else {
+        stripped = messages
+            .iter()
+            .map(|(k, _, p)| (k.clone(), None, p.clone()))
+            .collect();
+        &stripped
+    };
+    create_topic(bootstrap, topic).await?;
+    let cc = amibus::sink::kafka::KafkaSinkConfig::new(bootstrap)
+        .client_config()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let producer: FutureProducer = cc.create()?;
+    // Connected and the topic's metadata known before the clock starts.
+    let p = producer.clone();
+    let t = topic.to_owned();
+    tokio::task::spawn_blocking(move || p.client().fetch_metadata(Some(&t), TIMEOUT)).await??;
+    let cpu0 = process_cpu_s();
+    produce_all(&producer, topic, messages).await?;
+    let cpu = process_cpu_s() - cpu0;
+    Ok(cpu * 1e6 / messages.len().max(1) as f64)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -973,7 +1144,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     println!(
-        "{:<15} {:>9} {:>11} {:>11} {:>6} {:>7} {:>8} {:>8} {:>7} {:>8} {:>7}",
+        "{:<15} {:>9} {:>11} {:>11} {:>6} {:>7} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7}",
         "sink",
         "events",
         "amibus ev/s",
@@ -984,11 +1155,14 @@ fn main() -> anyhow::Result<()> {
         "p99 ms",
         "CPU %",
         "µs/ev",
+        "bare µs",
+        "× bare",
         "RSS MiB"
     );
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     for r in &rows {
         println!(
-            "{:<15} {:>9} {:>11.0} {:>11.0} {:>6.2} {:>7} {:>8.2} {:>8.2} {:>7.0} {:>8.2} {:>7.1}",
+            "{:<15} {:>9} {:>11.0} {:>11.0} {:>6.2} {:>7} {:>8.2} {:>8.2} {:>7.0} {:>8.2} {:>8} {:>7} {:>7.1}",
             r.mode,
             r.events,
             r.amibus_events_per_s,
@@ -1003,6 +1177,8 @@ fn main() -> anyhow::Result<()> {
             r.latency_p99_ms,
             r.amibus_cpu_pct_of_one_core,
             r.amibus_cpu_us_per_event,
+            opt(r.bare_cpu_us_per_message),
+            opt(r.cpu_times_bare),
             r.amibus_peak_rss_mib
         );
         if r.events < r.events_expected || r.gaps > 0 || !r.sim_disconnects.is_empty() {
@@ -1032,9 +1208,17 @@ fn main() -> anyhow::Result<()> {
         };
         let ratios = sorted(|r| r.ratio);
         let us = sorted(|r| r.amibus_cpu_us_per_event);
+        let median_of = |f: fn(&Row) -> Option<f64>| {
+            let mut v: Vec<f64> = counted.iter().filter_map(|r| f(r)).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        let bare = median_of(|r| r.bare_cpu_us_per_message);
+        let bare_plain = median_of(|r| r.bare_cpu_us_per_message_without_headers);
+        let times_bare = median_of(|r| r.cpu_times_bare);
         if o.repeat > 1 && !ratios.is_empty() && o.rate == 0 {
             println!(
-                "{:<15} median ratio {:.2} (min {:.2}, max {:.2}) over {} runs{}; median {:.2} µs CPU/event",
+                "{:<15} median ratio {:.2} (min {:.2}, max {:.2}) over {} runs{}; median {:.2} µs CPU/event{}",
                 mode.name(),
                 ratios[ratios.len() / 2],
                 ratios[0],
@@ -1047,7 +1231,13 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     format!(" without loss (of {})", all.len())
                 },
-                us[us.len() / 2]
+                us[us.len() / 2],
+                match (bare, times_bare, bare_plain) {
+                    (Some(b), Some(t), Some(p)) => format!(
+                        ", bare client {b:.2} µs CPU/message (amibus {t:.2} × it; {p:.2} without headers)"
+                    ),
+                    _ => String::new(),
+                }
             );
         }
         if !ratios.is_empty() {
@@ -1056,6 +1246,9 @@ fn main() -> anyhow::Result<()> {
                 json!({
                     "ratio": ratios[ratios.len() / 2],
                     "cpu_us_per_event": us[us.len() / 2],
+                    "bare_cpu_us_per_message": bare,
+                    "cpu_times_bare": times_bare,
+                    "bare_cpu_us_per_message_without_headers": bare_plain,
                     "runs": all.len(),
                     "runs_without_loss": lossless.len(),
                 }),
