@@ -536,7 +536,7 @@ async fn run_mode(
     } else {
         None
     };
-    let (_sim, mut sim_out, addrs) = start_sim(o)?;
+    let (sim, mut sim_out, addrs) = start_sim(o)?;
     let cfg_path = dir.join("amibus.toml");
     std::fs::write(&cfg_path, config(mode, &names, &addrs, brokers))?;
     let log = std::fs::File::create(dir.join("amibus.log"))?;
@@ -567,6 +567,11 @@ async fn run_mode(
         .status();
     let mut amibus = amibus;
     let _ = amibus.0.wait();
+    // The simulator has normally sent everything and exited; if it has not (a run that lost
+    // events), SIGINT makes it stop and print its summary, which is read to its end below.
+    let _ = Command::new("kill")
+        .args(["-INT", &sim.0.id().to_string()])
+        .status();
     let mut sim_disconnects = BTreeMap::new();
     for line in sim_out.by_ref().lines().map_while(Result::ok) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
