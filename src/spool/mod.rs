@@ -53,10 +53,11 @@
 //! nothing valid after it is a torn tail (a crash mid-write, or an append in progress): cut off
 //! on open, waited on at runtime.
 //!
-//! Files: this one holds the types, the state and the append/ack/flush/checkpoint paths;
-//! `open.rs` opening and recovery, `file.rs` the file side of flushes and of drop_oldest,
-//! `reader.rs` the sink's reader, `segment.rs` the on-disk format, `damage.rs` what damaged
-//! records held.
+//! Files: this one holds the state and the append/ack/flush/checkpoint paths; `record.rs`
+//! the record and its typed metadata (and their rendering as bus headers), `open.rs` opening
+//! and recovery, `file.rs` the file side of flushes and of drop_oldest, `reader.rs` the sink's
+//! reader, `segment.rs` the on-disk format (`format_v1.rs` the previous one, still read),
+//! `damage.rs` what damaged records held.
 //!
 //! Must never: block on the network, do file I/O while holding the state lock, hold more than
 //! the configured bytes on disk, read a record that is not whole, or stop delivering because
