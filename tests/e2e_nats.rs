@@ -583,13 +583,7 @@ async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
     broker(|| nats.stop());
     // Records keep arriving while the broker is down; then a graceful stop gives up on
     // delivering them after the drain timeout and keeps them in the spool.
-    let at_stop = total(&sim_events(&sim));
-    within("events while the broker is down", async {
-        while total(&sim_events(&sim)) < at_stop + 100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_sent(&sim, 100, "events while the broker is down").await;
     let first = finish(stop, run).await;
     assert!(
         first.left_in_spool > 0,

@@ -19,7 +19,6 @@ mod nats_support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use amibus::pipeline::decode_payload;
 use amibus::sim::Sim;
@@ -136,13 +135,7 @@ async fn a_damaged_spool_is_skipped_and_exactly_its_damage_is_reported() {
     quiesce(&sim, &mut reader, 2).await;
     broker(|| nats.stop());
     resume(&sim, 2);
-    let before = total(&sim_events(&sim));
-    within("the simulator fills the spool", async {
-        while total(&sim_events(&sim)) < before + 1500 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_sent(&sim, 1500, "the simulator fills the spool").await;
     let run1 = stop_gracefully(first, &log1).await;
     assert!(!run1.contains(", 0 left in the spool"), "{run1}");
 

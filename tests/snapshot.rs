@@ -15,8 +15,10 @@ mod nats_support;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
+use amibus::ami::connection::{Connection, DownstreamGaps, Options};
 use amibus::ami::server::ServerConfig;
 use amibus::ami::snapshot::{End, Trigger};
 use amibus::ami::{Parsed, Parser, Record, Stamped, handoff};
@@ -24,7 +26,7 @@ use amibus::config::{Config, ProcessEnv};
 use amibus::model::pb::{self, envelope::Detail};
 use amibus::secret::Secret;
 use amibus::sim::{Sim, SimConfig, SimHandle};
-use ledger::{StreamReader, View, config_toml, sim_config, within};
+use ledger::{StreamReader, View, broker, config_toml, sim_config, wait_sent, within};
 use nats_support::NatsServer;
 use prost::Message as _;
 
@@ -206,6 +208,50 @@ async fn a_gap_triggers_a_snapshot_after_its_gap_record() {
         ]
     );
     assert!(conn.stats.snapshot().snapshot.gap >= 1);
+    support::stop(conn, shutdown).await;
+    sim.shutdown().await;
+}
+
+/// A gap record made downstream (the pipeline's, for what the spool dropped) is counted for
+/// the server in `Options::downstream_gaps`; its connection then takes a snapshot with
+/// trigger `gap`, as after its own gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_made_downstream_triggers_a_snapshot_too() {
+    let sim = Sim::start(sim_cfg(|c| c.rate = 200)).await.unwrap();
+    let mut c = sim_server(&sim);
+    c.snapshot.gap_interval = Duration::from_millis(1);
+    let gaps = Arc::new(DownstreamGaps::default());
+    let (tx, mut rx) = handoff::channel(100_000);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let conn = Connection::spawn(
+        Arc::new(c),
+        tx,
+        shutdown.clone(),
+        Options {
+            downstream_gaps: gaps.clone(),
+            ..Options::default()
+        },
+    );
+    let (_, login) = until_end(&mut rx, |e| e.trigger == Trigger::Login).await;
+    assert!(login.complete, "{login:?}");
+    // Events flow; no further snapshot while nothing is lost.
+    for _ in 0..20 {
+        let r = next(&mut rx, "an event").await;
+        assert!(
+            !matches!(r.record, Record::SnapshotBegin(_)),
+            "a snapshot without a gap"
+        );
+    }
+    gaps.note("another-server");
+    gaps.note("pbx-1");
+    let (got, end) = until_end(&mut rx, |e| e.trigger == Trigger::Gap).await;
+    assert!(end.complete, "{end:?}");
+    assert!(
+        got.iter()
+            .any(|r| matches!(&r.record, Record::SnapshotBegin(b) if b.id == end.id)),
+        "its begin"
+    );
+    assert_eq!(conn.stats.snapshot().snapshot.gap, 1);
     support::stop(conn, shutdown).await;
     sim.shutdown().await;
 }
@@ -543,4 +589,81 @@ async fn a_restart_during_calls_gives_a_snapshot_of_the_calls_up_then() {
     assert_eq!(after.devices, before.devices);
     let items: u64 = end.lists.iter().map(|l| l.items).sum();
     assert_eq!(s.len() as u64, items + 2);
+}
+
+/// End to end: the broker goes away, the spool's cap drops the oldest records, and the
+/// pipeline's `spool full` gap records name them. Each is followed by a snapshot of the server
+/// (trigger `gap`), so a consumer rebuilding state from the bus recovers after a loss the spool
+/// made as after one the connection made: once the broker is back, the last such gap record is
+/// followed by a complete snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_the_spool_made_is_followed_by_a_snapshot() {
+    const NAME: &str = "SNAP2";
+    let mut nats = NatsServer::start();
+    let sim = Sim::start(sim_config(NAME, 1, 2000, None))
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = config_toml(
+        &sim,
+        dir.path(),
+        &nats,
+        NAME,
+        "max_bytes = \"256KiB\"\nsegment_bytes = \"32KiB\"\nwhen_full = \"drop_oldest\"",
+    )
+    .replace(
+        "backoff_max = \"200ms\"\n",
+        "backoff_max = \"200ms\"\nsnapshot_gap_interval = \"200ms\"\n",
+    );
+    let mut cfg = Config::parse(&toml, &ProcessEnv).expect("config");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { amibus::app::run::run_until(&mut cfg, token).await });
+    let mut reader = StreamReader::new(&nats, NAME).await;
+    reader
+        .wait_for("events and the login snapshot", |got| {
+            got.iter().any(|g| g.env.kind() == pb::Kind::SnapshotEnd)
+                && View::of(got).events.values().sum::<u64>() > 500
+        })
+        .await;
+    // The broker goes away while the simulator sends ~20 times the spool's cap.
+    broker(|| nats.stop());
+    wait_sent(&sim, 8000, "the simulator outruns the spool").await;
+    broker(|| nats.restart());
+    let spool_gap =
+        |g: &ledger::Got| matches!(&g.env.detail, Some(Detail::Gap(d)) if d.reason == "spool full");
+    // After the last spool gap: a snapshot (begin and end) with trigger `gap`.
+    let followed = |got: &[ledger::Got]| -> Option<pb::SnapshotEnd> {
+        let last_gap = got.iter().rposition(spool_gap)?;
+        let after = &got[last_gap + 1..];
+        after.iter().find_map(|g| match &g.env.detail {
+            Some(Detail::SnapshotEnd(e))
+                if e.trigger() == pb::SnapshotTrigger::Gap
+                    && after.iter().any(|b| {
+                        b.env.kind() == pb::Kind::SnapshotBegin
+                            && b.env.snapshot_id == e.snapshot_id
+                    }) =>
+            {
+                Some(e.clone())
+            }
+            _ => None,
+        })
+    };
+    reader
+        .wait_for("a snapshot after the last spool gap", |got| {
+            followed(got).is_some()
+        })
+        .await;
+    stop.cancel();
+    within("amibus stops", task).await.unwrap().unwrap();
+    sim.shutdown().await;
+    let view = View::of(&reader.got);
+    assert!(view.gap_records > 0, "{}", view.summary());
+    assert_eq!(
+        view.gap_reasons,
+        BTreeSet::from(["spool full".to_owned()]),
+        "every gap is the spool's, none the connection's: the snapshot answers the spool's"
+    );
+    let end = followed(&reader.got).expect("the snapshot");
+    assert!(end.complete, "{end:?}");
 }

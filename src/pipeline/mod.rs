@@ -14,6 +14,9 @@
 //! drops), the range is remembered again and reported in a later gap record: a loss is never
 //! hidden by the loss of its report.
 //!
+//! Each gap record made here is counted for its server in [`DownstreamGaps`] (when given), so
+//! the server's connection follows it with a state snapshot, as it does its own gap records.
+//!
 //! A gap record's `reason` says why: `spool full` for records the cap dropped, `spool damaged`
 //! for records the spool found damaged on disk (their seqs are inferred by the spool, see
 //! [`crate::spool::damage`]).
@@ -23,6 +26,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::ami::connection::DownstreamGaps;
 use crate::ami::{ParseErrorRecord, Record as AmiRecord, Stamp, Stamped, record};
 use crate::model::{self, PayloadFormat, json, pb};
 use crate::spool::{self, Appended, Spool, SpoolError};
@@ -123,6 +127,9 @@ pub struct Pipeline {
     last_write_error: Option<std::time::Instant>,
     /// Where logins and logouts are recorded, if anywhere.
     open_epochs: Option<OpenEpochs>,
+    /// Where the gap records made here are counted per server, if anywhere: the server's
+    /// connection then takes a snapshot, so consumers rebuild state after this loss too.
+    gap_notices: Option<Arc<DownstreamGaps>>,
 }
 
 const WRITE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -143,7 +150,14 @@ impl Pipeline {
             last_broadcast_event: false,
             last_write_error: None,
             open_epochs: None,
+            gap_notices: None,
         }
+    }
+
+    /// Count the gap records made here in `notices` (see [`DownstreamGaps`]).
+    pub fn with_gap_notices(mut self, notices: Arc<DownstreamGaps>) -> Self {
+        self.gap_notices = Some(notices);
+        self
     }
 
     pub fn stats(&self) -> PipelineStats {
@@ -432,6 +446,9 @@ impl Pipeline {
                 let record = self.to_spool_record(&gap);
                 if let Ok(Some(_)) = self.spool.append_if_room(&record) {
                     self.stats.gap_records += 1;
+                    if let Some(n) = &self.gap_notices {
+                        n.note(&server);
+                    }
                 } else {
                     tracing::debug!(%server, epoch, first_seq, last_seq, "the spool is full; the gap will be reported later");
                     full = true;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::ami::connection::DownstreamGaps;
 use crate::ami::{Parsed, Parser};
 use crate::spool::{Fsync, SpoolConfig, WhenFull};
 use std::collections::BTreeSet;
@@ -156,7 +157,9 @@ fn dropped_records_become_gap_records() {
         ..SpoolConfig::new(dir.path().join("spool"))
     })
     .expect("open");
-    let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
+    let notices = Arc::new(DownstreamGaps::default());
+    let counted = notices.counter("pbx1");
+    let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto).with_gap_notices(notices);
     for seq in 1..=7 {
         p.accept(&frame_record("pbx1", 3, seq, frame));
     }
@@ -175,8 +178,19 @@ fn dropped_records_become_gap_records() {
         spool.ack(id);
     }
     assert_eq!(seqs, vec![8]);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        counted.load(Relaxed),
+        0,
+        "counted once published, not before"
+    );
     p.report_unreported_gaps();
     assert_eq!(p.stats().gap_records, 1);
+    assert_eq!(
+        counted.load(Relaxed),
+        1,
+        "the gap record is counted for its server's connection"
+    );
     let mut gaps = Vec::new();
     while let Some((_, r)) = reader.try_next().expect("read") {
         let env = decode_payload(&r.payload).expect("envelope");

@@ -480,6 +480,17 @@ pub fn sim_events(sim: &SimHandle) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Wait until the simulator has sent `more` events beyond what it had sent when called.
+pub async fn wait_sent(sim: &SimHandle, more: u64, what: &str) {
+    let before = total(&sim_events(sim));
+    within(what, async {
+        while total(&sim_events(sim)) < before + more {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 pub fn total(m: &BTreeMap<String, u64>) -> u64 {
     m.values().sum()
 }

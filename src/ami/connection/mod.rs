@@ -103,6 +103,42 @@ pub struct Options {
     /// How long a read waits for room in a nearly full hand-off queue before it goes ahead
     /// (and what does not fit is dropped); zero: never wait.
     pub handoff_wait: Duration,
+    /// Gap records made downstream (the pipelines', for what the spool lost), by server: a
+    /// connection starts a gap snapshot when its server's count moves, as for its own gaps.
+    pub downstream_gaps: Arc<DownstreamGaps>,
+}
+
+/// Gap records made downstream of the connections, counted per server: the pipelines report
+/// here the gap records they publish for records the spool dropped, could not write or found
+/// damaged, so that the server's connection rebuilds consumers' state with a snapshot after
+/// such a loss too, not only after its own.
+#[derive(Debug, Default)]
+pub struct DownstreamGaps {
+    by_server: std::sync::RwLock<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl DownstreamGaps {
+    /// The counter of `server` (made on first use).
+    pub fn counter(&self, server: &str) -> Arc<AtomicU64> {
+        if let Some(c) = self
+            .by_server
+            .read()
+            .ok()
+            .and_then(|m| m.get(server).cloned())
+        {
+            return c;
+        }
+        match self.by_server.write() {
+            Ok(mut m) => m.entry(server.to_owned()).or_default().clone(),
+            // A panic elsewhere poisoned the map: count on a counter of its own.
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// A gap record for `server` was published downstream.
+    pub fn note(&self, server: &str) {
+        self.counter(server).fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How long a read waits by default for room in a nearly full hand-off queue
@@ -120,6 +156,7 @@ impl Default for Options {
             previous_epoch: 0,
             logoff_timeout: Duration::from_secs(1),
             handoff_wait: DEFAULT_HANDOFF_WAIT,
+            downstream_gaps: Arc::default(),
         }
     }
 }
@@ -236,6 +273,7 @@ impl Connection {
                 stats: stats.clone(),
             },
             last_epoch: opts.previous_epoch,
+            downstream_gaps: opts.downstream_gaps.counter(&cfg.id),
             cfg,
             cmd_rx,
             cmds_closed: false,
@@ -270,6 +308,8 @@ enum End {
 struct Task {
     cfg: Arc<ServerConfig>,
     out: Out,
+    /// This server's count in [`Options::downstream_gaps`].
+    downstream_gaps: Arc<AtomicU64>,
     cmd_rx: mpsc::Receiver<Command>,
     cmds_closed: bool,
     shutdown: CancellationToken,

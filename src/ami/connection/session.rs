@@ -57,7 +57,7 @@ impl Task {
                 Arc::new(self.cfg.snapshot.clone()),
                 self.stats.snapshot.clone(),
                 epoch,
-                self.stats.gaps.load(Ordering::Relaxed),
+                self.gaps_so_far(),
             ),
         };
         // Frames that came with the login responses, then bytes already buffered behind them.
@@ -127,7 +127,7 @@ impl Task {
         loop {
             // A snapshot that is due starts (its actions go into the write buffer), one past
             // its deadline ends; never a wait.
-            let gaps = self.stats.gaps.load(Ordering::Relaxed);
+            let gaps = self.gaps_so_far();
             while let Some(r) =
                 s.snapshot
                     .due(Instant::now(), gaps, &mut || s.ids.next(), &mut s.wbuf)
@@ -248,6 +248,12 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Gap records for this server so far, its own and those made downstream: a snapshot
+    /// follows when the count moves.
+    fn gaps_so_far(&self) -> u64 {
+        self.stats.gaps.load(Ordering::Relaxed) + self.downstream_gaps.load(Ordering::Relaxed)
     }
 
     /// At the top of each turn of the read loop: the deadline of the hold in force, if any.

@@ -335,11 +335,14 @@ pub async fn run_with(
         );
     }
     let mut unclosed = left_open.epochs;
+    // The pipelines' gap records, per server, for the connections' snapshots.
+    let downstream_gaps = Arc::new(crate::ami::connection::DownstreamGaps::default());
     for _ in 0..workers {
         let (tx, rx) = handoff::channel((cfg.pipeline.handoff_queue / workers).max(1));
         txs.push(tx);
-        let mut pipeline =
-            Pipeline::new(spool.clone(), cfg.pipeline.format).with_open_epochs(open_epochs.clone());
+        let mut pipeline = Pipeline::new(spool.clone(), cfg.pipeline.format)
+            .with_open_epochs(open_epochs.clone())
+            .with_gap_notices(downstream_gaps.clone());
         for range in carried.drain(..) {
             pipeline.remember_range(&range);
         }
@@ -369,6 +372,7 @@ pub async fn run_with(
         sup: sup.clone(),
         conn_opts: Options {
             handoff_wait: cfg.pipeline.handoff_wait,
+            downstream_gaps,
             limits: crate::ami::Limits {
                 max_frame_bytes: usize::try_from(cfg.pipeline.max_frame_bytes)
                     .unwrap_or(usize::MAX)
