@@ -9,7 +9,33 @@ fn amibus() -> Command {
 
 #[test]
 fn the_embedded_demo_delivers_every_simulated_event_in_order() {
-    let out = amibus().arg("run").output().expect("runs");
+    check_demo_output(amibus().arg("run").output().expect("runs"));
+}
+
+/// The demo again on a runtime of one thread (`pipeline.threads = 1`): nothing in amibus may
+/// need a second thread to make progress (a blocking call on a runtime thread would hang it).
+#[test]
+fn one_runtime_thread_is_enough() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("amibus.toml");
+    let demo = amibus::app::run::EMBEDDED_DEFAULT
+        .replace("[pipeline]\n", "[pipeline]\nthreads = 1\n")
+        + &format!(
+            "\n[spool]\ndir = {:?}\n",
+            dir.path().join("spool").display().to_string()
+        );
+    std::fs::write(&config, &demo).expect("config");
+    check_demo_output(
+        amibus()
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("runs"),
+    );
+}
+
+/// The demo's output: every simulated event of both servers, in order, with its snapshots.
+fn check_demo_output(out: std::process::Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(

@@ -430,6 +430,12 @@ pub struct PipelineConfig {
     /// Pipeline tasks that normalize, encode and append to the spool in parallel. Each server
     /// is read into one of them, so a server's (and so a call's) records stay in order.
     pub workers: usize,
+    /// Threads of the runtime every task runs on (connections, pipelines, the sink, the
+    /// client libraries' tasks); `None`: tokio's default, one per core (or
+    /// `TOKIO_WORKER_THREADS`). Fewer threads mean fewer cross-thread wake-ups, which is most
+    /// of the CPU per event at moderate rates (see README "amibus beside a bare client"), at
+    /// the price of peak throughput.
+    pub threads: Option<usize>,
     /// At shutdown, how long to keep delivering what the spool holds before leaving the rest
     /// for the next start.
     pub drain_timeout: Duration,

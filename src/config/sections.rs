@@ -24,6 +24,7 @@ pub(super) struct RawPipeline {
     handoff_queue: Option<usize>,
     handoff_wait: Option<String>,
     workers: Option<usize>,
+    threads: Option<usize>,
     drain_timeout: Option<String>,
     max_frame_bytes: Option<RawSize>,
 }
@@ -84,6 +85,21 @@ pub(super) fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -
     };
     let mut workers = default_workers();
     set_positive("pipeline.workers", raw.workers, &mut workers, problems);
+    let threads = match raw.threads {
+        Some(0) => {
+            problem(problems, "pipeline.threads", "must be greater than zero");
+            None
+        }
+        Some(n) if n > MAX_THREADS => {
+            problem(
+                problems,
+                "pipeline.threads",
+                format!("{n} is more than {MAX_THREADS}"),
+            );
+            None
+        }
+        t => t,
+    };
     let drain_timeout = match raw.drain_timeout {
         None => Duration::from_secs(10),
         Some(s) => parse_duration(&s).unwrap_or_else(|| {
@@ -106,10 +122,14 @@ pub(super) fn validate_pipeline(raw: RawPipeline, problems: &mut Vec<Problem>) -
         handoff_queue,
         handoff_wait,
         workers,
+        threads,
         drain_timeout,
         max_frame_bytes,
     }
 }
+
+/// The most runtime threads `pipeline.threads` may ask for.
+const MAX_THREADS: usize = 256;
 
 /// The spool's cap must hold this many of the largest frames: a frame's envelope is larger
 /// than the frame (header framing; JSON escapes), and one record must never need the whole

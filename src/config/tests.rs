@@ -413,6 +413,27 @@ fn handoff_wait_stays_under_asterisks_writetimeout() {
 }
 
 #[test]
+fn runtime_threads_are_tokios_default_unless_set() {
+    let server = "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"x\"\n";
+    let parse = |threads: &str| {
+        Config::parse(
+            &format!("{server}[pipeline]\nthreads = {threads}\n"),
+            &FakeEnv,
+        )
+    };
+    let defaults = Config::parse(server, &FakeEnv).expect("valid");
+    assert_eq!(defaults.pipeline.threads, None);
+    assert_eq!(parse("1").expect("valid").pipeline.threads, Some(1));
+    assert_eq!(parse("256").expect("valid").pipeline.threads, Some(256));
+    for bad in ["0", "257"] {
+        let err = parse(bad).unwrap_err();
+        assert_eq!(err.problems()[0].path, "pipeline.threads", "{bad}");
+    }
+    let err = parse("\"two\"").unwrap_err();
+    assert_eq!(err.problems()[0].path, "pipeline.threads");
+}
+
+#[test]
 fn the_spool_cap_holds_two_of_the_largest_frames() {
     let server = "[[server]]\nid = \"a\"\nhost = \"h\"\nusername = \"u\"\nsecret = \"x\"\n";
     let parse = |spool: &str, pipeline: &str| {

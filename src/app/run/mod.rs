@@ -94,7 +94,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let demo_spool = args.config.is_none().then(|| cfg.spool.dir.clone());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.pipeline.threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder
         .enable_all()
         .thread_name("amibus")
         .build()
