@@ -7,6 +7,8 @@
 
 #[path = "support/kafka.rs"]
 mod kafka_support;
+#[path = "support/live_state.rs"]
+mod live_state;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use amibus::broker::kafka::{KafkaReader, KafkaReaderConfig};
 use amibus::pipeline::decode_payload;
 use kafka_support::Broker;
+use live_state::LiveState;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const AMIBUS: &str = env!("CARGO_BIN_EXE_amibus");
@@ -264,4 +267,158 @@ async fn clickhouse_runs_the_readme_sql_on_the_file_sink_and_on_bus_messages() {
     println!("{}", String::from_utf8_lossy(&out.stdout));
     ok("tests/consumers/warehouse.py", &out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("warehouse: all checks passed"));
+}
+
+/// Every envelope of a length-delimited file, in order.
+fn delimited(path: &Path) -> Vec<amibus::model::pb::Envelope> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let mut buf = &bytes[..];
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let Ok(len) = prost::encoding::decode_varint(&mut buf) else {
+            break;
+        };
+        let len = len as usize;
+        if len > buf.len() {
+            break; // still being written
+        }
+        out.push(decode_payload(&buf[..len]).expect("an envelope"));
+        buf = &buf[len..];
+    }
+    out
+}
+
+/// A simulated event, as the simulator counts them (not its login's FullyBooted, not a
+/// snapshot's list item).
+fn is_sim_event(e: &amibus::model::pb::Envelope) -> bool {
+    e.kind() == amibus::model::pb::Kind::Event
+        && e.snapshot_id.is_empty()
+        && e.name != "FullyBooted"
+}
+
+/// A consumer that starts reading at a restart rebuilds the state from amibus's login snapshot:
+/// the Python example, given only the second run's output, ends with the state that every live
+/// event of both runs gives. The simulator (in process, so its calls outlive the first run)
+/// pauses generating before each stop and amibus reads all it sent before it logs off, so no
+/// event is missed between the runs and the replay of both is the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_rebuilds_state_from_the_snapshot_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gen_dir = generate_python(dir.path());
+    let sim = amibus::sim::Sim::start(amibus::sim::SimConfig {
+        servers: 1,
+        rate: 400,
+        concurrent_calls: 30,
+        ..amibus::sim::SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let port = sim.addrs()[0].port();
+    let sent = || sim.stats().iter().map(|s| s.events).sum::<u64>();
+    let mut files = Vec::new();
+    for run in 1..=2 {
+        let out = dir.path().join(format!("run{run}.bin"));
+        let config = dir.path().join(format!("run{run}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[[server]]\nid = \"pbx1\"\nhost = \"127.0.0.1\"\nport = {port}\nusername = \"admin\"\n\
+                 secret = \"amp111\"\n[spool]\ndir = {:?}\n[pipeline]\nformat = \"proto\"\n\
+                 [sink]\nkind = \"file\"\n[sink.file]\npath = {:?}\n",
+                dir.path().join(format!("spool{run}")).display().to_string(),
+                out.display().to_string()
+            ),
+        )
+        .expect("config");
+        sim.set_paused(0, false);
+        let mut child = Command::new(AMIBUS)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("amibus run");
+        let started = Instant::now();
+        let in_file = |files: &[PathBuf], out: &Path| {
+            files
+                .iter()
+                .map(PathBuf::as_path)
+                .chain([out])
+                .flat_map(delimited)
+                .filter(is_sim_event)
+                .count() as u64
+        };
+        // Events flow, and calls are up; then the simulator pauses and amibus reads the rest.
+        while in_file(&[], &out) < 600 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "run {run}: no events"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sim.set_paused(0, true);
+        while in_file(&files, &out) < sent() {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "run {run}: {} of {} events in the files",
+                in_file(&files, &out),
+                sent()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        let status = child.wait().expect("amibus exits");
+        assert!(status.success(), "run {run}: {status}");
+        assert_eq!(
+            in_file(&files, &out),
+            sent(),
+            "run {run}: every event written"
+        );
+        files.push(out);
+    }
+    sim.shutdown().await;
+
+    let mut truth = LiveState::default();
+    for f in &files {
+        for e in delimited(f) {
+            truth.apply(&e, false);
+        }
+    }
+    let second = delimited(&files[1]);
+    let first_channels: BTreeSet<String> = delimited(&files[0])
+        .iter()
+        .filter(|e| e.name == "Newchannel")
+        .map(|e| e.channel.clone())
+        .collect();
+    assert!(
+        truth.channels.iter().any(|c| first_channels.contains(c)),
+        "a call up at the end began in the first run: only the snapshot tells the second run's reader"
+    );
+    assert!(
+        second
+            .iter()
+            .any(|e| e.name == "CoreShowChannel" && !e.snapshot_id.is_empty()),
+        "the second run's login snapshot lists the calls up"
+    );
+
+    let state = dir.path().join("state.json");
+    let out = python(&[
+        Path::new(ROOT)
+            .join("examples/python/amibus_consumer.py")
+            .as_os_str(),
+        "--gen".as_ref(),
+        gen_dir.as_os_str(),
+        "--state".as_ref(),
+        state.as_os_str(),
+        "file".as_ref(),
+        files[1].as_os_str(),
+    ]);
+    ok("examples/python/amibus_consumer.py --state", &out);
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state file")).expect("JSON");
+    let want = serde_json::json!({ "pbx1": truth });
+    assert_eq!(got, want);
 }

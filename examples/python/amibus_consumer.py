@@ -13,6 +13,10 @@ then (with examples/python/gen on PYTHONPATH, or --gen DIR):
     amibus_consumer.py nats nats://127.0.0.1:4222 'ami.>'      # needs `pip install nats-py`
     amibus_consumer.py kafka 127.0.0.1:9092 ami.events         # needs `pip install confluent-kafka`
 
+With `--state FILE`, it also keeps what a wallboard keeps, per server: the channels up, the
+bridges and the device states, from live events and from amibus's state snapshots, and
+writes it to FILE as JSON at the end (see "Rebuilding state" below).
+
 Prints one JSON object per envelope on standard output (the proto3 JSON mapping: 64-bit
 integers as strings, bytes as base64), and at the end, on standard error, one line:
 `amibus_consumer: N envelopes, K kinds, H holes` followed by the holes it saw: for every
@@ -26,6 +30,13 @@ What a consumer must know (proto/amibus/v1/envelope.proto):
   on it, and sort by seq when order matters;
 - header values are bytes (Asterisk sends whatever encoding the PBX has); `value` is absent
   for a line without a colon (HasField("value") is False).
+
+Rebuilding state (README "Rebuilding state: snapshots"): after every login and every gap,
+amibus publishes `snapshot_begin`, the server's lists as ordinary events carrying
+`snapshot_id` (CoreShowChannel, BridgeListItem, DeviceStateChange, ...), and `snapshot_end`.
+At `snapshot_begin`, forget what you hold for that server; apply the items as facts and the
+live events as usual, before, during and after the snapshot. A consumer that starts reading
+mid-stream, or lost records, is right again from the next snapshot on.
 """
 
 import argparse
@@ -135,6 +146,48 @@ class Ledger:
         return out
 
 
+class State:
+    """Per server: channels up, bridges, device states; see "Rebuilding state" above."""
+
+    def __init__(self):
+        self.servers = defaultdict(lambda: {"channels": set(), "bridges": set(), "devices": {}})
+
+    def apply(self, env, kind_name):
+        s = self.servers[env.server]
+        if kind_name == "KIND_SNAPSHOT_BEGIN":
+            s["channels"].clear()
+            s["bridges"].clear()
+            s["devices"].clear()
+            return
+        if kind_name != "KIND_EVENT":
+            return
+
+        def header(key):
+            for h in env.headers:
+                if h.key == key.encode():
+                    return h.value.decode("utf-8", "replace")
+            return ""
+
+        name = env.name
+        if name in ("Newchannel", "CoreShowChannel"):
+            s["channels"].add(env.channel)
+        elif name == "Hangup":
+            s["channels"].discard(env.channel)
+        elif name in ("BridgeCreate", "BridgeListItem"):
+            s["bridges"].add(header("BridgeUniqueid"))
+        elif name == "BridgeDestroy":
+            s["bridges"].discard(header("BridgeUniqueid"))
+        elif name == "DeviceStateChange":
+            s["devices"][header("Device")] = header("State")
+
+    def to_json(self):
+        return {
+            server: {"channels": sorted(s["channels"]), "bridges": sorted(s["bridges"]),
+                     "devices": dict(sorted(s["devices"].items()))}
+            for server, s in sorted(self.servers.items())
+        }
+
+
 def print_envelope(env):
     from google.protobuf import json_format
 
@@ -145,6 +198,7 @@ def print_envelope(env):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gen", help="directory with the generated amibus/v1/envelope_pb2.py")
+    p.add_argument("--state", help="write the state rebuilt from events and snapshots here (JSON)")
     sub = p.add_subparsers(dest="source", required=True)
     f = sub.add_parser("file", help="a length-delimited file (file sink, amibus decode)")
     f.add_argument("path")
@@ -168,13 +222,19 @@ def main():
         envelopes = read_kafka(args.brokers, args.topic, Envelope)
 
     ledger = Ledger()
+    state = State()
     try:
         for env in envelopes:
-            ledger.add(env, envelope_pb2.Kind.Name(env.kind))
+            kind_name = envelope_pb2.Kind.Name(env.kind)
+            ledger.add(env, kind_name)
+            state.apply(env, kind_name)
             print_envelope(env)
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`
         sys.stdout = None
+    if args.state:
+        with open(args.state, "w") as f:
+            json.dump(state.to_json(), f, indent=1)
     holes = ledger.holes()
     print(f"amibus_consumer: {ledger.count} envelopes, {len(ledger.kinds)} kinds, "
           f"{sum(len(v) for v in holes.values())} holes {json.dumps(holes)}", file=sys.stderr)

@@ -209,6 +209,13 @@ impl SimHandle {
         self.inner.set_unresponsive(i, silent);
     }
 
+    /// Pause (or resume) generating events on server `i`. Unlike [`SimHandle::set_unresponsive`],
+    /// sessions go on writing what is already queued for them and answering actions (a
+    /// `Logoff` gets its `Goodbye`), so a client can read everything sent and leave cleanly.
+    pub fn set_paused(&self, i: usize, paused: bool) {
+        self.inner.set_paused(i, paused);
+    }
+
     /// Close every session of server `i` now, counted as `injected`; the listener stays.
     pub fn disconnect_all(&self, i: usize) {
         self.inner.disconnect_all(i);

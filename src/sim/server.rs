@@ -176,6 +176,8 @@ pub(crate) struct Server {
     pub tally: Tally,
     pub hub: Hub,
     pub mode: watch::Sender<Mode>,
+    /// Generation is paused; sessions go on writing what is queued and answering actions.
+    pub paused: std::sync::atomic::AtomicBool,
     pub kick: watch::Sender<u64>,
     pub jobs: mpsc::Sender<Job>,
     pub tls: Option<TlsAcceptor>,
@@ -307,6 +309,7 @@ pub(crate) async fn start(cfg: SimConfig) -> Result<super::SimHandle, SimError> 
             tally: Tally::default(),
             hub: Hub::default(),
             mode: watch::channel(Mode::Running).0,
+            paused: std::sync::atomic::AtomicBool::new(false),
             kick: watch::channel(0).0,
             jobs: jobs_tx,
             tls: tls.clone(),
@@ -454,7 +457,8 @@ async fn run_generator(
                 a();
             }
         }
-        let running = *mode.borrow() == Mode::Running;
+        // A pause is polled (the wait below wakes every 50 ms): it is a test's tool.
+        let running = *mode.borrow() == Mode::Running && !srv.paused.load(Ordering::Relaxed);
         let listeners = srv.hub.count();
         if !done
             && let (Some(d), Some(t0)) = (cfg.duration, first_run)
@@ -638,6 +642,12 @@ impl Farm {
                 *m = new;
                 changed
             });
+        }
+    }
+
+    pub fn set_paused(&self, i: usize, paused: bool) {
+        if let Some(s) = self.get(i) {
+            s.paused.store(paused, Ordering::Relaxed);
         }
     }
 
