@@ -96,17 +96,21 @@ fn run_amibus(dir: &Path, name: &str, sink: &str, count: u64) -> u64 {
 
 /// (server, epoch, seq) of every envelope of a length-delimited file, decoded by amibus itself.
 fn delimited_ids(path: &Path) -> Vec<(String, u64, u64)> {
-    let bytes = std::fs::read(path).expect("output file");
-    let mut buf = &bytes[..];
-    let mut ids = Vec::new();
-    while !buf.is_empty() {
-        let len = prost::encoding::decode_varint(&mut buf).expect("a length prefix") as usize;
-        assert!(len <= buf.len(), "a record runs past the end of the file");
-        let env = decode_payload(&buf[..len]).expect("an envelope");
-        ids.push((env.server, env.epoch, env.seq));
-        buf = &buf[len..];
-    }
-    ids
+    let (envelopes, whole) = delimited(path);
+    assert!(whole, "a record runs past the end of the file");
+    envelopes
+        .into_iter()
+        .map(|env| (env.server, env.epoch, env.seq))
+        .collect()
+}
+
+/// Run the Python example with the generated code in `gen_dir` and `args`; its output.
+fn python_example(gen_dir: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    let script = Path::new(ROOT).join("examples/python/amibus_consumer.py");
+    let mut all: Vec<&std::ffi::OsStr> =
+        vec![script.as_os_str(), "--gen".as_ref(), gen_dir.as_os_str()];
+    all.extend_from_slice(args);
+    python(&all)
 }
 
 #[test]
@@ -130,15 +134,7 @@ fn python_reads_the_file_sink_with_generated_code() {
         "one delimited envelope per record"
     );
 
-    let out = python(&[
-        Path::new(ROOT)
-            .join("examples/python/amibus_consumer.py")
-            .as_os_str(),
-        "--gen".as_ref(),
-        gen_dir.as_os_str(),
-        "file".as_ref(),
-        events.as_os_str(),
-    ]);
+    let out = python_example(&gen_dir, &["file".as_ref(), events.as_os_str()]);
     let stderr = ok("examples/python/amibus_consumer.py", &out);
     // connection_up, event, connection_down, and the login snapshot's begin and end.
     assert!(
@@ -269,23 +265,24 @@ async fn clickhouse_runs_the_readme_sql_on_the_file_sink_and_on_bus_messages() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("warehouse: all checks passed"));
 }
 
-/// Every envelope of a length-delimited file, in order.
-fn delimited(path: &Path) -> Vec<amibus::model::pb::Envelope> {
+/// Every envelope of a length-delimited file, in order, and whether the file ends on a record
+/// boundary (not while one is still being written).
+fn delimited(path: &Path) -> (Vec<amibus::model::pb::Envelope>, bool) {
     let bytes = std::fs::read(path).unwrap_or_default();
     let mut buf = &bytes[..];
     let mut out = Vec::new();
     while !buf.is_empty() {
         let Ok(len) = prost::encoding::decode_varint(&mut buf) else {
-            break;
+            return (out, false);
         };
         let len = len as usize;
         if len > buf.len() {
-            break; // still being written
+            return (out, false);
         }
         out.push(decode_payload(&buf[..len]).expect("an envelope"));
         buf = &buf[len..];
     }
-    out
+    (out, true)
 }
 
 /// A simulated event, as the simulator counts them (not its login's FullyBooted, not a
@@ -344,7 +341,7 @@ async fn python_rebuilds_state_from_the_snapshot_after_a_restart() {
                 .iter()
                 .map(PathBuf::as_path)
                 .chain([out])
-                .flat_map(delimited)
+                .flat_map(|f| delimited(f).0)
                 .filter(is_sim_event)
                 .count() as u64
         };
@@ -383,12 +380,13 @@ async fn python_rebuilds_state_from_the_snapshot_after_a_restart() {
 
     let mut truth = LiveState::default();
     for f in &files {
-        for e in delimited(f) {
+        for e in delimited(f).0 {
             truth.apply(&e, false);
         }
     }
-    let second = delimited(&files[1]);
+    let second = delimited(&files[1]).0;
     let first_channels: BTreeSet<String> = delimited(&files[0])
+        .0
         .iter()
         .filter(|e| e.name == "Newchannel")
         .map(|e| e.channel.clone())
@@ -405,17 +403,15 @@ async fn python_rebuilds_state_from_the_snapshot_after_a_restart() {
     );
 
     let state = dir.path().join("state.json");
-    let out = python(&[
-        Path::new(ROOT)
-            .join("examples/python/amibus_consumer.py")
-            .as_os_str(),
-        "--gen".as_ref(),
-        gen_dir.as_os_str(),
-        "--state".as_ref(),
-        state.as_os_str(),
-        "file".as_ref(),
-        files[1].as_os_str(),
-    ]);
+    let out = python_example(
+        &gen_dir,
+        &[
+            "--state".as_ref(),
+            state.as_os_str(),
+            "file".as_ref(),
+            files[1].as_os_str(),
+        ],
+    );
     ok("examples/python/amibus_consumer.py --state", &out);
     let got: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).expect("state file")).expect("JSON");
