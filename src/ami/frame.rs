@@ -65,6 +65,15 @@ impl Span {
                 .is_some_and(|v| v.eq_ignore_ascii_case(b"Follows"))
     }
 
+    /// `key: value` as one slice, when the value starts two bytes after the key ends.
+    #[inline]
+    fn joined<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
+        let (key, value) = (unpack(self.key), unpack(self.value));
+        (self.value != NO_VALUE_SPAN && value.start == key.end + 2)
+            .then(|| buf.get(key.start..value.end))
+            .flatten()
+    }
+
     #[inline]
     fn resolve<'a>(&self, buf: &'a [u8]) -> Header<'a> {
         let key = buf.get(unpack(self.key)).unwrap_or_default();
@@ -269,6 +278,18 @@ impl<'a> Frame<'a> {
     pub fn headers(&self) -> impl ExactSizeIterator<Item = Header<'a>> + use<'a> {
         let buf = self.buf;
         self.spans.iter().map(move |s| s.resolve(buf))
+    }
+
+    /// Every header line in wire order, each with `key: value` as one slice when the value
+    /// begins exactly two bytes after the key (the usual `": "` separator): an encoder copies
+    /// that slice once and rewrites the two separator bytes, instead of copying key and value.
+    pub(crate) fn headers_joined(
+        &self,
+    ) -> impl ExactSizeIterator<Item = (Header<'a>, Option<&'a [u8]>)> + use<'a> {
+        let buf = self.buf;
+        self.spans
+            .iter()
+            .map(move |s| (s.resolve(buf), s.joined(buf)))
     }
 
     /// The first value of header `name` (ASCII case ignored, as Asterisk does).

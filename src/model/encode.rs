@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 
 use prost::Message;
-use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::encoding::encoded_len_varint;
 
 use crate::ami::snapshot::Trigger;
 use crate::ami::{Frame, Record, Stamp, Stamped};
@@ -111,12 +111,12 @@ impl Writer<'_, '_> {
         put_uint(out, SEQ, stamp.seq);
         put_uint(out, KIND, n.kind as i32 as u64);
         put_text(out, NAME, n.name);
-        for h in self.frame.headers() {
+        for (h, joined) in self.frame.headers_joined() {
             let nk = self.normalized_key(h.key);
             let (klen, vlen) = (h.key.len(), h.value.map_or(0, <[u8]>::len));
             if klen > 0 && klen < 0x80 && vlen < 0x80 && nk.is_none() {
                 // The common case: every length fits one byte, so the framing bytes of the
-                // header go out in two small writes around the key.
+                // header go out in small fixed-size writes around the key and value.
                 let inner = 2 + klen + h.value.map_or(0, |_| 2 + vlen);
                 if inner < 0x80 {
                     out.extend_from_slice(&[
@@ -125,10 +125,19 @@ impl Writer<'_, '_> {
                         (HEADER_KEY << 3 | LEN) as u8,
                         klen as u8,
                     ]);
-                    out.extend_from_slice(h.key);
-                    if let Some(v) = h.value {
-                        out.extend_from_slice(&[(HEADER_VALUE << 3 | LEN) as u8, vlen as u8]);
-                        out.extend_from_slice(v);
+                    let value_tag = [(HEADER_VALUE << 3 | LEN) as u8, vlen as u8];
+                    if let Some(line) = joined {
+                        // `key: value` is key, two bytes, value: one copy of the line, its
+                        // separator rewritten as the value's tag and length.
+                        let at = out.len() + klen;
+                        out.extend_from_slice(line);
+                        out[at..at + 2].copy_from_slice(&value_tag);
+                    } else {
+                        out.extend_from_slice(h.key);
+                        if let Some(v) = h.value {
+                            out.extend_from_slice(&value_tag);
+                            out.extend_from_slice(v);
+                        }
                     }
                     continue;
                 }
@@ -178,13 +187,15 @@ fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
     put_varint(out, u64::from(field << 3 | wire));
 }
 
+/// A varint, a byte at a time into reserved room (prost's `encode_varint` goes through
+/// `BufMut`, a chunk check per byte).
 #[inline]
-fn put_varint(out: &mut Vec<u8>, v: u64) {
-    if v < 0x80 {
-        out.push(v as u8);
-    } else {
-        encode_varint(v, out);
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
     }
+    out.push(v as u8);
 }
 
 /// proto3 `bytes`/`string` with implicit presence: nothing when empty.
@@ -209,7 +220,11 @@ fn put_string(out: &mut Vec<u8>, field: u32, v: &[u8]) {
 /// A `string` field from bytes that may not be UTF-8.
 #[inline]
 fn text_len(field: u32, v: &[u8]) -> usize {
-    string_len(field, utf8(v).as_bytes())
+    if v.is_ascii() {
+        string_len(field, v)
+    } else {
+        string_len(field, utf8(v).as_bytes())
+    }
 }
 
 #[inline]
@@ -217,9 +232,15 @@ fn opt_text_len(field: u32, v: Option<&[u8]>) -> usize {
     v.map_or(0, |v| text_len(field, v))
 }
 
+/// Typed fields are ASCII on every server we have seen: `is_ascii` checks a word at a time
+/// where `from_utf8` pays for its generality on these short values.
 #[inline]
 fn put_text(out: &mut Vec<u8>, field: u32, v: &[u8]) {
-    put_string(out, field, utf8(v).as_bytes());
+    if v.is_ascii() {
+        put_string(out, field, v);
+    } else {
+        put_string(out, field, utf8(v).as_bytes());
+    }
 }
 
 #[inline]
