@@ -320,6 +320,23 @@ mod tests {
     }
 
     #[test]
+    fn the_fastest_kernel_is_the_one_detected() {
+        let name = Classifier::detect().name();
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(name, "neon");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            name,
+            if std::arch::is_x86_feature_detected!("avx2") {
+                "avx2"
+            } else {
+                "sse2"
+            }
+        );
+        assert!(Classifier::available().iter().any(|k| k.name() == name));
+    }
+
+    #[test]
     fn a_tail_sets_no_bit_past_its_end() {
         let bytes = b"Event: X\r\nKey: v\n";
         for k in Classifier::available() {
