@@ -74,6 +74,16 @@ impl Span {
             .flatten()
     }
 
+    /// The value alone, without resolving the key.
+    #[inline]
+    fn value_in<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
+        if self.value == NO_VALUE_SPAN {
+            None
+        } else {
+            Some(buf.get(unpack(self.value)).unwrap_or_default())
+        }
+    }
+
     #[inline]
     fn resolve<'a>(&self, buf: &'a [u8]) -> Header<'a> {
         let key = buf.get(unpack(self.key)).unwrap_or_default();
@@ -301,10 +311,7 @@ impl<'a> Frame<'a> {
     /// line that has a colon. The same as a search of every header, without the search.
     #[inline]
     pub fn known(&self, known: Known) -> Option<&'a [u8]> {
-        self.noted
-            .get(known)
-            .and_then(|i| self.header(i))
-            .and_then(|h| h.value)
+        self.spans.get(self.noted.get(known)?)?.value_in(self.buf)
     }
 
     /// Every value of header `name`, in wire order.
