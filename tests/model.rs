@@ -2,6 +2,7 @@
 //! same envelope on every frame, and `amibus decode` turns every recording into records with
 //! zero parse errors, in JSON and in length-delimited protobuf.
 
+use std::io;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -208,7 +209,12 @@ mod fast_encoder_on_generated_frames {
 fn decode_json_lines_cover_every_frame() {
     let input = fixture("asterisk22-events.ami");
     let mut out = Vec::new();
-    let summary = decode::decode(&input[..], &mut out, &args(Format::Json)).expect("decodes");
+    let summary = decode::decode(
+        io::Cursor::new(input.clone()),
+        &mut out,
+        &args(Format::Json),
+    )
+    .expect("decodes");
     assert_eq!(summary.parse_errors, 0);
     assert_eq!(summary.frames, 7704);
     assert_eq!(summary.bytes, input.len() as u64);
@@ -242,7 +248,12 @@ fn decode_proto_stream_round_trips() {
     for name in RECORDINGS {
         let input = fixture(name);
         let mut out = Vec::new();
-        let summary = decode::decode(&input[..], &mut out, &args(Format::Proto)).expect("decodes");
+        let summary = decode::decode(
+            io::Cursor::new(input.clone()),
+            &mut out,
+            &args(Format::Proto),
+        )
+        .expect("decodes");
         assert_eq!(summary.parse_errors, 0, "{name}");
         let mut rest = &out[..];
         let mut headers = 0;
@@ -255,6 +266,70 @@ fn decode_proto_stream_round_trips() {
         }
         assert_eq!(records, summary.frames, "{name}");
         assert!(headers > 0);
+    }
+}
+
+/// A reader that hands out its bytes in reads of the given sizes, in turn.
+struct Trickle {
+    bytes: Vec<u8>,
+    at: usize,
+    sizes: Vec<usize>,
+    turn: usize,
+}
+
+impl io::Read for Trickle {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let size = self.sizes[self.turn % self.sizes.len()];
+        self.turn += 1;
+        let n = size.min(out.len()).min(self.bytes.len() - self.at);
+        out[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Frames cut anywhere by the reads, and joined to the next chunk (the action recording holds a
+/// 109 KB `UserEvent`, longer than the room kept before a chunk): the same envelopes as one
+/// read, but for the receive time, which is taken per read.
+#[test]
+fn decode_gives_the_same_envelopes_whatever_the_reads() {
+    let envelopes = |out: &[u8]| {
+        let mut rest = out;
+        let mut all = Vec::new();
+        while !rest.is_empty() {
+            let mut env = pb::Envelope::decode_length_delimited(&mut rest).expect("envelope");
+            env.received_at_ns = 0;
+            all.push(env);
+        }
+        all
+    };
+    for name in ["asterisk22-actions.ami", "asterisk13-actions-head.ami"] {
+        let input = fixture(name);
+        let mut whole = Vec::new();
+        decode::decode(
+            io::Cursor::new(input.clone()),
+            &mut whole,
+            &args(Format::Proto),
+        )
+        .expect("decodes");
+        let whole = envelopes(&whole);
+        for sizes in [
+            vec![1, 7, 1000],
+            vec![70_000, 3],
+            vec![65_536 + 13, 200_000, 5],
+        ] {
+            let trickle = Trickle {
+                bytes: input.clone(),
+                at: 0,
+                sizes: sizes.clone(),
+                turn: 0,
+            };
+            let mut out = Vec::new();
+            let summary = decode::decode(trickle, &mut out, &args(Format::Proto)).expect("decodes");
+            assert_eq!(summary.bytes, input.len() as u64, "{name} {sizes:?}");
+            assert_eq!(summary.parse_errors, 0, "{name} {sizes:?}");
+            assert!(envelopes(&out) == whole, "{name} in reads of {sizes:?}");
+        }
     }
 }
 
