@@ -333,6 +333,47 @@ fn decode_gives_the_same_envelopes_whatever_the_reads() {
     }
 }
 
+/// A read error mid-file ends the decode with that error, after the frames read before it.
+#[test]
+fn a_read_error_is_the_decode_error_after_what_was_read() {
+    struct Failing {
+        bytes: Vec<u8>,
+        at: usize,
+    }
+    impl io::Read for Failing {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.at == self.bytes.len() {
+                return Err(io::Error::other("disk went away"));
+            }
+            let n = out.len().min(self.bytes.len() - self.at).min(4096);
+            out[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+    let input = fixture("asterisk22-events.ami");
+    let cut = input.len() / 2;
+    let mut out = Vec::new();
+    let failing = Failing {
+        bytes: input[..cut].to_vec(),
+        at: 0,
+    };
+    match decode::decode(failing, &mut out, &args(Format::Json)) {
+        Err(decode::DecodeError::Input(e)) => assert_eq!(e.to_string(), "disk went away"),
+        other => panic!("expected the read error, got {other:?}"),
+    }
+    // Every whole frame of the part read was written, and no `truncated` record for the rest.
+    let read = decode::decode(
+        io::Cursor::new(input[..cut].to_vec()),
+        &mut Vec::new(),
+        &args(Format::None),
+    )
+    .expect("decodes");
+    let written = out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+    assert!(read.frames > 1000);
+    assert_eq!(written as u64, read.frames);
+}
+
 #[test]
 fn oversized_frames_become_parse_error_records() {
     let input = b"Event: A\r\n\r\nEvent: Big\r\nX: 0123456789012345678901234567890123456789\r\n\r\nEvent: B\r\n\r\nEvent: Cut\r\nPartial";
