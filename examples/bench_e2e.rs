@@ -137,6 +137,10 @@ fn parse_args() -> anyhow::Result<Opts> {
         .and_then(Path::parent)
         .map(|d| d.join("amibus"))
         .unwrap_or_else(|| PathBuf::from("amibus"));
+    const USAGE: &str = "usage: scripts/bench-e2e [--events 200000] [--servers 4] \
+        [--modes core,jetstream,kafka,file] [--repeat N] [--warmup N] \
+        [--rate EVENTS_PER_S_PER_SERVER] [--out FILE] [--work DIR] [--amibus BIN] \
+        (details: the header of examples/bench_e2e.rs)";
     let mut o = Opts {
         events: 200_000,
         servers: 4,
@@ -172,7 +176,11 @@ fn parse_args() -> anyhow::Result<Opts> {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
-            _ => bail!("unknown argument {a}; see the header of examples/bench_e2e.rs"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => bail!("unknown argument {a}\n{USAGE}"),
         }
     }
     anyhow::ensure!(
