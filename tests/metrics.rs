@@ -292,10 +292,12 @@ fn promtool_accepts_a_real_scrape_and_every_dashboard_query() {
     let port = metrics_addr(&log, &mut child).port();
     let started = Instant::now();
     let body = loop {
-        // Ready, and a delivery was timed (so the histogram has samples).
+        // Ready, a delivery was timed and a login snapshot finished (a histogram appears in the
+        // scrape with its first sample; the snapshot's may come after the first delivery).
         if let Some((200, _)) = get(port, "/readyz")
             && let Some((200, body)) = get(port, "/metrics")
             && value(&body, "amibus_sink_send_seconds_count", "").unwrap_or(0.0) > 0.0
+            && value(&body, "amibus_snapshot_duration_seconds_count", "").unwrap_or(0.0) > 0.0
         {
             break body;
         }
