@@ -11,6 +11,10 @@ pub enum LossReason {
     SpoolDamaged,
     /// The spool could not write them (disk full, I/O error).
     SpoolWriteFailed,
+    /// Dropped by the spool's cap while in flight to the broker, and not confirmed: the broker
+    /// may have stored them all the same (its confirmation lost with the connection), so a
+    /// consumer can find such a record both delivered and in this gap.
+    SpoolFullInDoubt,
 }
 
 impl LossReason {
@@ -20,6 +24,7 @@ impl LossReason {
             LossReason::SpoolFull => "spool full",
             LossReason::SpoolDamaged => "spool damaged",
             LossReason::SpoolWriteFailed => "spool write failed",
+            LossReason::SpoolFullInDoubt => "spool full (in doubt)",
         }
     }
 
@@ -29,6 +34,7 @@ impl LossReason {
             LossReason::SpoolFull => "spool-full",
             LossReason::SpoolDamaged => "spool-damaged",
             LossReason::SpoolWriteFailed => "spool-write-failed",
+            LossReason::SpoolFullInDoubt => "spool-full-in-doubt",
         }
     }
 
@@ -37,6 +43,7 @@ impl LossReason {
             LossReason::SpoolFull,
             LossReason::SpoolDamaged,
             LossReason::SpoolWriteFailed,
+            LossReason::SpoolFullInDoubt,
         ]
         .into_iter()
         .find(|r| r.token() == s)

@@ -315,9 +315,14 @@ impl Pipeline {
     fn remember_lost(&mut self, r: &spool::Record, reason: LossReason) {
         let m = &r.meta;
         let server: Arc<str> = String::from_utf8_lossy(&m.server).into();
-        // A gap record that is lost: what it named is lost again, not forgotten.
+        // A gap record that is lost: what it named is lost again, not forgotten. If the gap
+        // record was in doubt, it may have arrived too: the range is named again in doubt.
         if let Some(g) = m.gap {
-            let key = (server.clone(), g.epoch, LossReason::SpoolFull);
+            let again = match reason {
+                LossReason::SpoolFullInDoubt => LossReason::SpoolFullInDoubt,
+                _ => LossReason::SpoolFull,
+            };
+            let key = (server.clone(), g.epoch, again);
             add_range(self.lost.entry(key).or_default(), (g.first_seq, g.last_seq));
         }
         let (epoch, seq) = (m.epoch, m.seq);
@@ -331,13 +336,14 @@ impl Pipeline {
     }
 
     /// Take what the spool lost since the last call: records deleted while in flight that the
-    /// sink then did not confirm (reported like any other drop), and what damaged records held
+    /// sink then did not confirm (reported as `spool full (in doubt)`: the broker may have
+    /// stored them though its confirmation never came), and what damaged records held
     /// (reported as `spool damaged`). Returns whether there was any.
     pub fn collect_spool_losses(&mut self) -> bool {
         let lost = self.spool.take_lost();
         self.stats.dropped_oldest += lost.len() as u64;
         for r in &lost {
-            self.remember_lost(r, LossReason::SpoolFull);
+            self.remember_lost(r, LossReason::SpoolFullInDoubt);
         }
         let damaged = self.spool.take_damaged();
         for d in &damaged {

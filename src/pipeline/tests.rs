@@ -2,7 +2,7 @@ use super::*;
 use crate::ami::connection::DownstreamGaps;
 use crate::ami::{Parsed, Parser};
 use crate::spool::{Fsync, SpoolConfig, WhenFull};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 fn frame_record(server: &str, epoch: u64, seq: u64, bytes: &[u8]) -> Stamped {
     let mut p = Parser::default();
@@ -201,6 +201,78 @@ fn dropped_records_become_gap_records() {
     assert_eq!(gaps, vec![(3, 5, 7)]);
 }
 
+/// Records the cap deleted while the sink had them in flight, which the sink then failed, may
+/// have reached the broker all the same (its confirmation lost with the connection): their gap
+/// says so, where records the cap deleted before they were sent are plainly `spool full`.
+#[test]
+fn records_lost_in_flight_are_gapped_in_doubt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frame = b"Event: VarSet\r\nPrivilege: dialplan,all\r\nVariable: X\r\nValue: 1\r\n\r\n";
+    let one = {
+        let (spool, _) = Spool::open(SpoolConfig::new(dir.path().join("probe"))).expect("open");
+        let mut p = Pipeline::new(spool, PayloadFormat::Proto);
+        crate::spool::segment::encoded_len(&p.to_spool_record(&frame_record("pbx1", 3, 1, frame)))
+            as u64
+    };
+    let (spool, _) = Spool::open(SpoolConfig {
+        max_bytes: one * 6 + one / 2,
+        segment_bytes: one * 2,
+        when_full: WhenFull::DropOldest,
+        fsync: Fsync::Never,
+        ..SpoolConfig::new(dir.path().join("spool"))
+    })
+    .expect("open");
+    let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
+    for seq in 1..=4 {
+        p.accept(&frame_record("pbx1", 3, seq, frame));
+    }
+    p.flush();
+    // The sink takes seqs 1..=3 in flight; then the cap deletes the oldest segments.
+    let mut reader = spool.reader();
+    for _ in 0..3 {
+        reader.try_next().expect("read").expect("record");
+    }
+    for seq in 5..=12 {
+        p.accept(&frame_record("pbx1", 3, seq, frame));
+    }
+    p.flush();
+    assert!(spool.stats().in_doubt > 0, "{:?}", spool.stats());
+    // The sink fails what it had in flight and goes back.
+    reader.rewind();
+    assert!(p.collect_spool_losses());
+    // The sink catches up, and the gap records go out as the spool has room for them.
+    let mut gaps = BTreeMap::new();
+    for _ in 0..10 {
+        while let Some((id, r)) = reader.try_next().expect("read") {
+            spool.ack(id);
+            let env = decode_payload(&r.payload).expect("envelope");
+            if let Some(pb::envelope::Detail::Gap(g)) = env.detail {
+                gaps.entry(g.reason)
+                    .or_insert_with(Vec::new)
+                    .push((g.first_seq, g.last_seq));
+            }
+        }
+        if !p.has_unreported_gaps() {
+            break;
+        }
+        p.report_unreported_gaps();
+        p.flush();
+    }
+    assert!(!p.has_unreported_gaps(), "{gaps:?}");
+    // Exactly the three in flight, each once.
+    let in_doubt = &gaps["spool full (in doubt)"];
+    let named: u64 = in_doubt.iter().map(|(a, b)| b - a + 1).sum();
+    assert_eq!(named, 3, "{gaps:?}");
+    assert!(in_doubt.iter().all(|&(a, b)| a >= 1 && b <= 3), "{gaps:?}");
+    assert!(
+        gaps.get("spool full")
+            .into_iter()
+            .flatten()
+            .all(|&(a, _)| a > 3),
+        "never sent: plainly lost {gaps:?}"
+    );
+}
+
 #[test]
 fn unreported_loss_survives_a_restart_in_the_spool_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -215,13 +287,14 @@ fn unreported_loss_survives_a_restart_in_the_spool_directory() {
         range("pbx1", 3, 5, 9, LossReason::SpoolFull),
         range("pbx-2", 4, 1, 1, LossReason::SpoolFull),
         range("pbx-2", 4, 7, 8, LossReason::SpoolDamaged),
+        range("pbx-2", 4, 10, 12, LossReason::SpoolFullInDoubt),
     ];
     save_unreported(dir.path(), &lost).expect("save");
     let path = dir.path().join(UNREPORTED_FILE);
-    // A spool-full line reads as before reasons existed; a damaged one says so.
+    // A spool-full line reads as before reasons existed; the others say theirs.
     assert_eq!(
         std::fs::read_to_string(&path).expect("file"),
-        "pbx1 3 5 9\npbx-2 4 1 1\npbx-2 4 7 8 spool-damaged\n"
+        "pbx1 3 5 9\npbx-2 4 1 1\npbx-2 4 7 8 spool-damaged\npbx-2 4 10 12 spool-full-in-doubt\n"
     );
     let (back, bad) = load_unreported(dir.path()).expect("load");
     assert_eq!((back, bad.len()), (lost.clone(), 0));

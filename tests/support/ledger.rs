@@ -26,6 +26,10 @@ use super::nats_support::NatsServer;
 
 pub const GUARD: Duration = Duration::from_secs(120);
 
+/// The reason of a gap record naming records dropped by the spool's cap while in flight and
+/// never confirmed: the broker may have stored them all the same.
+pub const IN_DOUBT: &str = "spool full (in doubt)";
+
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(GUARD, fut)
         .await
@@ -242,6 +246,9 @@ pub struct View {
     pub seqs: BTreeMap<(String, u64), Vec<u64>>,
     /// (server, lost epoch) → the ranges gap records name.
     pub gaps: BTreeMap<(String, u64), Vec<(u64, u64)>>,
+    /// The ranges of `gaps` whose reason is `spool full (in doubt)`: dropped while in flight
+    /// and never confirmed, so the broker may have them too.
+    pub in_doubt_gaps: BTreeMap<(String, u64), Vec<(u64, u64)>>,
     /// Gap records read.
     pub gap_records: u64,
     /// Records read more than once, by (server, epoch, seq) or by message id for seq 0.
@@ -288,6 +295,12 @@ impl View {
                     .entry((e.server.clone(), gap.epoch))
                     .or_default()
                     .push((gap.first_seq, gap.last_seq));
+                if gap.reason == IN_DOUBT {
+                    v.in_doubt_gaps
+                        .entry((e.server.clone(), gap.epoch))
+                        .or_default()
+                        .push((gap.first_seq, gap.last_seq));
+                }
             }
             if e.seq == 0 {
                 if let Some(Detail::ConnectionDown(d)) = &e.detail {
@@ -380,12 +393,32 @@ impl View {
     pub fn cover(&self, key: &(String, u64)) -> Result<u64, String> {
         let delivered: BTreeSet<u64> = self.seqs.get(key).into_iter().flatten().copied().collect();
         let mut covered = delivered.clone();
-        for &(first, last) in self.gaps.get(key).into_iter().flatten() {
+        // Gaps in doubt may name records that arrived after all (or a range a delivered gap
+        // record named): they go last and may overlap; every other gap names each seq alone.
+        let mut doubtful = self.in_doubt_gaps.get(key).cloned().unwrap_or_default();
+        let (mut strict, mut tolerant) = (Vec::new(), Vec::new());
+        for &range in self.gaps.get(key).into_iter().flatten() {
+            match doubtful.iter().position(|&d| d == range) {
+                Some(i) => {
+                    doubtful.swap_remove(i);
+                    tolerant.push(range);
+                }
+                None => strict.push(range),
+            }
+        }
+        for &(first, last) in strict.iter().chain(&tolerant) {
             if first == 0 || first > last {
                 return Err(format!("{key:?}: bad gap range {first}..={last}"));
             }
+        }
+        for &(first, last) in &tolerant {
+            covered.extend(first..=last);
+        }
+        let mut covered_strict = delivered.clone();
+        for &(first, last) in &strict {
             for s in first..=last {
-                if !covered.insert(s) {
+                covered.insert(s);
+                if !covered_strict.insert(s) {
                     let what = if delivered.contains(&s) {
                         "delivered"
                     } else {
