@@ -20,6 +20,29 @@ fn frame_record(server: &str, epoch: u64, seq: u64, bytes: &[u8]) -> Stamped {
     }
 }
 
+const VARSET: &[u8] =
+    b"Event: VarSet\r\nPrivilege: dialplan,all\r\nVariable: X\r\nValue: 1\r\n\r\n";
+
+/// A spool under `dir` whose cap holds `records` and a half [`VARSET`] records, in segments of
+/// two.
+fn spool_of_varsets(dir: &std::path::Path, records: u64, when_full: WhenFull) -> Spool {
+    let one = {
+        let (spool, _) = Spool::open(SpoolConfig::new(dir.join("probe"))).expect("open");
+        let mut p = Pipeline::new(spool, PayloadFormat::Proto);
+        crate::spool::segment::encoded_len(&p.to_spool_record(&frame_record("pbx1", 3, 1, VARSET)))
+            as u64
+    };
+    Spool::open(SpoolConfig {
+        max_bytes: one * records + one / 2,
+        segment_bytes: one * 2,
+        when_full,
+        fsync: Fsync::Never,
+        ..SpoolConfig::new(dir.join("spool"))
+    })
+    .expect("open")
+    .0
+}
+
 #[test]
 fn records_carry_key_headers_and_an_envelope() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -142,21 +165,8 @@ fn each_kind_of_record_gets_its_metadata() {
 #[test]
 fn dropped_records_become_gap_records() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let frame = b"Event: VarSet\r\nPrivilege: dialplan,all\r\nVariable: X\r\nValue: 1\r\n\r\n";
-    let one = {
-        let (spool, _) = Spool::open(SpoolConfig::new(dir.path().join("probe"))).expect("open");
-        let mut p = Pipeline::new(spool, PayloadFormat::Proto);
-        crate::spool::segment::encoded_len(&p.to_spool_record(&frame_record("pbx1", 3, 1, frame)))
-            as u64
-    };
-    let (spool, _) = Spool::open(SpoolConfig {
-        max_bytes: one * 4 + one / 2,
-        segment_bytes: one * 2,
-        when_full: WhenFull::DropNewest,
-        fsync: Fsync::Never,
-        ..SpoolConfig::new(dir.path().join("spool"))
-    })
-    .expect("open");
+    let frame = VARSET;
+    let spool = spool_of_varsets(dir.path(), 4, WhenFull::DropNewest);
     let notices = Arc::new(DownstreamGaps::default());
     let counted = notices.counter("pbx1");
     let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto).with_gap_notices(notices);
@@ -207,21 +217,8 @@ fn dropped_records_become_gap_records() {
 #[test]
 fn records_lost_in_flight_are_gapped_in_doubt() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let frame = b"Event: VarSet\r\nPrivilege: dialplan,all\r\nVariable: X\r\nValue: 1\r\n\r\n";
-    let one = {
-        let (spool, _) = Spool::open(SpoolConfig::new(dir.path().join("probe"))).expect("open");
-        let mut p = Pipeline::new(spool, PayloadFormat::Proto);
-        crate::spool::segment::encoded_len(&p.to_spool_record(&frame_record("pbx1", 3, 1, frame)))
-            as u64
-    };
-    let (spool, _) = Spool::open(SpoolConfig {
-        max_bytes: one * 6 + one / 2,
-        segment_bytes: one * 2,
-        when_full: WhenFull::DropOldest,
-        fsync: Fsync::Never,
-        ..SpoolConfig::new(dir.path().join("spool"))
-    })
-    .expect("open");
+    let frame = VARSET;
+    let spool = spool_of_varsets(dir.path(), 6, WhenFull::DropOldest);
     let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
     for seq in 1..=4 {
         p.accept(&frame_record("pbx1", 3, seq, frame));
