@@ -350,9 +350,14 @@ async fn a_server_restart_mid_stream_loses_nothing_with_jetstream() {
     cfg.publish_timeout = Duration::from_secs(2);
     let sink = NatsSink::connect(cfg).await.expect("connect");
     let stats = Arc::new(DriverStats::default());
+    // As `amibus run` drives a NATS sink: a delivery fails `ack_timeout` after its hand-off.
+    // Left to the client's own PubAck timer, which starts when the future is first polled and
+    // only the oldest is polled, the records in flight when the broker went away failed one
+    // after another, 2 s each: 40 s in some runs, past this test's 180 s in others.
     let driver_cfg = DriverConfig {
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        ack_deadline: Some(Duration::from_secs(2)),
         ..DriverConfig::default()
     };
     let driver = tokio::spawn(driver::run(
