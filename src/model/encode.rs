@@ -217,14 +217,25 @@ fn put_string(out: &mut Vec<u8>, field: u32, v: &[u8]) {
     }
 }
 
+/// A `string` field's bytes from bytes that may not be UTF-8: as they are when ASCII (typed
+/// fields are, on every server we have seen; `is_ascii` checks a word at a time where
+/// `from_utf8` pays for its generality on these short values), else with replacement
+/// characters where they are not UTF-8.
+#[inline]
+fn text_bytes(v: &[u8]) -> Cow<'_, [u8]> {
+    if v.is_ascii() {
+        return Cow::Borrowed(v);
+    }
+    match utf8(v) {
+        Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
+        Cow::Owned(s) => Cow::Owned(s.into_bytes()),
+    }
+}
+
 /// A `string` field from bytes that may not be UTF-8.
 #[inline]
 fn text_len(field: u32, v: &[u8]) -> usize {
-    if v.is_ascii() {
-        string_len(field, v)
-    } else {
-        string_len(field, utf8(v).as_bytes())
-    }
+    string_len(field, &text_bytes(v))
 }
 
 #[inline]
@@ -232,15 +243,9 @@ fn opt_text_len(field: u32, v: Option<&[u8]>) -> usize {
     v.map_or(0, |v| text_len(field, v))
 }
 
-/// Typed fields are ASCII on every server we have seen: `is_ascii` checks a word at a time
-/// where `from_utf8` pays for its generality on these short values.
 #[inline]
 fn put_text(out: &mut Vec<u8>, field: u32, v: &[u8]) {
-    if v.is_ascii() {
-        put_string(out, field, v);
-    } else {
-        put_string(out, field, utf8(v).as_bytes());
-    }
+    put_string(out, field, &text_bytes(v));
 }
 
 #[inline]
