@@ -499,7 +499,7 @@ async fn tls_with_a_self_signed_certificate() {
         .await
         .expect("queued");
     within("puback", d).await.expect("acknowledged");
-    let stored = read_stream(sink.client(), "TLS8").await;
+    let stored = read_stream(sink.client().expect("jetstream mode"), "TLS8").await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].payload, Bytes::from_static(b"over-tls"));
     assert_eq!(stored[0].subject, "tls8.pbx1.Hangup");

@@ -8,3 +8,4 @@
 
 pub mod kafka;
 pub mod nats;
+pub mod nats_wire;

@@ -127,7 +127,7 @@ pub enum NatsError {
         /// The server URLs with any user info removed.
         servers: String,
         #[source]
-        source: async_nats::ConnectError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("nats: stream {name}: {reason}")]
     Stream { name: String, reason: String },
@@ -150,7 +150,7 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-fn redact_servers(servers: &[String]) -> String {
+pub(crate) fn redact_servers(servers: &[String]) -> String {
     servers
         .iter()
         .map(|s| redact_url(s))
@@ -229,7 +229,10 @@ pub async fn connect(cfg: &NatsConnection) -> Result<Client, NatsError> {
         .collect::<Result<_, _>>()?;
     opts.connect(addrs)
         .await
-        .map_err(|source| NatsError::Connect { servers, source })
+        .map_err(|source| NatsError::Connect {
+            servers,
+            source: Box::new(source),
+        })
 }
 
 /// Create the stream `spec` describes, capturing `subjects`, unless a stream of that name

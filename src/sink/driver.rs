@@ -87,8 +87,8 @@ pub struct DriverConfig {
     /// How long shutdown waits for in-flight deliveries.
     pub drain_deadline: Duration,
     /// A delivery not confirmed this long after it was handed to the sink fails (retriable),
-    /// counted from the hand-off, whatever the client's own timer does; `None` leaves it to
-    /// the client (librdkafka enforces `message.timeout.ms` from enqueue time itself).
+    /// counted from the hand-off, whatever the client's own timer does; `None` takes the
+    /// sink's [`Sink::ack_deadline`].
     pub ack_deadline: Option<Duration>,
 }
 
@@ -220,7 +220,7 @@ pub async fn run<S: Sink>(
     stats: Arc<DriverStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SpoolError> {
-    let mut in_flight = InFlight::new(cfg.ack_deadline);
+    let mut in_flight = InFlight::new(cfg.ack_deadline.or(sink.ack_deadline()));
     let mut retry_log = RetryLog {
         last: None,
         since: 0,

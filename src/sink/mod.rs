@@ -11,6 +11,7 @@ pub mod driver;
 pub mod file;
 pub mod kafka;
 pub mod nats;
+mod nats_core;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +31,13 @@ pub trait Sink: Send + 'static {
     /// the client's own queue if needed); the returned [`Delivery`] resolves on acknowledgement.
     fn send(&mut self, record: &Record)
     -> impl Future<Output = Result<Delivery, SinkError>> + Send;
+
+    /// How long after its hand-off a delivery may stay unconfirmed before the driver fails it
+    /// (retriable), unless the driver's configuration says otherwise; `None` leaves it to the
+    /// client (librdkafka times `message.timeout.ms` from the enqueue itself).
+    fn ack_deadline(&self) -> Option<Duration> {
+        None
+    }
 
     /// Push out whatever the client buffers, waiting at most `deadline`.
     fn flush(&mut self, deadline: Duration) -> impl Future<Output = Result<(), SinkError>> + Send;

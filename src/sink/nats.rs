@@ -1,7 +1,7 @@
 //! The NATS sink (core NATS or JetStream): what publishing and "acknowledged" mean on NATS.
 //! Connecting (servers, auth, TLS) and reading back live in [`crate::broker::nats`].
 //!
-//! Owns: one `async_nats` connection per sink, the subject each record goes to
+//! Owns: one connection per sink (async-nats for JetStream, our own for core NATS), the subject each record goes to
 //! (`<prefix>.<server>.<Event>` from a template, see [`expand_template`]), the NATS headers of a
 //! message, and what "acknowledged" means in each mode:
 //!
@@ -10,14 +10,16 @@
 //!   [`NatsSinkConfig::max_in_flight`]); a record is confirmed only when its stream stored it.
 //!   A record sent again after a failure carries the same `Nats-Msg-Id`, so the stream's
 //!   duplicate window drops the resend.
-//! - [`NatsMode::Core`] (**at-most-once**): a record is confirmed once the client has flushed
-//!   it to the socket. Core NATS has no acknowledgement: a message flushed into a connection
-//!   that breaks a moment later, or published while no subscriber listens, is gone, and the
-//!   spool will not send it again. Use JetStream where loss matters.
+//! - [`NatsMode::Core`] (**at-most-once**): published on a connection of amibus's own
+//!   ([`super::nats_core`]); a record is confirmed once the server has answered a `PING`
+//!   written after it, so the server read it. Core NATS keeps nothing: a message published
+//!   while no subscriber listens is gone, and the spool will not send it again. Use
+//!   JetStream where loss matters.
 //!
 //! While the client is not connected, `send` refuses records ([`SinkError::Retriable`]) instead
 //! of queueing them in the client, which would write them after the reconnect whatever became
-//! of them in the spool meanwhile.
+//! of them in the spool meanwhile. (Core mode checks and queues under one lock; the
+//! async-nats client of JetStream mode checks, then queues.)
 //!
 //! Error mapping (what the driver does next):
 //! - larger than the server's `max_payload` (from the server's INFO, checked by the client
@@ -28,18 +30,16 @@
 //!
 //! Must never: confirm a JetStream record before its PubAck.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject};
-use tokio::sync::{Notify, watch};
-use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::nats_core::Publisher;
 use super::{Delivery, Record, Sink, SinkError, expand_template, within};
 use crate::broker::nats::{NatsConnection, NatsError, StreamSpec, connect, ensure_stream};
+use crate::broker::nats_wire::{Dialer, WireError};
 use crate::mix::fnv1a64;
 
 /// Core NATS or JetStream; see the module docs for what each guarantees.
@@ -74,15 +74,13 @@ pub struct NatsSinkConfig {
     pub mode: NatsMode,
     /// JetStream only: create this stream at connect if it is missing.
     pub stream: Option<StreamSpec>,
-    /// JetStream: how long to wait for a PubAck. Core: how long to wait for the flush.
+    /// JetStream: how long to wait for a PubAck. Core: how long to wait for the server's
+    /// confirmation (its `PONG`).
     pub ack_timeout: Duration,
     /// How long `send` may wait for room in the client's queue (it is full while disconnected).
     pub publish_timeout: Duration,
     /// JetStream: the most PubAcks awaited at once; `send` waits for room beyond it.
     pub max_in_flight: usize,
-    /// Core: the flusher waits this long after a publish before flushing, so that one flush
-    /// covers a burst. Zero flushes as soon as the previous flush is done.
-    pub flush_interval: Duration,
 }
 
 impl Default for NatsSinkConfig {
@@ -95,7 +93,6 @@ impl Default for NatsSinkConfig {
             ack_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(10),
             max_in_flight: 5_000,
-            flush_interval: Duration::from_millis(5),
         }
     }
 }
@@ -131,45 +128,22 @@ impl NatsSinkConfig {
 
 /// See the module docs.
 pub struct NatsSink {
-    client: Client,
-    subject: String,
     publish_timeout: Duration,
     ack_timeout: Duration,
     mode: Mode,
-    header_cache: HeaderCache,
 }
 
 enum Mode {
-    Core(CoreFlush),
-    JetStream(jetstream::Context),
-}
-
-/// Core mode's bookkeeping: records are numbered as published; a background task flushes the
-/// client and publishes the highest number each successful flush covered.
-struct CoreFlush {
-    published: u64,
-    /// The highest number published, for the flusher.
-    wanted: Arc<Wanted>,
-    flushed: Arc<watch::Sender<u64>>,
-    flushed_rx: watch::Receiver<u64>,
-    /// Stops the flusher when the sink goes.
-    _stop: DropGuard,
-}
-
-/// The flusher's wake-up: a number and a permit. Setting it costs one atomic store and one
-/// compare-and-swap while the flusher is busy or a permit is already waiting (a `watch` took a
-/// write lock and the waiters' mutex on every record).
-#[derive(Default)]
-struct Wanted {
-    up_to: AtomicU64,
-    wake: Notify,
-}
-
-impl Wanted {
-    fn set(&self, n: u64) {
-        self.up_to.store(n, Ordering::Release);
-        self.wake.notify_one();
-    }
+    /// Our own connection: `HPUB`s rendered into its queue, confirmed by `PONG`s.
+    Core {
+        publisher: Publisher,
+        headers: WireHeaders,
+    },
+    JetStream {
+        client: Client,
+        js: Box<jetstream::Context>,
+        headers: HeaderCache,
+    },
 }
 
 impl NatsSink {
@@ -184,10 +158,35 @@ impl NatsSink {
                 "a stream is only created in jetstream mode".into(),
             ));
         }
-        let client = connect(&cfg.connection).await?;
         let mode = match cfg.mode {
-            NatsMode::Core => Mode::Core(CoreFlush::start(client.clone(), cfg.flush_interval)),
+            NatsMode::Core => {
+                if cfg.subject.contains(|c: char| c.is_ascii_whitespace()) {
+                    return Err(NatsError::Config(format!(
+                        "subject template `{}` contains whitespace",
+                        cfg.subject
+                    )));
+                }
+                let servers = crate::broker::nats::redact_servers(&cfg.connection.servers);
+                let dialer = Dialer::new(&cfg.connection).map_err(|e| match e {
+                    WireError::Config(why) => NatsError::Config(why),
+                    e => NatsError::Connect {
+                        servers: servers.clone(),
+                        source: Box::new(e),
+                    },
+                })?;
+                let publisher = Publisher::start(dialer)
+                    .await
+                    .map_err(|e| NatsError::Connect {
+                        servers,
+                        source: Box::new(e),
+                    })?;
+                Mode::Core {
+                    publisher,
+                    headers: WireHeaders::new(cfg.subject.clone()),
+                }
+            }
             NatsMode::JetStream => {
+                let client = connect(&cfg.connection).await?;
                 let js = jetstream::ContextBuilder::new()
                     .timeout(cfg.ack_timeout)
                     .max_ack_inflight(cfg.max_in_flight.max(1))
@@ -195,96 +194,26 @@ impl NatsSink {
                 if let Some(spec) = &cfg.stream {
                     ensure_stream(&js, spec, cfg.stream_subjects()?).await?;
                 }
-                Mode::JetStream(js)
+                Mode::JetStream {
+                    client,
+                    js: Box::new(js),
+                    headers: HeaderCache::new(cfg.subject.clone()),
+                }
             }
         };
         Ok(NatsSink {
-            client,
-            header_cache: HeaderCache::new(cfg.subject.clone()),
-            subject: cfg.subject,
             publish_timeout: cfg.publish_timeout,
             ack_timeout: cfg.ack_timeout,
             mode,
         })
     }
 
-    /// The underlying client (for a [`NatsSource`] on the same connection, or stats).
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// The subject a record is published to.
-    pub fn subject_for(&self, record: &Record) -> String {
-        expand_template(&self.subject, record)
-    }
-}
-
-impl CoreFlush {
-    fn start(client: Client, interval: Duration) -> CoreFlush {
-        let wanted = Arc::new(Wanted::default());
-        let (flushed, flushed_rx) = watch::channel(0u64);
-        let flushed = Arc::new(flushed);
-        let stop = CancellationToken::new();
-        tokio::spawn(flusher(
-            client,
-            interval,
-            wanted.clone(),
-            flushed.clone(),
-            stop.clone(),
-        ));
-        CoreFlush {
-            published: 0,
-            wanted,
-            flushed,
-            flushed_rx,
-            _stop: stop.drop_guard(),
-        }
-    }
-}
-
-fn advance(flushed: &watch::Sender<u64>, to: u64) {
-    flushed.send_if_modified(|f| {
-        if to > *f {
-            *f = to;
-            true
-        } else {
-            false
-        }
-    });
-}
-
-/// Flush whenever something was published since the last flush; ends with the sink.
-async fn flusher(
-    client: Client,
-    interval: Duration,
-    wanted: Arc<Wanted>,
-    flushed: Arc<watch::Sender<u64>>,
-    stop: CancellationToken,
-) {
-    let mut retry = false;
-    loop {
-        if !retry {
-            // A number set while the last flush ran left a permit: no publish goes unseen.
-            tokio::select! {
-                () = wanted.wake.notified() => {}
-                () = stop.cancelled() => return,
-            }
-        }
-        if !interval.is_zero() {
-            tokio::time::sleep(interval).await;
-        }
-        // Everything numbered up to `target` was queued in the client before the flush command.
-        let target = wanted.up_to.load(Ordering::Acquire);
-        match client.flush().await {
-            Ok(()) => {
-                advance(&flushed, target);
-                retry = false;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "nats flush failed; retrying");
-                retry = true;
-                tokio::time::sleep(interval.max(Duration::from_millis(50))).await;
-            }
+    /// The underlying async-nats client in JetStream mode (to read the stream back in tests,
+    /// or stats); core mode publishes on a connection of its own.
+    pub fn client(&self) -> Option<&Client> {
+        match &self.mode {
+            Mode::JetStream { client, .. } => Some(client),
+            Mode::Core { .. } => None,
         }
     }
 }
@@ -377,21 +306,12 @@ impl HeaderCache {
     /// The record's NATS headers (see [`headers`]) and the subject it is published to.
     fn headers(&mut self, record: &Record, with_id: bool) -> (HeaderMap, Subject) {
         let m = &record.meta;
-        if m.snapshot.is_some() || m.gap.is_some() {
+        if !cache_key(m, &mut self.key) {
             return (
                 headers(record, with_id, false),
                 Subject::from(expand_template(&self.subject, record)),
             );
         }
-        self.key.clear();
-        // Length-prefixed, so no two different values make the same key.
-        for part in [&m.server[..], &m.event[..], &m.class[..]] {
-            self.key
-                .extend_from_slice(&(part.len() as u32).to_le_bytes());
-            self.key.extend_from_slice(part);
-        }
-        self.key.extend_from_slice(&(m.kind as i32).to_le_bytes());
-        self.key.extend_from_slice(&m.epoch.to_le_bytes());
         let (mut map, subject) = match self.templates.get(&self.key[..]) {
             Some((template, subject)) => (template.clone(), subject.clone()),
             None => {
@@ -431,12 +351,127 @@ impl HeaderCache {
     }
 }
 
-fn core_publish_error(e: async_nats::PublishError) -> SinkError {
-    use async_nats::PublishErrorKind as K;
-    match e.kind() {
-        K::MaxPayloadExceeded | K::InvalidSubject => SinkError::Permanent(format!("nats: {e}")),
-        K::Send => SinkError::Retriable(format!("nats: {e} (client closed)")),
+/// The key of the header caches: everything of a record's metadata but `seq` (length-prefixed,
+/// so no two different values make the same key). `false` for records that are not cached:
+/// those with a snapshot id or a gap range (a few per snapshot or loss).
+fn cache_key(m: &crate::spool::Meta, key: &mut Vec<u8>) -> bool {
+    if m.snapshot.is_some() || m.gap.is_some() {
+        return false;
     }
+    key.clear();
+    for part in [&m.server[..], &m.event[..], &m.class[..]] {
+        key.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        key.extend_from_slice(part);
+    }
+    key.extend_from_slice(&(m.kind as i32).to_le_bytes());
+    key.extend_from_slice(&m.epoch.to_le_bytes());
+    true
+}
+
+/// Core mode's header cache: per key (see [`cache_key`]) the subject and the header block as
+/// it goes on the wire (`NATS/1.0` and every header but `seq`), so a record costs one copy of
+/// the block and its `seq` line.
+struct WireHeaders {
+    templates: std::collections::HashMap<Vec<u8>, (String, Vec<u8>)>,
+    key: Vec<u8>,
+    subject: String,
+    subject_per_record: bool,
+    /// For records that are not cached.
+    scratch: (String, Vec<u8>),
+}
+
+impl WireHeaders {
+    fn new(subject: String) -> Self {
+        WireHeaders {
+            templates: std::collections::HashMap::new(),
+            key: Vec::with_capacity(128),
+            subject_per_record: subject.contains("{seq}"),
+            subject,
+            scratch: Default::default(),
+        }
+    }
+
+    /// The subject, the header block, and the `seq` still to be added to it (`None`: the
+    /// block has every header).
+    fn lookup(&mut self, record: &Record) -> (&str, &[u8], Option<u64>) {
+        if !cache_key(&record.meta, &mut self.key) || self.subject_per_record {
+            self.scratch = (
+                expand_template(&self.subject, record),
+                wire_block(record, false),
+            );
+            return (&self.scratch.0, &self.scratch.1, None);
+        }
+        if !self.templates.contains_key(&self.key) {
+            if self.templates.len() >= HeaderCache::MAX_ENTRIES {
+                self.templates.clear();
+            }
+            let entry = (
+                expand_template(&self.subject, record),
+                wire_block(record, true),
+            );
+            self.templates.insert(self.key.clone(), entry);
+        }
+        let (subject, block) = &self.templates[&self.key];
+        (subject, block, Some(record.meta.seq))
+    }
+}
+
+/// `NATS/1.0\r\n` and the record's headers as `name: value\r\n` (values as
+/// [`header_value`] makes them), without `seq` when `without_seq`; no closing empty line.
+fn wire_block(record: &Record, without_seq: bool) -> Vec<u8> {
+    let mut out = b"NATS/1.0\r\n".to_vec();
+    record.meta.each_header(|name, value| {
+        if !(without_seq && name == "seq") {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(header_value(value).as_str().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    });
+    out
+}
+
+/// Append `HPUB <subject> <header bytes> <total bytes>`, the header block (with `seq: <seq>`
+/// when given), the empty line and the payload.
+///
+/// # Errors
+/// Headers and payload together exceed the server's `max_payload` (nothing is written).
+fn render_hpub(
+    out: &mut Vec<u8>,
+    subject: &str,
+    block: &[u8],
+    seq: Option<u64>,
+    payload: &[u8],
+    max_payload: usize,
+) -> Result<(), SinkError> {
+    let (mut n, mut s) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let seq = seq.map(|v| s.format(v));
+    let seq_len = seq.map_or(0, |v| b"seq: \r\n".len() + v.len());
+    let header_len = block.len() + seq_len + 2;
+    let total = header_len + payload.len();
+    if total > max_payload {
+        return Err(SinkError::Permanent(format!(
+            "nats: a message of {total} bytes exceeds the server's max payload ({max_payload} bytes)"
+        )));
+    }
+    out.reserve(subject.len() + 32 + total);
+    out.extend_from_slice(b"HPUB ");
+    out.extend_from_slice(subject.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(n.format(header_len).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(n.format(total).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(block);
+    if let Some(seq) = seq {
+        out.extend_from_slice(b"seq: ");
+        out.extend_from_slice(seq.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 /// Classify a JetStream publish or PubAck failure. "No responders" comes back as
@@ -496,56 +531,46 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
-        // A client that is not connected queues what it is given and writes it after the
-        // reconnect, long after the driver has given up on it: outside the spool's cap, and
-        // possibly after the spool dropped the record and published a gap naming it. Refuse
-        // instead; the driver rewinds and the spool stays the only source of resends.
-        if self.client.connection_state() != State::Connected {
-            return Err(SinkError::Retriable("nats: not connected".into()));
-        }
         let queue_timeout = self.publish_timeout;
-        let timed_out =
-            || SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"));
         match &mut self.mode {
-            Mode::Core(core) => {
-                let (headers, subject) = self.header_cache.headers(record, false);
-                within(
-                    queue_timeout,
-                    self.client
-                        .publish_with_headers(subject, headers, record.payload.clone()),
-                )
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(core_publish_error)?;
-                core.published += 1;
-                let mine = core.published;
-                core.wanted.set(mine);
-                let mut flushed = core.flushed_rx.clone();
-                let ack_timeout = self.ack_timeout;
-                Ok(Box::pin(async move {
-                    match within(ack_timeout, flushed.wait_for(|&f| f >= mine)).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(_)) => Err(SinkError::Retriable("nats: flusher stopped".into())),
-                        Err(_) => Err(SinkError::Retriable(format!(
-                            "nats: not flushed within {ack_timeout:?}"
-                        ))),
-                    }
-                }))
+            Mode::Core { publisher, headers } => {
+                let (subject, block, seq) = headers.lookup(record);
+                let n = publisher
+                    .queue(queue_timeout, |out, max| {
+                        render_hpub(out, subject, block, seq, &record.payload, max)
+                    })
+                    .await?;
+                // No timer here: the driver fails it `ack_deadline` after the hand-off.
+                Ok(Box::pin(publisher.outcome(n)))
             }
-            Mode::JetStream(js) => {
+            Mode::JetStream {
+                client,
+                js,
+                headers,
+            } => {
+                // A client that is not connected queues what it is given and writes it after
+                // the reconnect, long after the driver has given up on it: outside the spool's
+                // cap, and possibly after the spool dropped the record and published a gap
+                // naming it. Refuse instead; the driver rewinds and the spool stays the only
+                // source of resends.
+                if client.connection_state() != State::Connected {
+                    return Err(SinkError::Retriable("nats: not connected".into()));
+                }
                 // Bytes inside: the clone kept for error reports is a reference count.
-                let (headers, subject) = self.header_cache.headers(record, true);
+                let (headers, subject) = headers.headers(record, true);
                 let published = within(
                     queue_timeout,
                     js.publish_with_headers(subject.clone(), headers, record.payload.clone()),
                 )
                 .await
-                .map_err(|_| timed_out())?;
+                .map_err(|_| {
+                    SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"))
+                })?;
                 let ack = match published {
                     Ok(ack) => ack,
                     Err(e) => return Err(jetstream_error(js, &subject, e).await),
                 };
-                let js = js.clone();
+                let js = js.as_ref().clone();
                 Ok(Box::pin(async move {
                     match ack.await {
                         Ok(_) => Ok(()),
@@ -556,15 +581,27 @@ impl Sink for NatsSink {
         }
     }
 
+    /// The driver times every delivery from its hand-off: the core outcome has no timer of
+    /// its own, and the JetStream client's starts only when its future is first polled.
+    fn ack_deadline(&self) -> Option<Duration> {
+        Some(self.ack_timeout)
+    }
+
     async fn flush(&mut self, deadline: Duration) -> Result<(), SinkError> {
-        tokio::time::timeout(deadline, self.client.flush())
-            .await
-            .map_err(|_| SinkError::Retriable(format!("nats: flush took over {deadline:?}")))?
-            .map_err(|e| SinkError::Retriable(format!("nats: flush failed: {e}")))?;
-        if let Mode::Core(core) = &self.mode {
-            advance(&core.flushed, core.published);
+        match &self.mode {
+            Mode::Core { publisher, .. } => {
+                let n = publisher.queued();
+                tokio::time::timeout(deadline, publisher.outcome(n))
+                    .await
+                    .map_err(|_| {
+                        SinkError::Retriable(format!("nats: flush took over {deadline:?}"))
+                    })?
+            }
+            Mode::JetStream { client, .. } => tokio::time::timeout(deadline, client.flush())
+                .await
+                .map_err(|_| SinkError::Retriable(format!("nats: flush took over {deadline:?}")))?
+                .map_err(|e| SinkError::Retriable(format!("nats: flush failed: {e}"))),
         }
-        Ok(())
     }
 }
 

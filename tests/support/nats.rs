@@ -23,6 +23,8 @@ pub struct ServerOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `--auth <token>`: clients must present this token.
     pub token: Option<String>,
+    /// More configuration-file text (`authorization { ... }`, operator mode).
+    pub config: Option<String>,
 }
 
 pub struct NatsServer {
@@ -122,9 +124,17 @@ impl NatsServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(max) = self.opts.max_payload {
+        if self.opts.max_payload.is_some() || self.opts.config.is_some() {
+            let mut text = String::new();
+            if let Some(max) = self.opts.max_payload {
+                text.push_str(&format!("max_payload: {max}\n"));
+            }
+            if let Some(more) = &self.opts.config {
+                text.push_str(more);
+                text.push('\n');
+            }
             let conf = self.dir.path().join("server.conf");
-            fs::write(&conf, format!("max_payload: {max}\n")).expect("write server.conf");
+            fs::write(&conf, text).expect("write server.conf");
             cmd.arg("-c").arg(conf);
         }
         if let Some(token) = &self.opts.token {

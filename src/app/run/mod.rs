@@ -283,14 +283,11 @@ pub async fn run_with(
             drivers.spawn(sink, drain_cfg)
         }
         SinkConfig::Nats(n) => {
+            // The sink supplies the ack deadline the driver times deliveries with.
             let sink = NatsSink::connect((**n).clone())
                 .await
                 .context("cannot set up the NATS sink")?;
-            let cfg = DriverConfig {
-                ack_deadline: Some(n.ack_timeout),
-                ..drain_cfg
-            };
-            drivers.spawn(sink, cfg)
+            drivers.spawn(sink, drain_cfg)
         }
     };
     let maintain_stop = CancellationToken::new();
