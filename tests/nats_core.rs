@@ -1,5 +1,5 @@
 //! Core NATS publishing on amibus's own connection (`src/broker/nats_wire.rs`,
-//! `src/sink/nats_core.rs`) against a real nats-server: every way of authenticating the
+//! `src/sink/nats_publisher.rs`) against a real nats-server: every way of authenticating the
 //! configuration can name (user and password, user info in the URL, an nkey seed, a
 //! credentials file in operator mode), TLS, and a server restart (what was not confirmed
 //! fails, nothing is queued while disconnected, publishing resumes). Every message is read

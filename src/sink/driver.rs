@@ -10,10 +10,12 @@
 //!   failure are sent again in order, skipping those acknowledged meanwhile.
 //!
 //! Order: Kafka's idempotent producer keeps each partition in order through its own retries,
-//! so per-key order holds up to duplicates. NATS JetStream can store one block out of order
-//! around a reconnect: records that were already queued in the client when the socket broke go
-//! out on the new connection before the ones lost with the old socket are resent (while
-//! disconnected, the NATS sink refuses new records, so the block is at most what was queued). Nothing is lost or stored twice (Nats-Msg-Id),
+//! so per-key order holds up to duplicates. NATS (core and JetStream) publishes on a
+//! connection whose queue is emptied when it breaks, and the resend starts at the oldest
+//! unconfirmed record, so a reconnect keeps the order (what the server had stored of the resent
+//! records is dropped by `Nats-Msg-Id`). JetStream can still store one record after later
+//! ones when it alone fails while they succeed (a stream briefly without a leader refuses one
+//! publish and takes the next): its resend lands after them. Nothing is lost or stored twice,
 //! and every record carries `epoch` and `seq` (headers and envelope) for consumers that need
 //! strict order.
 //!

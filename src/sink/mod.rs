@@ -11,7 +11,7 @@ pub mod driver;
 pub mod file;
 pub mod kafka;
 pub mod nats;
-mod nats_core;
+mod nats_publisher;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -11,7 +11,7 @@
 //!   A record sent again after a failure carries the same `Nats-Msg-Id`, so the stream's
 //!   duplicate window drops the resend.
 //! - [`NatsMode::Core`] (**at-most-once**): published on a connection of amibus's own
-//!   ([`super::nats_core`]); a record is confirmed once the server has answered a `PING`
+//!   ([`super::nats_publisher`]); a record is confirmed once the server has answered a `PING`
 //!   written after it, so the server read it. Core NATS keeps nothing: a message published
 //!   while no subscriber listens is gone, and the spool will not send it again. Use
 //!   JetStream where loss matters.
@@ -32,12 +32,14 @@
 
 use std::time::Duration;
 
-use async_nats::connection::State;
-use async_nats::jetstream;
-use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject};
+use std::sync::Arc;
 
-use super::nats_core::Publisher;
-use super::{Delivery, Record, Sink, SinkError, expand_template, within};
+use async_nats::Client;
+use async_nats::jetstream;
+use futures_util::TryFutureExt as _;
+
+use super::nats_publisher::{Confirm, Failed, Publisher};
+use super::{Delivery, Record, Sink, SinkError, expand_template};
 use crate::broker::nats::{NatsConnection, NatsError, StreamSpec, connect, ensure_stream};
 use crate::broker::nats_wire::{Dialer, WireError};
 use crate::mix::fnv1a64;
@@ -134,15 +136,18 @@ pub struct NatsSink {
 }
 
 enum Mode {
-    /// Our own connection: `HPUB`s rendered into its queue, confirmed by `PONG`s.
+    /// Confirmed by `PONG`s.
     Core {
         publisher: Publisher,
         headers: WireHeaders,
     },
+    /// Confirmed by PubAcks on the publisher's connection; the async-nats client creates the
+    /// stream and looks streams up when nobody answers.
     JetStream {
         client: Client,
-        js: Box<jetstream::Context>,
-        headers: HeaderCache,
+        js: Arc<jetstream::Context>,
+        publisher: Publisher,
+        headers: WireHeaders,
     },
 }
 
@@ -158,48 +163,55 @@ impl NatsSink {
                 "a stream is only created in jetstream mode".into(),
             ));
         }
-        let mode = match cfg.mode {
-            NatsMode::Core => {
-                if cfg.subject.contains(|c: char| c.is_ascii_whitespace()) {
-                    return Err(NatsError::Config(format!(
-                        "subject template `{}` contains whitespace",
-                        cfg.subject
-                    )));
-                }
-                let servers = crate::broker::nats::redact_servers(&cfg.connection.servers);
-                let dialer = Dialer::new(&cfg.connection).map_err(|e| match e {
-                    WireError::Config(why) => NatsError::Config(why),
-                    e => NatsError::Connect {
-                        servers: servers.clone(),
-                        source: Box::new(e),
-                    },
-                })?;
-                let publisher = Publisher::start(dialer)
-                    .await
-                    .map_err(|e| NatsError::Connect {
-                        servers,
-                        source: Box::new(e),
-                    })?;
-                Mode::Core {
-                    publisher,
-                    headers: WireHeaders::new(cfg.subject.clone()),
-                }
-            }
+        if cfg.subject.contains(|c: char| c.is_ascii_whitespace()) {
+            return Err(NatsError::Config(format!(
+                "subject template `{}` contains whitespace",
+                cfg.subject
+            )));
+        }
+        let confirm = match cfg.mode {
+            NatsMode::Core => Confirm::Pong,
+            NatsMode::JetStream => Confirm::PubAck {
+                max_in_flight: cfg.max_in_flight,
+            },
+        };
+        let management = match cfg.mode {
+            NatsMode::Core => None,
             NatsMode::JetStream => {
                 let client = connect(&cfg.connection).await?;
                 let js = jetstream::ContextBuilder::new()
                     .timeout(cfg.ack_timeout)
-                    .max_ack_inflight(cfg.max_in_flight.max(1))
                     .build(client.clone());
                 if let Some(spec) = &cfg.stream {
                     ensure_stream(&js, spec, cfg.stream_subjects()?).await?;
                 }
-                Mode::JetStream {
-                    client,
-                    js: Box::new(js),
-                    headers: HeaderCache::new(cfg.subject.clone()),
-                }
+                Some((client, js))
             }
+        };
+        let servers = crate::broker::nats::redact_servers(&cfg.connection.servers);
+        let dialer = Dialer::new(&cfg.connection).map_err(|e| match e {
+            WireError::Config(why) => NatsError::Config(why),
+            e => NatsError::Connect {
+                servers: servers.clone(),
+                source: Box::new(e),
+            },
+        })?;
+        let publisher =
+            Publisher::start(dialer, confirm)
+                .await
+                .map_err(|e| NatsError::Connect {
+                    servers,
+                    source: Box::new(e),
+                })?;
+        let headers = WireHeaders::new(cfg.subject.clone());
+        let mode = match management {
+            None => Mode::Core { publisher, headers },
+            Some((client, js)) => Mode::JetStream {
+                client,
+                js: Arc::new(js),
+                publisher,
+                headers,
+            },
         };
         Ok(NatsSink {
             publish_timeout: cfg.publish_timeout,
@@ -245,113 +257,17 @@ pub fn message_id(record: &Record) -> String {
 }
 
 /// Header values may not hold CR or LF (replaced by spaces); bytes that are not UTF-8 are
-/// replaced. One allocation for the usual value.
-fn header_value(v: &[u8]) -> HeaderValue {
-    let mut s = match std::str::from_utf8(v) {
-        Ok(s) => s.to_owned(),
-        Err(_) => String::from_utf8_lossy(v).into_owned(),
-    };
+/// replaced.
+fn header_value(v: &[u8]) -> std::borrow::Cow<'_, str> {
+    let s = String::from_utf8_lossy(v);
     if memchr::memchr2(b'\r', b'\n', s.as_bytes()).is_some() {
-        s = s.replace(['\r', '\n'], " ");
-    }
-    HeaderValue::from(s)
-}
-
-/// The record's bus headers as NATS headers (each name once: no name is hashed twice), but
-/// `seq` when `without_seq`; plus `Nats-Msg-Id` (JetStream only).
-fn headers(record: &Record, with_id: bool, without_seq: bool) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    record.meta.each_header(|name, value| {
-        if !(without_seq && name == "seq") {
-            map.insert(HeaderName::from_static(name), header_value(value));
-        }
-    });
-    if with_id {
-        map.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            header_value(message_id(record).as_bytes()),
-        );
-    }
-    map
-}
-
-/// Header maps by everything but `seq`, which is the one header that changes with every
-/// record of a connection: the same server, event, kind, class and epoch recur. A hit clones
-/// the map (no name hashed, no table grown) and sets `seq` (and the message id); building one
-/// hashed every name and grew the table twice, the largest cost of publishing to NATS.
-/// The subject is kept next to the map: it is a function of the same metadata (unless the
-/// template names `seq`), and expanding it allocated a string per record. Records with a
-/// snapshot id or a gap range (a few per snapshot or loss) are not cached.
-struct HeaderCache {
-    templates: std::collections::HashMap<Vec<u8>, (HeaderMap, Subject)>,
-    key: Vec<u8>,
-    subject: String,
-    /// The subject template names `seq`: expanded per record.
-    subject_per_record: bool,
-}
-
-impl HeaderCache {
-    /// Distinct (server, event, kind, class, epoch) values kept before starting over.
-    const MAX_ENTRIES: usize = 4096;
-
-    fn new(subject: String) -> Self {
-        HeaderCache {
-            templates: std::collections::HashMap::new(),
-            key: Vec::with_capacity(128),
-            subject_per_record: subject.contains("{seq}"),
-            subject,
-        }
-    }
-
-    /// The record's NATS headers (see [`headers`]) and the subject it is published to.
-    fn headers(&mut self, record: &Record, with_id: bool) -> (HeaderMap, Subject) {
-        let m = &record.meta;
-        if !cache_key(m, &mut self.key) {
-            return (
-                headers(record, with_id, false),
-                Subject::from(expand_template(&self.subject, record)),
-            );
-        }
-        let (mut map, subject) = match self.templates.get(&self.key[..]) {
-            Some((template, subject)) => (template.clone(), subject.clone()),
-            None => {
-                // Every header but `seq`, and with the id, placeholders for both: a std map
-                // reserves room before it looks for the key, so setting a value in a full
-                // table (7 of 8 buckets) would grow it on every record.
-                let mut template = headers(record, false, true);
-                if with_id {
-                    template.insert("seq", "");
-                    template.insert(async_nats::header::NATS_MESSAGE_ID, "");
-                }
-                let subject = Subject::from(expand_template(&self.subject, record));
-                if self.templates.len() >= Self::MAX_ENTRIES {
-                    self.templates.clear();
-                }
-                self.templates
-                    .insert(self.key.clone(), (template.clone(), subject.clone()));
-                (template, subject)
-            }
-        };
-        let subject = if self.subject_per_record {
-            Subject::from(expand_template(&self.subject, record))
-        } else {
-            subject
-        };
-        map.insert(
-            "seq",
-            HeaderValue::from(itoa::Buffer::new().format(m.seq).to_owned()),
-        );
-        if with_id {
-            map.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                header_value(message_id(record).as_bytes()),
-            );
-        }
-        (map, subject)
+        std::borrow::Cow::Owned(s.replace(['\r', '\n'], " "))
+    } else {
+        s
     }
 }
 
-/// The key of the header caches: everything of a record's metadata but `seq` (length-prefixed,
+/// The key of the header cache: everything of a record's metadata but `seq` (length-prefixed,
 /// so no two different values make the same key). `false` for records that are not cached:
 /// those with a snapshot id or a gap range (a few per snapshot or loss).
 fn cache_key(m: &crate::spool::Meta, key: &mut Vec<u8>) -> bool {
@@ -368,136 +284,176 @@ fn cache_key(m: &crate::spool::Meta, key: &mut Vec<u8>) -> bool {
     true
 }
 
-/// Core mode's header cache: per key (see [`cache_key`]) the subject and the header block as
-/// it goes on the wire (`NATS/1.0` and every header but `seq`), so a record costs one copy of
-/// the block and its `seq` line.
+/// One cached shape: the subject, the header block without `seq` (and without the id), and
+/// the id's line up to its `seq` (`Nats-Msg-Id: <server>/<epoch>/`).
+struct Shape {
+    subject: Arc<str>,
+    block: Vec<u8>,
+    id_prefix: Vec<u8>,
+}
+
+/// The header cache: per key (see [`cache_key`]) the subject and the header block as it goes
+/// on the wire, so a record costs one copy of the block plus its `seq` (and id) lines. `seq`
+/// is the one header that changes with every record of a connection: the same server, event,
+/// kind, class and epoch recur. Expanding the subject allocated a string per record, building
+/// an async-nats header map hashed every name: together the largest cost of publishing.
 struct WireHeaders {
-    templates: std::collections::HashMap<Vec<u8>, (String, Vec<u8>)>,
+    templates: std::collections::HashMap<Vec<u8>, Shape>,
     key: Vec<u8>,
     subject: String,
+    /// The subject template names `seq`: expanded per record.
     subject_per_record: bool,
+    /// What follows the block for this record: `seq` and the id, or nothing.
+    suffix: Vec<u8>,
     /// For records that are not cached.
-    scratch: (String, Vec<u8>),
+    scratch: (Arc<str>, Vec<u8>),
 }
 
 impl WireHeaders {
+    /// Distinct (server, event, kind, class, epoch) values kept before starting over.
+    const MAX_ENTRIES: usize = 4096;
+
     fn new(subject: String) -> Self {
         WireHeaders {
             templates: std::collections::HashMap::new(),
             key: Vec::with_capacity(128),
             subject_per_record: subject.contains("{seq}"),
             subject,
-            scratch: Default::default(),
+            suffix: Vec::with_capacity(96),
+            scratch: (Arc::from(""), Vec::new()),
         }
     }
 
-    /// The subject, the header block, and the `seq` still to be added to it (`None`: the
-    /// block has every header).
-    fn lookup(&mut self, record: &Record) -> (&str, &[u8], Option<u64>) {
-        if !cache_key(&record.meta, &mut self.key) || self.subject_per_record {
-            self.scratch = (
-                expand_template(&self.subject, record),
-                wire_block(record, false),
-            );
-            return (&self.scratch.0, &self.scratch.1, None);
+    /// The subject, the header block and what follows it for this record (together: every
+    /// header, and `Nats-Msg-Id` when `with_id`).
+    fn lookup(&mut self, record: &Record, with_id: bool) -> (&Arc<str>, &[u8], &[u8]) {
+        let m = &record.meta;
+        self.suffix.clear();
+        let exact_id = m.seq != 0 && !m.server.is_empty();
+        if !cache_key(m, &mut self.key) || self.subject_per_record || (with_id && !exact_id) {
+            let mut block = wire_block(record, false);
+            if with_id {
+                push_header(&mut block, "Nats-Msg-Id", message_id(record).as_bytes());
+            }
+            self.scratch = (Arc::from(expand_template(&self.subject, record)), block);
+            return (&self.scratch.0, &self.scratch.1, &[]);
         }
         if !self.templates.contains_key(&self.key) {
-            if self.templates.len() >= HeaderCache::MAX_ENTRIES {
+            if self.templates.len() >= Self::MAX_ENTRIES {
                 self.templates.clear();
             }
-            let entry = (
-                expand_template(&self.subject, record),
-                wire_block(record, true),
-            );
-            self.templates.insert(self.key.clone(), entry);
+            let mut id_prefix = b"Nats-Msg-Id: ".to_vec();
+            id_prefix.extend_from_slice(header_value(&m.server).as_bytes());
+            id_prefix.push(b'/');
+            id_prefix.extend_from_slice(itoa::Buffer::new().format(m.epoch).as_bytes());
+            id_prefix.push(b'/');
+            let shape = Shape {
+                subject: Arc::from(expand_template(&self.subject, record)),
+                block: wire_block(record, true),
+                id_prefix,
+            };
+            self.templates.insert(self.key.clone(), shape);
         }
-        let (subject, block) = &self.templates[&self.key];
-        (subject, block, Some(record.meta.seq))
+        let shape = &self.templates[&self.key];
+        let mut n = itoa::Buffer::new();
+        let seq = n.format(m.seq).as_bytes();
+        self.suffix.extend_from_slice(b"seq: ");
+        self.suffix.extend_from_slice(seq);
+        self.suffix.extend_from_slice(b"\r\n");
+        if with_id {
+            self.suffix.extend_from_slice(&shape.id_prefix);
+            self.suffix.extend_from_slice(seq);
+            self.suffix.extend_from_slice(b"\r\n");
+        }
+        (&shape.subject, &shape.block, &self.suffix)
     }
 }
 
-/// `NATS/1.0\r\n` and the record's headers as `name: value\r\n` (values as
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(header_value(value).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `NATS/1.0\r\n` and the record's bus headers as `name: value\r\n` (values as
 /// [`header_value`] makes them), without `seq` when `without_seq`; no closing empty line.
 fn wire_block(record: &Record, without_seq: bool) -> Vec<u8> {
     let mut out = b"NATS/1.0\r\n".to_vec();
     record.meta.each_header(|name, value| {
         if !(without_seq && name == "seq") {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(header_value(value).as_str().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_header(&mut out, name, value);
         }
     });
     out
 }
 
-/// Append `HPUB <subject> <header bytes> <total bytes>`, the header block (with `seq: <seq>`
-/// when given), the empty line and the payload.
+/// Append `HPUB <subject> [<reply>] <header bytes> <total bytes>`, the header block and its
+/// suffix, the empty line and the payload. `reply`: an inbox prefix and the record's number.
 ///
 /// # Errors
 /// Headers and payload together exceed the server's `max_payload` (nothing is written).
 fn render_hpub(
     out: &mut Vec<u8>,
     subject: &str,
-    block: &[u8],
-    seq: Option<u64>,
+    reply: Option<(&str, u64)>,
+    header: (&[u8], &[u8]),
     payload: &[u8],
     max_payload: usize,
 ) -> Result<(), SinkError> {
-    let (mut n, mut s) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let seq = seq.map(|v| s.format(v));
-    let seq_len = seq.map_or(0, |v| b"seq: \r\n".len() + v.len());
-    let header_len = block.len() + seq_len + 2;
+    let (block, suffix) = header;
+    let header_len = block.len() + suffix.len() + 2;
     let total = header_len + payload.len();
     if total > max_payload {
         return Err(SinkError::Permanent(format!(
             "nats: a message of {total} bytes exceeds the server's max payload ({max_payload} bytes)"
         )));
     }
-    out.reserve(subject.len() + 32 + total);
+    let mut n = itoa::Buffer::new();
+    out.reserve(subject.len() + 64 + total);
     out.extend_from_slice(b"HPUB ");
     out.extend_from_slice(subject.as_bytes());
     out.push(b' ');
+    if let Some((inbox, number)) = reply {
+        out.extend_from_slice(inbox.as_bytes());
+        out.extend_from_slice(n.format(number).as_bytes());
+        out.push(b' ');
+    }
     out.extend_from_slice(n.format(header_len).as_bytes());
     out.push(b' ');
     out.extend_from_slice(n.format(total).as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(block);
-    if let Some(seq) = seq {
-        out.extend_from_slice(b"seq: ");
-        out.extend_from_slice(seq.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    out.extend_from_slice(suffix);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
     Ok(())
 }
 
-/// Classify a JetStream publish or PubAck failure. "No responders" comes back as
-/// `StreamNotFound`; it means either that no stream captures the subject (permanent) or that
-/// the stream's server is not answering yet (after a restart), so ask the server which.
-async fn jetstream_error(
-    js: &jetstream::Context,
-    subject: &str,
-    e: jetstream::context::PublishError,
-) -> SinkError {
+/// What a JetStream record's failure means for the driver. "No responders" means either that
+/// no stream captures the subject (permanent) or that the stream is not answering yet (after a
+/// restart), so ask the server which.
+async fn jetstream_failure(js: &jetstream::Context, subject: &str, failed: Failed) -> SinkError {
+    use jetstream::ErrorCode as C;
     use jetstream::context::GetStreamByNameErrorKind as G;
-    use jetstream::context::PublishErrorKind as K;
-    match e.kind() {
-        K::MaxPayloadExceeded => SinkError::Permanent(format!("nats: {e}")),
-        K::TimedOut | K::BrokenPipe | K::MaxAckPending => {
-            SinkError::Retriable(format!("nats jetstream: {e}"))
+    match failed {
+        Failed::Sink(e) => e,
+        Failed::Api {
+            err_code,
+            description,
+        } => {
+            let why = format!("nats jetstream: {description} (error {err_code})");
+            match C(err_code) {
+                C::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                | C::STREAM_HEADER_EXCEEDS_MAXIMUM
+                | C::STREAM_SEALED
+                | C::STREAM_WRONG_LAST_MESSAGE_ID
+                | C::STREAM_WRONG_LAST_SEQUENCE => SinkError::Permanent(why),
+                _ => SinkError::Retriable(why),
+            }
         }
-        K::WrongLastMessageId | K::WrongLastSequence => {
-            SinkError::Permanent(format!("nats jetstream: {e}"))
-        }
-        K::StreamNotFound if js.client().connection_state() != State::Connected => {
-            SinkError::Retriable(format!(
-                "nats jetstream: no responders for `{subject}` (disconnected)"
-            ))
-        }
-        K::StreamNotFound => match js.stream_by_subject(subject).await {
+        Failed::NoResponders => match js.stream_by_subject(subject).await {
             Ok(name) => SinkError::Retriable(format!(
                 "nats jetstream: no responders for `{subject}` although stream {name} captures it"
             )),
@@ -509,19 +465,6 @@ async fn jetstream_error(
                 "nats jetstream: no responders for `{subject}` and the stream lookup failed: {lookup}"
             )),
         },
-        K::Other => {
-            let code = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                .map(jetstream::Error::error_code);
-            match code {
-                Some(
-                    jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
-                    | jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
-                    | jetstream::ErrorCode::STREAM_SEALED,
-                ) => SinkError::Permanent(format!("nats jetstream: {e}")),
-                _ => SinkError::Retriable(format!("nats jetstream: {e}")),
-            }
-        }
     }
 }
 
@@ -531,50 +474,36 @@ impl Sink for NatsSink {
     }
 
     async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
-        let queue_timeout = self.publish_timeout;
+        let wait = self.publish_timeout;
         match &mut self.mode {
             Mode::Core { publisher, headers } => {
-                let (subject, block, seq) = headers.lookup(record);
+                let (subject, block, suffix) = headers.lookup(record, false);
                 let n = publisher
-                    .queue(queue_timeout, |out, max| {
-                        render_hpub(out, subject, block, seq, &record.payload, max)
+                    .queue(wait, |out, max, _| {
+                        render_hpub(out, subject, None, (block, suffix), &record.payload, max)
                     })
                     .await?;
                 // No timer here: the driver fails it `ack_deadline` after the hand-off.
-                Ok(Box::pin(publisher.outcome(n)))
+                Ok(Box::pin(publisher.outcome(n).map_err(Failed::into_sink)))
             }
             Mode::JetStream {
-                client,
                 js,
+                publisher,
                 headers,
+                ..
             } => {
-                // A client that is not connected queues what it is given and writes it after
-                // the reconnect, long after the driver has given up on it: outside the spool's
-                // cap, and possibly after the spool dropped the record and published a gap
-                // naming it. Refuse instead; the driver rewinds and the spool stays the only
-                // source of resends.
-                if client.connection_state() != State::Connected {
-                    return Err(SinkError::Retriable("nats: not connected".into()));
-                }
-                // Bytes inside: the clone kept for error reports is a reference count.
-                let (headers, subject) = headers.headers(record, true);
-                let published = within(
-                    queue_timeout,
-                    js.publish_with_headers(subject.clone(), headers, record.payload.clone()),
-                )
-                .await
-                .map_err(|_| {
-                    SinkError::Retriable(format!("nats: client queue full for {queue_timeout:?}"))
-                })?;
-                let ack = match published {
-                    Ok(ack) => ack,
-                    Err(e) => return Err(jetstream_error(js, &subject, e).await),
-                };
-                let js = js.as_ref().clone();
+                let (subject, block, suffix) = headers.lookup(record, true);
+                let n = publisher
+                    .queue(wait, |out, max, reply| {
+                        render_hpub(out, subject, reply, (block, suffix), &record.payload, max)
+                    })
+                    .await?;
+                let outcome = publisher.outcome(n);
+                let (js, subject) = (js.clone(), subject.clone());
                 Ok(Box::pin(async move {
-                    match ack.await {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(jetstream_error(&js, &subject, e).await),
+                    match outcome.await {
+                        Ok(()) => Ok(()),
+                        Err(failed) => Err(jetstream_failure(&js, &subject, failed).await),
                     }
                 }))
             }
@@ -587,21 +516,14 @@ impl Sink for NatsSink {
         Some(self.ack_timeout)
     }
 
+    /// Waits until every record handed over has an outcome (confirmed or failed).
     async fn flush(&mut self, deadline: Duration) -> Result<(), SinkError> {
-        match &self.mode {
-            Mode::Core { publisher, .. } => {
-                let n = publisher.queued();
-                tokio::time::timeout(deadline, publisher.outcome(n))
-                    .await
-                    .map_err(|_| {
-                        SinkError::Retriable(format!("nats: flush took over {deadline:?}"))
-                    })?
-            }
-            Mode::JetStream { client, .. } => tokio::time::timeout(deadline, client.flush())
-                .await
-                .map_err(|_| SinkError::Retriable(format!("nats: flush took over {deadline:?}")))?
-                .map_err(|e| SinkError::Retriable(format!("nats: flush failed: {e}"))),
-        }
+        let publisher = match &self.mode {
+            Mode::Core { publisher, .. } | Mode::JetStream { publisher, .. } => publisher,
+        };
+        tokio::time::timeout(deadline, publisher.settled())
+            .await
+            .map_err(|_| SinkError::Retriable(format!("nats: flush took over {deadline:?}")))
     }
 }
 
