@@ -1,9 +1,12 @@
 //! Core NATS publishing on amibus's own connection (`src/broker/nats_wire.rs`,
 //! `src/sink/nats_publisher.rs`) against a real nats-server: every way of authenticating the
 //! configuration can name (user and password, user info in the URL, an nkey seed, a
-//! credentials file in operator mode), TLS, and a server restart (what was not confirmed
-//! fails, nothing is queued while disconnected, publishing resumes). Every message is read
-//! back by an independent client (async-nats). Timeouts only keep a broken test from hanging.
+//! credentials file in operator mode), TLS, failing over to the next server, and a server
+//! restart (what was not confirmed fails, nothing is queued while disconnected, publishing
+//! resumes). Every message is read back by an independent client (async-nats). JetStream on
+//! the same connection is tested in `tests/nats.rs` and, through the binary, in
+//! `tests/e2e_nats.rs` and `tests/fault_nats.rs`. Timeouts only keep a broken test from
+//! hanging.
 
 #[path = "support/nats.rs"]
 mod nats_support;
@@ -416,4 +419,32 @@ async fn a_restart_fails_what_was_not_confirmed_and_publishing_resumes() {
         ("rs.pbx1".into(), "3".into(), "after".into())
     );
     within("flush", sink.flush(GUARD)).await.expect("flushed");
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_answer_is_skipped_for_the_next() {
+    let server = NatsServer::start();
+    // A port nobody listens on: bound, then closed.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("nats://127.0.0.1:{}", dead.local_addr().unwrap().port());
+    drop(dead);
+    let reader = async_nats::connect(server.url()).await.expect("reader");
+    let mut sub = reader.subscribe("fo.>").await.expect("subscribe");
+    reader.flush().await.expect("flush");
+
+    let mut cfg = config(dead_url.clone(), "fo.{server}", NatsAuth::None);
+    cfg.connection.servers.push(server.url());
+    let mut sink = NatsSink::connect(cfg).await.expect("the second server");
+    publish(&mut sink, 6, "failed over").await;
+    assert_eq!(
+        next(&mut sub).await,
+        ("fo.pbx1".into(), "6".into(), "failed over".into())
+    );
+
+    // With no server answering, connecting fails and names the servers.
+    match NatsSink::connect(config(dead_url, "fo.{server}", NatsAuth::None)).await {
+        Err(e @ NatsError::Connect { .. }) => assert!(e.to_string().contains("127.0.0.1"), "{e}"),
+        Err(e) => panic!("expected a connect error, got {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
 }
