@@ -48,6 +48,8 @@
 //! | `amibus_sink_rewinds_total` | counter | sink | resends after a retriable failure |
 //! | `amibus_sink_send_seconds` | histogram | sink | hand-off to acknowledgement |
 //! | `amibus_sink_ready` | gauge | sink | 0 while deliveries fail retriably |
+//! | `amibus_nats_disconnects_total` | counter | reason | NATS sink connections lost (`closed`, `io`, `protocol`, `refused`, `timeout`, `tls`); what they held unconfirmed is sent again |
+//! | `amibus_nats_refused_messages_total` | counter | | messages the server dropped with a permissions error (core: lost; JetStream: sent again after the ack deadline) |
 //! | `amibus_servers_configured` | gauge | | servers this replica reads |
 //! | `amibus_control_results_total` | counter | server, status | action results by status (`success`, `error`, `rejected`, `expired`, `timeout`, `outcome_unknown`); server `-` for ids not configured |
 //! | `amibus_control_rejected_total` | counter | reason | rejections by label (`malformed`, `not_allowed`, `rate_limited`, …) |
@@ -237,6 +239,14 @@ fn describe() {
         "time from handing a record to the sink to its acknowledgement"
     );
     describe_gauge!("amibus_sink_ready", "0 while deliveries fail retriably");
+    describe_counter!(
+        "amibus_nats_disconnects_total",
+        "NATS sink connections lost, by reason"
+    );
+    describe_counter!(
+        "amibus_nats_refused_messages_total",
+        "messages the NATS server dropped with a permissions error"
+    );
     describe_gauge!(
         "amibus_servers_configured",
         "AMI servers this replica reads"

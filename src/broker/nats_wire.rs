@@ -46,6 +46,21 @@ pub enum WireError {
     Closed,
 }
 
+impl WireError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::Config(_) => "config",
+            WireError::Io(_) => "io",
+            WireError::Timeout(_) => "timeout",
+            WireError::Tls(_) => "tls",
+            WireError::Protocol(_) => "protocol",
+            WireError::Refused(_) => "refused",
+            WireError::Closed => "closed",
+        }
+    }
+}
+
 /// One server URL: `nats://[user:pass@|token@]host[:port]`, `tls://...`, or `host[:port]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerUrl {

@@ -513,6 +513,7 @@ async fn keep_connected(
             () = stop.cancelled() => return,
         };
         shared.disconnected();
+        metrics::counter!("amibus_nats_disconnects_total", "reason" => why.kind()).increment(1);
         tracing::warn!(server = %url, error = %why, "nats disconnected; reconnecting");
     }
 }
@@ -755,6 +756,7 @@ fn on_line(shared: &Shared, session: &Session, line: &[u8]) -> Result<bool, Wire
             // every other -ERR is followed by the server closing it.
             let e = refusal(l);
             if e.to_string().contains("Permissions Violation") {
+                metrics::counter!("amibus_nats_refused_messages_total").increment(1);
                 tracing::warn!(error = %e, "nats dropped a message");
             } else {
                 return Err(e);
@@ -927,5 +929,43 @@ mod tests {
             publisher.outcome(n).await,
             Err(Failed::Sink(SinkError::Retriable(_)))
         ));
+    }
+
+    #[test]
+    fn losses_and_refusals_are_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // A current-thread runtime: the publisher's task runs on this thread, under the
+        // recorder set for it.
+        metrics::with_local_recorder(&recorder, || {
+            rt.block_on(async {
+                let (listener, publisher, mut sock) = started(Confirm::Pong).await;
+                sock.get_mut()
+                    .write_all(b"-ERR 'Permissions Violation for Publish to \"x\"'\r\nPING\r\n")
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    line(&mut sock).await,
+                    "PONG",
+                    "still connected after the -ERR"
+                );
+                drop(sock);
+                let _again = accept(&listener).await;
+                drop(publisher);
+            })
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("amibus_nats_refused_messages_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("amibus_nats_disconnects_total{reason=\"closed\"} 1"),
+            "{text}"
+        );
     }
 }
