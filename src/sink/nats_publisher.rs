@@ -157,6 +157,30 @@ impl Slots {
         true
     }
 
+    /// Mark `n` read without reading it; true if it was still awaited (room freed).
+    fn abandon(&mut self, n: u64) -> bool {
+        let Some(slot) = n
+            .checked_sub(self.base)
+            .and_then(|i| self.states.get_mut(i as usize))
+        else {
+            return false;
+        };
+        let was_pending = matches!(slot, Slot::Pending);
+        if was_pending {
+            self.pending -= 1;
+        }
+        *slot = Slot::Taken;
+        self.pop_taken();
+        was_pending
+    }
+
+    fn pop_taken(&mut self) {
+        while matches!(self.states.front(), Some(Slot::Taken)) {
+            self.states.pop_front();
+            self.base += 1;
+        }
+    }
+
     fn take(&mut self, n: u64) -> Option<Result<(), Failed>> {
         let i = n.checked_sub(self.base)? as usize;
         let slot = self.states.get_mut(i)?;
@@ -166,10 +190,7 @@ impl Slots {
         let Slot::Done(outcome) = std::mem::replace(slot, Slot::Taken) else {
             unreachable!("checked above");
         };
-        while matches!(self.states.front(), Some(Slot::Taken)) {
-            self.states.pop_front();
-            self.base += 1;
-        }
+        self.pop_taken();
         Some(outcome)
     }
 }
@@ -355,6 +376,20 @@ impl Future for Outcome {
         match self.shared.outcome_of(self.n) {
             Some(done) => Poll::Ready(done),
             None => Poll::Pending,
+        }
+    }
+}
+
+/// An outcome dropped before it was read (the driver gave up on it at its deadline, or shut
+/// down) gives its slot up, or the slots behind it would never be let go.
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let Some(acks) = &self.shared.acks else {
+            return;
+        };
+        let freed = lock(&acks.slots).abandon(self.n);
+        if freed {
+            self.shared.room.notify_waiters();
         }
     }
 }
@@ -918,12 +953,27 @@ mod tests {
             })
         );
 
+        // An outcome dropped unread (the driver gave up at its deadline) lets its slot go,
+        // or every slot behind it would be kept for good.
+        let dropped = publisher
+            .queue(Duration::from_secs(5), reply)
+            .await
+            .unwrap();
+        let _ = (line(&mut sock).await, line(&mut sock).await);
+        drop(publisher.outcome(dropped));
+        assert_eq!(
+            lock(&publisher.shared.acks.as_ref().unwrap().slots)
+                .states
+                .len(),
+            0
+        );
+
         // Room again; then the connection goes before its PubAck: failed.
         let n = publisher
             .queue(Duration::from_secs(5), reply)
             .await
             .unwrap();
-        assert_eq!(line(&mut sock).await, format!("PUB s {inbox}4 1"));
+        assert_eq!(line(&mut sock).await, format!("PUB s {inbox}5 1"));
         drop(sock);
         assert!(matches!(
             publisher.outcome(n).await,
