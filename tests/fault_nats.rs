@@ -150,7 +150,9 @@ async fn broker_killed_mid_storm_and_restarted_loses_nothing() {
     let mut w = World::new("F1", 3000, Some(storm), "", None).await;
     // The default ack timeout: what a user runs.
     w.edit_config(|t| t.replace("ack_timeout = \"2s\"", "ack_timeout = \"5s\""));
-    let (amibus, log_path) = w.spawn("amibus");
+    w.edit_config(|t| t + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let (mut amibus, log_path) = w.spawn("amibus");
+    let port = child::metrics_addr(&log_path, &mut amibus).port();
     w.reader
         .wait_for("the storm reaches the stream", |got| {
             View::of(got).events.values().filter(|&&n| n > 2000).count() == 2
@@ -166,6 +168,14 @@ async fn broker_killed_mid_storm_and_restarted_loses_nothing() {
             View::of(got).events == sent
         })
         .await;
+    // The lost connection is counted (a dead broker's socket ends as `closed` or `io`).
+    let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+    let lost: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("amibus_nats_disconnects_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(lost >= 1.0, "no lost NATS connection counted:\n{metrics}");
     let status = stop(amibus).await;
     let sim_stats = w.sim.shutdown().await;
     assert!(w.reader.catch_up().await);

@@ -47,6 +47,9 @@ pub enum WireError {
 }
 
 impl WireError {
+    /// Every [`WireError::kind`] a broken connection can have (not `config`).
+    pub const KINDS: [&'static str; 6] = ["closed", "io", "protocol", "refused", "timeout", "tls"];
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

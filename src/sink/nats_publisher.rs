@@ -255,6 +255,11 @@ impl Publisher {
                 }),
             },
         });
+        // Exported from the start, so a dashboard's increase() sees the first one.
+        for reason in WireError::KINDS {
+            metrics::counter!("amibus_nats_disconnects_total", "reason" => reason).increment(0);
+        }
+        metrics::counter!("amibus_nats_refused_messages_total").increment(0);
         let stop = CancellationToken::new();
         shared.connected(&conn.info);
         tracing::info!(server = %conn.url, "nats connected");
