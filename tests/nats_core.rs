@@ -1,9 +1,9 @@
 //! Core NATS publishing on amibus's own connection (`src/broker/nats_wire.rs`,
 //! `src/sink/nats_publisher.rs`) against a real nats-server: every way of authenticating the
 //! configuration can name (user and password, user info in the URL, an nkey seed, a
-//! credentials file in operator mode), TLS, failing over to the next server, and a server
-//! restart (what was not confirmed fails, nothing is queued while disconnected, publishing
-//! resumes). Every message is read back by an independent client (async-nats). JetStream on
+//! credentials file in operator mode), TLS, failing over to the next server and to a server
+//! only the cluster advertised, and a server restart (what was not confirmed fails, nothing is
+//! queued while disconnected, publishing resumes). Every message is read back by an independent client (async-nats). JetStream on
 //! the same connection is tested in `tests/nats.rs` and, through the binary, in
 //! `tests/e2e_nats.rs` and `tests/fault_nats.rs`. Timeouts only keep a broken test from
 //! hanging.
@@ -447,4 +447,80 @@ async fn a_server_that_does_not_answer_is_skipped_for_the_next() {
         Err(e) => panic!("expected a connect error, got {e}"),
         Ok(_) => panic!("connected to nothing"),
     }
+}
+
+/// A port nobody listens on now (bound, then closed).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_with_one_seed_it_fails_over_to_the_servers_its_cluster_advertised() {
+    let (route_a, route_b) = (free_port(), free_port());
+    let node = |name: &str, listen: u16, peer: u16| ServerOptions {
+        config: Some(format!(
+            "server_name: {name}\ncluster {{ name: c1, listen: 127.0.0.1:{listen}, \
+             routes: [nats-route://127.0.0.1:{peer}] }}"
+        )),
+        ..ServerOptions::default()
+    };
+    let mut a = NatsServer::start_with(node("a", route_a, route_b));
+    let b = NatsServer::start_with(node("b", route_b, route_a));
+    // Until the route is up, a's INFO advertises only itself.
+    let probe = within("the cluster forms", async {
+        loop {
+            if let Ok(c) = async_nats::connect(a.url()).await
+                && c.server_info().connect_urls.len() == 2
+            {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(probe);
+    let reader = async_nats::connect(b.url()).await.expect("reader on b");
+    let mut sub = reader.subscribe("cl.>").await.expect("subscribe");
+    reader.flush().await.expect("flush");
+
+    // Only a is configured.
+    let mut sink = NatsSink::connect(config(a.url(), "cl.{server}", NatsAuth::None))
+        .await
+        .expect("connect to a");
+    // Routed from a to b's subscriber: the cluster carries it.
+    within("routed", async {
+        loop {
+            publish(&mut sink, 1, "via a").await;
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+            {
+                break m;
+            }
+        }
+    })
+    .await;
+
+    a.stop();
+    // b was never configured: reaching it means it was learned from a's INFO.
+    within("failed over to b", async {
+        loop {
+            if let Ok(d) = sink.send(&record(2, "via b")).await
+                && within("outcome", d).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let got = within("the message on b", async {
+        loop {
+            let (_, seq, payload) = next(&mut sub).await;
+            if seq == "2" {
+                break payload;
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, "via b");
 }

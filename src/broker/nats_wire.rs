@@ -165,6 +165,9 @@ pub struct ServerInfo {
     pub tls_available: bool,
     #[serde(default)]
     pub nonce: Option<String>,
+    /// The cluster's other servers, as `host:port`.
+    #[serde(default)]
+    pub connect_urls: Vec<String>,
 }
 
 impl ServerInfo {
@@ -197,7 +200,9 @@ pub struct Conn {
 /// What is prepared once and used for every (re)connect: the TLS configuration (reading the
 /// system's roots takes a while) and the credentials.
 pub struct Dialer {
-    pub urls: Vec<ServerUrl>,
+    /// The configured servers, then the ones their cluster advertised.
+    urls: std::sync::Mutex<Vec<ServerUrl>>,
+    configured: usize,
     tls: Option<Arc<rustls::ClientConfig>>,
     tls_error: Option<String>,
     require_tls: bool,
@@ -260,7 +265,8 @@ impl Dialer {
             Err(e) => (None, Some(e)),
         };
         Ok(Dialer {
-            urls,
+            configured: urls.len(),
+            urls: std::sync::Mutex::new(urls),
             tls,
             tls_error,
             require_tls: cfg.tls.require,
@@ -270,15 +276,62 @@ impl Dialer {
         })
     }
 
-    /// Open and handshake `urls[index]`, within the connect timeout.
+    /// How many servers are known: the configured ones first (`0..configured()`), then those
+    /// their cluster advertised.
+    pub fn count(&self) -> usize {
+        self.urls.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn configured(&self) -> usize {
+        self.configured
+    }
+
+    /// Server `index` (wrapping around).
+    pub fn url(&self, index: usize) -> ServerUrl {
+        let urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        urls[index % urls.len()].clone()
+    }
+
+    /// Add the servers a cluster advertises (`connect_urls` of an `INFO`) that are not known
+    /// yet, with the scheme and the URL credentials of the first configured server, so a
+    /// configuration naming one seed server fails over to the rest of its cluster. At most 64
+    /// are kept.
+    pub fn learn(&self, info: &ServerInfo) {
+        let mut urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        for advertised in &info.connect_urls {
+            if urls.len() >= self.configured + 64 {
+                break;
+            }
+            let Ok(mut url) = ServerUrl::parse(advertised) else {
+                tracing::debug!(url = %advertised, "nats: an advertised server URL that does not parse");
+                continue;
+            };
+            let seed = &urls[0];
+            url.tls = seed.tls;
+            url.user = seed.user.clone();
+            url.pass = seed.pass.clone();
+            if !urls
+                .iter()
+                .any(|u| u.host == url.host && u.port == url.port)
+            {
+                tracing::info!(server = %url, "nats: the cluster advertised a server");
+                urls.push(url);
+            }
+        }
+    }
+
+    /// Open and handshake server `index` (see [`Dialer::count`]), within the connect timeout,
+    /// and learn the servers it advertises.
     ///
     /// # Errors
     /// See [`WireError`].
     pub async fn dial(&self, index: usize) -> Result<Conn, WireError> {
-        let url = &self.urls[index % self.urls.len()];
-        tokio::time::timeout(self.timeout, self.handshake(url))
+        let url = self.url(index);
+        let conn = tokio::time::timeout(self.timeout, self.handshake(&url))
             .await
-            .map_err(|_| WireError::Timeout(self.timeout))?
+            .map_err(|_| WireError::Timeout(self.timeout))??;
+        self.learn(&conn.info);
+        Ok(conn)
     }
 
     async fn handshake(&self, url: &ServerUrl) -> Result<Conn, WireError> {
@@ -534,6 +587,39 @@ mod tests {
             let e = ServerUrl::parse(bad).unwrap_err().to_string();
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn advertised_servers_are_learned_once_with_the_seeds_scheme_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["a.example".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let dialer = Dialer::new(&NatsConnection {
+            servers: vec!["tls://u:p@a.example:1".into()],
+            tls: NatsTls {
+                ca_file: Some(ca),
+                ..NatsTls::default()
+            },
+            ..NatsConnection::default()
+        })
+        .unwrap();
+        let info = ServerInfo::parse(
+            br#"{"connect_urls":["b.example:2","a.example:1","[::1]:3","b.example:2","bad:port"]}"#,
+        )
+        .unwrap();
+        dialer.learn(&info);
+        assert_eq!((dialer.configured(), dialer.count()), (1, 3));
+        let b = dialer.url(1);
+        assert_eq!((b.tls, b.host.as_str(), b.port), (true, "b.example", 2));
+        assert_eq!(b.user.as_ref().map(Secret::expose), Some("u"));
+        assert_eq!(b.pass.as_ref().map(Secret::expose), Some("p"));
+        assert_eq!(dialer.url(2).to_string(), "tls://[::1]:3");
+        assert_eq!(
+            dialer.url(3).to_string(),
+            "tls://a.example:1",
+            "wraps around"
+        );
     }
 
     #[test]

@@ -219,7 +219,7 @@ impl Publisher {
     pub async fn start(dialer: Dialer, confirm: Confirm) -> Result<Publisher, WireError> {
         let mut last = WireError::Config("no servers given".into());
         let mut first = None;
-        for i in 0..dialer.urls.len() {
+        for i in 0..dialer.configured() {
             match dialer.dial(i).await {
                 Ok(conn) => {
                     first = Some((i, conn));
@@ -530,10 +530,10 @@ async fn keep_connected(
                     }
                     Err(e) => {
                         failures += 1;
-                        let url = &dialer.urls[index % dialer.urls.len()];
-                        tracing::debug!(server = %url, error = %e, "nats connect failed");
-                        if failures as usize % dialer.urls.len() == 0 {
-                            let rounds = failures / dialer.urls.len() as u32;
+                        let known = dialer.count();
+                        tracing::debug!(server = %dialer.url(index), error = %e, "nats connect failed");
+                        if failures as usize % known == 0 {
+                            let rounds = failures / known as u32;
                             let pause = Duration::from_millis(100 << rounds.min(5))
                                 .min(Duration::from_secs(4));
                             tracing::warn!(error = %e, retry_in = ?pause, "nats unreachable");
@@ -549,7 +549,7 @@ async fn keep_connected(
         };
         let url = c.url.clone();
         let why = tokio::select! {
-            e = serve(&shared, c) => e,
+            e = serve(&shared, &dialer, c) => e,
             () = stop.cancelled() => return,
         };
         shared.disconnected();
@@ -569,7 +569,7 @@ struct Session {
 }
 
 /// Write the queue and read the server until the connection fails; the error says why.
-async fn serve(shared: &Shared, conn: Conn) -> WireError {
+async fn serve(shared: &Shared, dialer: &Dialer, conn: Conn) -> WireError {
     let Conn { io, read, info, .. } = conn;
     let (mut rd, mut wr) = tokio::io::split(io);
     let session = Session::default();
@@ -597,7 +597,7 @@ async fn serve(shared: &Shared, conn: Conn) -> WireError {
                     changed |= on_message(shared, &msg, line, body);
                     buf.advance(need);
                 } else {
-                    changed |= on_line(shared, &session, line)?;
+                    changed |= on_line(shared, dialer, &session, line)?;
                     buf.advance(end + 2);
                 }
             }
@@ -767,7 +767,12 @@ fn on_message(shared: &Shared, msg: &MsgLine, line: &[u8], body: &[u8]) -> bool 
 }
 
 /// One line from the server that is not a message. True if an outcome changed.
-fn on_line(shared: &Shared, session: &Session, line: &[u8]) -> Result<bool, WireError> {
+fn on_line(
+    shared: &Shared,
+    dialer: &Dialer,
+    session: &Session,
+    line: &[u8],
+) -> Result<bool, WireError> {
     match line {
         b"PING" => {
             session.pongs_owed.fetch_add(1, Ordering::AcqRel);
@@ -789,6 +794,7 @@ fn on_line(shared: &Shared, session: &Session, line: &[u8]) -> Result<bool, Wire
         l if l.starts_with(b"INFO ") => {
             let info = ServerInfo::parse(&l[5..])?;
             lock(&shared.queue).max_payload = info.max_payload();
+            dialer.learn(&info);
         }
         l if l.starts_with(b"-ERR") => {
             // Permission errors leave the connection open (the message is dropped: core
