@@ -1015,7 +1015,11 @@ mod tests {
                     "still connected after the -ERR"
                 );
                 drop(sock);
-                let _again = accept(&listener).await;
+                // Garbage from the server ends the connection as a protocol error; the
+                // publisher connects again.
+                let mut again = accept(&listener).await;
+                again.get_mut().write_all(b"HELLO THERE\r\n").await.unwrap();
+                let _third = accept(&listener).await;
                 drop(publisher);
             })
         });
@@ -1028,5 +1032,31 @@ mod tests {
             text.contains("amibus_nats_disconnects_total{reason=\"closed\"} 1"),
             "{text}"
         );
+        assert!(
+            text.contains("amibus_nats_disconnects_total{reason=\"protocol\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_stops_reading_makes_queue_refuse_not_grow() {
+        let (_listener, publisher, sock) = started(Confirm::Pong).await;
+        // The server reads nothing more: the socket buffers fill, then the queue's 8 MiB.
+        let big = vec![b'x'; 1 << 20];
+        let mut refused = None;
+        for _ in 0..64 {
+            let put = |out: &mut Vec<u8>, _: usize, _: Reply<'_>| {
+                out.extend_from_slice(&big);
+                Ok(())
+            };
+            if let Err(e) = publisher.queue(Duration::from_millis(200), put).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        let e = refused.expect("64 MiB queued into a server that reads nothing");
+        assert!(e.is_retriable(), "{e:?}");
+        assert!(lock(&publisher.shared.queue).bytes.len() <= MAX_QUEUED + (1 << 20));
+        drop(sock);
     }
 }
