@@ -1,5 +1,5 @@
 //! Core NATS publishing on amibus's own connection (`src/broker/nats_wire.rs`,
-//! `src/sink/nats_publisher.rs`) against a real nats-server: every way of authenticating the
+//! `src/sink/nats_publisher/`) against a real nats-server: every way of authenticating the
 //! configuration can name (user and password, user info in the URL, an nkey seed, a
 //! credentials file in operator mode), TLS, failing over to the next server and to a server
 //! only the cluster advertised, and a server restart (what was not confirmed fails, nothing is
