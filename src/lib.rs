@@ -34,3 +34,4 @@ pub mod sink;
 pub mod spool;
 pub mod supervise;
 pub mod telemetry;
+pub mod tls;

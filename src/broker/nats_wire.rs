@@ -514,19 +514,7 @@ fn tls_config(tls: &NatsTls) -> Result<Arc<rustls::ClientConfig>, String> {
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = &tls.ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut any = false;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-            any = true;
-        }
-        if !any {
-            return Err(format!("no certificate in {}", path.display()));
-        }
+        crate::tls::add_ca_file(&mut roots, path)?;
     }
     if roots.is_empty() {
         return Err("no trusted roots: the system has none and no ca_file is set".into());

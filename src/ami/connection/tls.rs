@@ -9,8 +9,7 @@ pub(super) type Connector = (
 
 /// A TLS connector for `tls` using the `ring` provider.
 pub(super) fn tls_connector(tls: &TlsConfig) -> Result<Connector, String> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::pki_types::ServerName;
     use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -28,17 +27,7 @@ pub(super) fn tls_connector(tls: &TlsConfig) -> Result<Connector, String> {
             .as_ref()
             .ok_or_else(|| "tls.ca_file is required".to_owned())?;
         let mut roots = RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("no certificate in {}", path.display()));
-        }
+        crate::tls::add_ca_file(&mut roots, path)?;
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     let name = ServerName::try_from(tls.server_name.clone())
