@@ -287,7 +287,8 @@ impl Publisher {
         wait: Duration,
         mut render: impl FnMut(&mut Vec<u8>, usize, Reply<'_>) -> Result<(), SinkError>,
     ) -> Result<u64, SinkError> {
-        let deadline = Instant::now() + wait;
+        // Read the clock only once there is a wait: the usual call finds room at once.
+        let mut deadline = None;
         loop {
             let room = self.shared.room.notified();
             {
@@ -321,6 +322,7 @@ impl Publisher {
                     return Ok(n);
                 }
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
             let left = deadline.saturating_duration_since(Instant::now());
             if tokio::time::timeout(left, room).await.is_err() {
                 return Err(SinkError::Retriable(format!(
@@ -340,6 +342,7 @@ impl Publisher {
         Outcome {
             shared: self.shared.clone(),
             n,
+            done: false,
         }
     }
 
@@ -367,19 +370,25 @@ impl Publisher {
 pub struct Outcome {
     shared: Arc<Shared>,
     n: u64,
+    /// Read to the end: dropping it has nothing to give up.
+    done: bool,
 }
 
 impl Future for Outcome {
     type Output = Result<(), Failed>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(done) = self.shared.outcome_of(self.n) {
-            return Poll::Ready(done);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(outcome) = self.shared.outcome_of(self.n) {
+            self.done = true;
+            return Poll::Ready(outcome);
         }
         self.shared.register(cx.waker());
         // Moved while registering: the wakers may have been taken before this one was added.
         match self.shared.outcome_of(self.n) {
-            Some(done) => Poll::Ready(done),
+            Some(outcome) => {
+                self.done = true;
+                Poll::Ready(outcome)
+            }
             None => Poll::Pending,
         }
     }
@@ -389,7 +398,7 @@ impl Future for Outcome {
 /// down) gives its slot up, or the slots behind it would never be let go.
 impl Drop for Outcome {
     fn drop(&mut self) {
-        let Some(acks) = &self.shared.acks else {
+        let Some(acks) = self.shared.acks.as_ref().filter(|_| !self.done) else {
             return;
         };
         let freed = lock(&acks.slots).abandon(self.n);
