@@ -67,6 +67,22 @@ async fn publish(sink: &mut NatsSink, seq: u64, payload: &str) {
     within("confirmation", d).await.expect("confirmed");
 }
 
+/// Send one record until the server confirms it (refused or failed while the sink has no
+/// connection yet).
+async fn publish_once_reconnected(sink: &mut NatsSink, what: &str, seq: u64, payload: &str) {
+    within(what, async {
+        loop {
+            if let Ok(d) = sink.send(&record(seq, payload)).await
+                && within("outcome", d).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// The next message on `sub`: (subject, seq header, payload).
 async fn next(sub: &mut async_nats::Subscriber) -> (String, String, String) {
     let m = within("message", sub.next())
@@ -403,17 +419,7 @@ async fn a_restart_fails_what_was_not_confirmed_and_publishing_resumes() {
     let reader = async_nats::connect(server.url()).await.expect("reader");
     let mut sub = reader.subscribe("rs.>").await.expect("subscribe");
     reader.flush().await.expect("flush");
-    within("publishing resumes", async {
-        loop {
-            if let Ok(d) = sink.send(&record(3, "after")).await
-                && within("outcome", d).await.is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    publish_once_reconnected(&mut sink, "publishing resumes", 3, "after").await;
     assert_eq!(
         next(&mut sub).await,
         ("rs.pbx1".into(), "3".into(), "after".into())
@@ -502,17 +508,7 @@ async fn configured_with_one_seed_it_fails_over_to_the_servers_its_cluster_adver
 
     a.stop();
     // b was never configured: reaching it means it was learned from a's INFO.
-    within("failed over to b", async {
-        loop {
-            if let Ok(d) = sink.send(&record(2, "via b")).await
-                && within("outcome", d).await.is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    publish_once_reconnected(&mut sink, "failed over to b", 2, "via b").await;
     let got = within("the message on b", async {
         loop {
             let (_, seq, payload) = next(&mut sub).await;
