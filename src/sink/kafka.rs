@@ -23,22 +23,40 @@
 //! creates each topic the first time it sends to it (an existing topic is left as it is);
 //! otherwise topics must exist (records for a missing one are retried, not dropped).
 //!
+//! Delivery reports: a record is numbered when it is handed over (the number is librdkafka's
+//! per-message opaque, so nothing is allocated for it), and the report, which arrives on the
+//! producer's polling thread, resolves that number's slot ([`super::slots`]); the record's
+//! [`Delivery`] reads it. The driver polls only the oldest delivery, so a report wakes it only
+//! when it is for the number it waits on.
+//!
 //! Must never: weaken `acks`/idempotence, log a password, or block the runtime (flushing runs
 //! on a blocking thread; a full local queue is waited on asynchronously).
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
+use super::slots::Slots;
 use super::{Delivery, Record, Sink, SinkError, expand_template};
 use crate::broker::kafka::{KafkaConfigError, KafkaConnection, TracingContext, is_record_error};
 use crate::spool;
+
+// A record's number travels as librdkafka's `void *` opaque.
+const _: () = assert!(
+    usize::BITS >= u64::BITS,
+    "record numbers must fit a pointer"
+);
 
 /// Producer properties the sink always sets, with the only values it accepts for them.
 const ENFORCED: &[(&str, &[&str])] = &[
@@ -260,11 +278,113 @@ pub fn classify(e: &KafkaError) -> SinkError {
     }
 }
 
+/// The outcomes of the records handed to librdkafka, shared with its delivery reports.
+#[derive(Default)]
+struct Reports {
+    slots: Slots<Result<(), SinkError>>,
+    /// The delivery waiting for its number's report (the driver polls only the oldest).
+    waiting: Vec<(u64, Waker)>,
+}
+
+fn lock(reports: &Mutex<Reports>) -> MutexGuard<'_, Reports> {
+    // Nothing that holds the lock can leave the slots half-changed.
+    reports.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolve record `n` and wake whoever waits for it.
+fn report(reports: &Mutex<Reports>, n: u64, outcome: Result<(), SinkError>) {
+    let woken = {
+        let mut r = lock(reports);
+        if !r.slots.resolve(n, outcome) {
+            return;
+        }
+        r.waiting
+            .iter()
+            .position(|(m, _)| *m == n)
+            .map(|i| r.waiting.swap_remove(i).1)
+    };
+    if let Some(w) = woken {
+        w.wake();
+    }
+}
+
+/// The producer's context: librdkafka's log in `tracing`, delivery reports into [`Reports`].
+struct ReportingContext {
+    reports: Arc<Mutex<Reports>>,
+}
+
+impl ClientContext for ReportingContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        TracingContext.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        TracingContext.error(error, reason);
+    }
+}
+
+impl ProducerContext for ReportingContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, n: usize) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(classify(e)),
+        };
+        report(&self.reports, n as u64, outcome);
+    }
+}
+
+type KafkaProducer = ThreadedProducer<ReportingContext>;
+
+/// One record's [`Delivery`]: its slot's outcome once the report came.
+struct Reported {
+    reports: Arc<Mutex<Reports>>,
+    n: u64,
+    /// The outcome was read (or the number let go): nothing to give up on drop.
+    done: bool,
+}
+
+impl Future for Reported {
+    type Output = Result<(), SinkError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut r = lock(&self.reports);
+        if let Some(outcome) = r.slots.take(self.n) {
+            drop(r);
+            self.done = true;
+            return Poll::Ready(outcome);
+        }
+        let n = self.n;
+        match r.waiting.iter_mut().find(|(m, _)| *m == n) {
+            Some((_, w)) if w.will_wake(cx.waker()) => {}
+            Some((_, w)) => w.clone_from(cx.waker()),
+            None => r.waiting.push((n, cx.waker().clone())),
+        }
+        Poll::Pending
+    }
+}
+
+/// A delivery dropped unread (the driver gave up on it, or shut down, or the hand-off was
+/// cancelled) lets its number go, or every slot behind it would be kept.
+impl Drop for Reported {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut r = lock(&self.reports);
+        r.slots.abandon(self.n);
+        let n = self.n;
+        r.waiting.retain(|(m, _)| *m != n);
+    }
+}
+
 /// See the module docs.
 pub struct KafkaSink {
     cfg: KafkaSinkConfig,
     client_config: ClientConfig,
-    producer: FutureProducer<TracingContext>,
+    producer: KafkaProducer,
+    reports: Arc<Mutex<Reports>>,
     admin: Option<AdminClient<TracingContext>>,
     /// Topics known to exist (only tracked with `create_topics`).
     created: HashSet<String>,
@@ -279,9 +399,8 @@ impl KafkaSink {
     /// The settings are invalid, or librdkafka rejects a property.
     pub fn new(cfg: KafkaSinkConfig) -> Result<KafkaSink, KafkaConfigError> {
         let client_config = cfg.client_config()?;
-        let producer = client_config
-            .create_with_context(TracingContext)
-            .map_err(KafkaConfigError::client)?;
+        let reports = Arc::new(Mutex::new(Reports::default()));
+        let producer = producer(&client_config, &reports).map_err(KafkaConfigError::client)?;
         let admin = match &cfg.create_topics {
             Some(_) => Some(admin_client(&cfg.connection, &cfg.properties)?),
             None => None,
@@ -291,6 +410,7 @@ impl KafkaSink {
             cfg,
             client_config,
             producer,
+            reports,
             admin,
             created: HashSet::new(),
             fixed_topic,
@@ -308,11 +428,16 @@ impl KafkaSink {
     }
 
     /// Create `topic` if it does not exist yet (only with `create_topics`).
-    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
-        let (Some(admin), Some(spec)) = (&self.admin, &self.cfg.create_topics) else {
+    async fn ensure_topic(
+        admin: Option<&AdminClient<TracingContext>>,
+        cfg: &KafkaSinkConfig,
+        created: &mut HashSet<String>,
+        topic: &str,
+    ) -> Result<(), SinkError> {
+        let (Some(admin), Some(spec)) = (admin, &cfg.create_topics) else {
             return Ok(());
         };
-        if self.created.contains(topic) {
+        if created.contains(topic) {
             return Ok(());
         }
         let mut new = NewTopic::new(
@@ -323,7 +448,7 @@ impl KafkaSink {
         for (k, v) in &spec.configs {
             new = new.set(k, v);
         }
-        let opts = AdminOptions::new().operation_timeout(Some(self.cfg.message_timeout));
+        let opts = AdminOptions::new().operation_timeout(Some(cfg.message_timeout));
         let results = admin
             .create_topics([&new], &opts)
             .await
@@ -343,22 +468,47 @@ impl KafkaSink {
             }
         }
         tracing::info!(topic, "kafka topic ready");
-        self.created.insert(topic.to_owned());
+        created.insert(topic.to_owned());
         Ok(())
     }
 
     /// An idempotent producer that hit a fatal error (fenced, sequence gap) accepts nothing
     /// more; replace it. Its unreported records fail and are resent by the driver.
     fn replace_if_fatal(&mut self) -> Result<(), SinkError> {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(%code, reason, "kafka producer failed fatally; starting a new one");
-            self.producer = self
-                .client_config
-                .create_with_context(TracingContext)
-                .map_err(|e| SinkError::Retriable(format!("recreating the producer: {e}")))?;
-        }
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(());
+        };
+        tracing::error!(%code, reason, "kafka producer failed fatally; starting a new one");
+        let new = producer(&self.client_config, &self.reports)
+            .map_err(|e| SinkError::Retriable(format!("recreating the producer: {e}")))?;
+        let old = std::mem::replace(&mut self.producer, new);
+        let end = lock(&self.reports).slots.next();
+        let reports = self.reports.clone();
+        // Dropping a producer purges its queue (reporting each record failed) and waits for
+        // its polling thread: off the runtime. Whatever it did not report fails then.
+        tokio::task::spawn_blocking(move || {
+            drop(old);
+            let mut r = lock(&reports);
+            r.slots.resolve_pending(end, || {
+                Err(SinkError::Retriable(format!(
+                    "kafka producer failed fatally ({code}: {reason}); no report"
+                )))
+            });
+            let waiting: Vec<_> = r.waiting.drain(..).map(|(_, w)| w).collect();
+            drop(r);
+            waiting.into_iter().for_each(Waker::wake);
+        });
         Ok(())
     }
+}
+
+fn producer(
+    client_config: &ClientConfig,
+    reports: &Arc<Mutex<Reports>>,
+) -> rdkafka::error::KafkaResult<KafkaProducer> {
+    client_config.create_with_context(ReportingContext {
+        reports: reports.clone(),
+    })
 }
 
 fn admin_client(
@@ -408,37 +558,40 @@ impl Sink for KafkaSink {
 
     async fn send(&mut self, record: &Record) -> Result<Delivery, SinkError> {
         self.replace_if_fatal()?;
-        let topic = match &self.fixed_topic {
-            Some(t) => t.clone(),
-            None => expand_template(&self.cfg.topic, record),
+        let expanded;
+        let topic = match self.fixed_topic.as_deref() {
+            Some(t) => t,
+            None => {
+                expanded = expand_template(&self.cfg.topic, record);
+                &expanded
+            }
         };
-        self.ensure_topic(&topic).await?;
-        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+        Self::ensure_topic(self.admin.as_ref(), &self.cfg, &mut self.created, topic).await?;
+        // Numbered before the hand-off: the report can come before `send` returns. Dropped
+        // unsent (an error, or this future cancelled while waiting for room), it lets the
+        // number go.
+        let delivery = Reported {
+            n: lock(&self.reports).slots.push(),
+            reports: self.reports.clone(),
+            done: false,
+        };
+        let mut br = BaseRecord::with_opaque_to(topic, delivery.n as usize)
             .payload(record.payload.as_ref())
             .headers(owned_headers(record));
         if !record.key.is_empty() {
-            fr = fr.key(record.key.as_ref());
+            br = br.key(record.key.as_ref());
         }
-        let delivery = loop {
-            match self.producer.send_result(fr) {
-                Ok(delivery) => break delivery,
+        loop {
+            match self.producer.send(br) {
+                Ok(()) => return Ok(Box::pin(delivery)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The local queue is bounded (queue.buffering.max.*); wait for room.
-                    fr = back;
+                    br = back;
                     tokio::time::sleep(QUEUE_FULL_WAIT).await;
                 }
                 Err((e, _)) => return Err(classify(&e)),
             }
-        };
-        Ok(Box::pin(async move {
-            match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(classify(&e)),
-                Err(_canceled) => Err(SinkError::Retriable(
-                    "kafka producer closed before the delivery report".into(),
-                )),
-            }
-        }))
+        }
     }
 
     async fn flush(&mut self, deadline: Duration) -> Result<(), SinkError> {
@@ -542,6 +695,59 @@ mod tests {
         ] {
             assert!(classify(&KafkaError::MessageProduction(code)).is_retriable());
         }
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_report_wakes_only_the_delivery_waiting_for_it_and_a_dropped_one_lets_go() {
+        let reports = Arc::new(Mutex::new(Reports::default()));
+        let reported = |n| Reported {
+            reports: reports.clone(),
+            n,
+            done: false,
+        };
+        let (a, b, c) = {
+            let mut r = lock(&reports);
+            (r.slots.push(), r.slots.push(), r.slots.push())
+        };
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+
+        // The oldest is awaited; a report for a later record does not wake it.
+        let mut first = Box::pin(reported(a));
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        report(&reports, b, Err(SinkError::Permanent("too large".into())));
+        assert_eq!(woken(), 0);
+        report(&reports, a, Ok(()));
+        assert_eq!(woken(), 1);
+        assert_eq!(first.as_mut().poll(&mut cx), Poll::Ready(Ok(())));
+        // Reported before it was polled: ready at once, with its own outcome.
+        let mut second = Box::pin(reported(b));
+        assert_eq!(
+            second.as_mut().poll(&mut cx),
+            Poll::Ready(Err(SinkError::Permanent("too large".into())))
+        );
+        // Dropped unread: its number goes, and a late report for it changes nothing.
+        let mut third = Box::pin(reported(c));
+        assert!(third.as_mut().poll(&mut cx).is_pending());
+        drop(third);
+        report(&reports, c, Ok(()));
+        let r = lock(&reports);
+        assert_eq!(
+            (r.slots.pending(), r.slots.held(), r.waiting.len()),
+            (0, 0, 0)
+        );
+        assert_eq!(woken(), 1);
     }
 
     #[test]

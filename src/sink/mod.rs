@@ -12,6 +12,7 @@ pub mod file;
 pub mod kafka;
 pub mod nats;
 mod nats_publisher;
+mod slots;
 
 use std::future::Future;
 use std::pin::Pin;

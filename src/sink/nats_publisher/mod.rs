@@ -25,7 +25,6 @@
 //! Must never: confirm a record before the server's `PONG` to a `PING` written after it, or
 //! before its PubAck.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,6 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::SinkError;
+use super::slots::Slots;
 use crate::broker::nats_wire::{Conn, Dialer, ServerInfo, WireError, refusal};
 
 /// `queue` waits for room past this many queued bytes (the writer is behind, or the server).
@@ -124,75 +124,7 @@ struct Acks {
     /// `_INBOX.<random>.`: a record's reply subject is this and its number.
     inbox: String,
     max_in_flight: usize,
-    slots: Mutex<Slots>,
-}
-
-#[derive(Default)]
-struct Slots {
-    /// The number of `states[0]`.
-    base: u64,
-    states: VecDeque<Slot>,
-    pending: usize,
-}
-
-enum Slot {
-    Pending,
-    Done(Result<(), Failed>),
-    Taken,
-}
-
-impl Slots {
-    fn resolve(&mut self, n: u64, outcome: Result<(), Failed>) -> bool {
-        let Some(slot) = n
-            .checked_sub(self.base)
-            .and_then(|i| self.states.get_mut(i as usize))
-        else {
-            return false;
-        };
-        if !matches!(slot, Slot::Pending) {
-            return false;
-        }
-        *slot = Slot::Done(outcome);
-        self.pending -= 1;
-        true
-    }
-
-    /// Mark `n` read without reading it; true if it was still awaited (room freed).
-    fn abandon(&mut self, n: u64) -> bool {
-        let Some(slot) = n
-            .checked_sub(self.base)
-            .and_then(|i| self.states.get_mut(i as usize))
-        else {
-            return false;
-        };
-        let was_pending = matches!(slot, Slot::Pending);
-        if was_pending {
-            self.pending -= 1;
-        }
-        *slot = Slot::Taken;
-        self.pop_taken();
-        was_pending
-    }
-
-    fn pop_taken(&mut self) {
-        while matches!(self.states.front(), Some(Slot::Taken)) {
-            self.states.pop_front();
-            self.base += 1;
-        }
-    }
-
-    fn take(&mut self, n: u64) -> Option<Result<(), Failed>> {
-        let i = n.checked_sub(self.base)? as usize;
-        let slot = self.states.get_mut(i)?;
-        if !matches!(slot, Slot::Done(_)) {
-            return None;
-        }
-        let Slot::Done(outcome) = std::mem::replace(slot, Slot::Taken) else {
-            unreachable!("checked above");
-        };
-        self.pop_taken();
-        Some(outcome)
-    }
+    slots: Mutex<Slots<Result<(), Failed>>>,
 }
 
 /// A random inbox prefix: the std hasher's random keys over the time and the process id.
@@ -248,10 +180,7 @@ impl Publisher {
                 Confirm::PubAck { max_in_flight } => Some(Acks {
                     inbox: inbox(),
                     max_in_flight: max_in_flight.max(1),
-                    slots: Mutex::new(Slots {
-                        base: 1,
-                        ..Slots::default()
-                    }),
+                    slots: Mutex::new(Slots::default()),
                 }),
             },
         });
@@ -299,7 +228,7 @@ impl Publisher {
                 let mut slots = self.shared.acks.as_ref().map(|a| (a, lock(&a.slots)));
                 let acks_full = slots
                     .as_ref()
-                    .is_some_and(|(a, s)| s.pending >= a.max_in_flight);
+                    .is_some_and(|(a, s)| s.pending() >= a.max_in_flight);
                 if q.bytes.len() < MAX_QUEUED && !acks_full {
                     let was_empty = q.bytes.is_empty();
                     let max = q.max_payload;
@@ -311,8 +240,8 @@ impl Publisher {
                     )?;
                     q.queued = n;
                     if let Some((_, s)) = slots.as_mut() {
-                        s.states.push_back(Slot::Pending);
-                        s.pending += 1;
+                        let slot = s.push();
+                        debug_assert_eq!(slot, n, "a slot per queued record");
                     }
                     drop(slots);
                     drop(q);
@@ -438,7 +367,7 @@ impl Shared {
             return true;
         }
         match &self.acks {
-            Some(acks) => lock(&acks.slots).pending == 0,
+            Some(acks) => lock(&acks.slots).pending() == 0,
             None => {
                 self.confirmed.load(Ordering::Acquire) >= n
                     || self.failed.load(Ordering::Acquire) >= n
@@ -473,11 +402,7 @@ impl Shared {
         q.bytes.clear();
         let queued = q.queued;
         if let Some(acks) = &self.acks {
-            let mut slots = lock(&acks.slots);
-            let base = slots.base;
-            for n in base..=queued {
-                slots.resolve(n, Err(Self::lost()));
-            }
+            lock(&acks.slots).resolve_pending(u64::MAX, || Err(Self::lost()));
         }
         drop(q);
         self.failed.fetch_max(queued, Ordering::AcqRel);

@@ -3,6 +3,7 @@
 //! fails.
 
 use super::*;
+use std::collections::VecDeque;
 
 /// Serve the connection; when it breaks, fail what it held and dial again (the next server
 /// first, backing off up to 4 s once every server failed in a row).

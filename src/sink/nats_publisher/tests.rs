@@ -149,9 +149,7 @@ async fn pubacks_settle_their_own_record_in_any_order() {
     let _ = (line(&mut sock).await, line(&mut sock).await);
     drop(publisher.outcome(dropped));
     assert_eq!(
-        lock(&publisher.shared.acks.as_ref().unwrap().slots)
-            .states
-            .len(),
+        lock(&publisher.shared.acks.as_ref().unwrap().slots).held(),
         0
     );
 
