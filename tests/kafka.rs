@@ -226,6 +226,75 @@ async fn delivery_resolves_only_once_the_broker_has_the_record() {
     assert!(got.iter().any(|r| seq_of(r) == 2));
 }
 
+/// An idempotent producer that fails fatally (fenced, a sequence gap) accepts nothing more.
+/// The sink replaces it on the next send; every record the old producer held still gets an
+/// outcome (none waits forever), and what failed is sent again and arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_failed_fatally_is_replaced_and_no_delivery_hangs() {
+    let mut broker = Broker::start().await;
+    let topic = "fatal";
+    broker.create_topic(topic, 1).await;
+    let mut sink = KafkaSink::new(sink_config(&broker, topic)).expect("sink");
+    sink.send(&record("pbx-1", 1, 1, 0))
+        .await
+        .expect("queued")
+        .await
+        .expect("acknowledged");
+
+    // Records in the old producer's hands when it fails: the broker is down, so none of them
+    // can have been acknowledged yet.
+    broker.stop();
+    let mut held = Vec::new();
+    for seq in 2..=21u64 {
+        held.push((
+            seq,
+            sink.send(&record("pbx-1", 1, seq, 0))
+                .await
+                .expect("queued"),
+        ));
+    }
+    sink.inject_fatal_error("injected by the test");
+    broker.restart().await;
+
+    // The next send replaces the producer and goes through on the new one.
+    let after = sink
+        .send(&record("pbx-1", 1, 22, 0))
+        .await
+        .expect("queued on a new producer");
+    let mut resend = Vec::new();
+    for (seq, d) in held {
+        match tokio::time::timeout(GUARD, d)
+            .await
+            .expect("an outcome, not a hang")
+        {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(e.is_retriable(), "seq {seq}: {e}");
+                resend.push(seq);
+            }
+        }
+    }
+    assert!(
+        !resend.is_empty(),
+        "the fatal error failed the records it held"
+    );
+    tokio::time::timeout(GUARD, after)
+        .await
+        .expect("resolves")
+        .expect("acknowledged by the new producer");
+    // What failed is what the driver would send again: it arrives.
+    for &seq in &resend {
+        sink.send(&record("pbx-1", 1, seq, 0))
+            .await
+            .expect("queued")
+            .await
+            .expect("acknowledged");
+    }
+    let got = read_back(&broker, topic, 22).await;
+    let seqs: std::collections::BTreeSet<u64> = got.iter().map(seq_of).collect();
+    assert_eq!(seqs, (1..=22).collect(), "every record arrived");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_record_is_permanent_and_does_not_block_the_rest() {
     let broker = Broker::start().await;

@@ -422,6 +422,25 @@ impl KafkaSink {
         &self.cfg
     }
 
+    /// Put the producer in the fatal state an idempotent producer enters when the broker
+    /// fences it or its sequence numbers break (librdkafka's `rd_kafka_test_fatal_error`),
+    /// for fault tests: the next `send` must replace it, and every record the old one held
+    /// must still get an outcome.
+    #[doc(hidden)]
+    #[allow(unsafe_code)]
+    pub fn inject_fatal_error(&self, reason: &str) {
+        let reason = std::ffi::CString::new(reason).unwrap_or_default();
+        // SAFETY: the client pointer is valid while `self.producer` lives; librdkafka copies
+        // the reason.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                self.producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+
     /// Records handed to librdkafka and not yet reported on.
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
