@@ -520,3 +520,91 @@ async fn configured_with_one_seed_it_fails_over_to_the_servers_its_cluster_adver
     .await;
     assert_eq!(got, "via b");
 }
+
+/// A server in lame duck mode (a rolling upgrade of the cluster) is left for the next one
+/// before it closes the connection: every record is confirmed, none fails, none is published
+/// twice. Without the move, the server's eviction after its grace period failed what was in
+/// flight and refused records until the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_in_lame_duck_mode_is_left_without_failing_or_repeating_a_record() {
+    let (route_a, route_b) = (free_port(), free_port());
+    let node = |name: &str, listen: u16, peer: u16| ServerOptions {
+        config: Some(format!(
+            "server_name: {name}\nlame_duck_grace_period: \"1s\"\nlame_duck_duration: \"30s\"\n\
+             cluster {{ name: c1, listen: 127.0.0.1:{listen}, \
+             routes: [nats-route://127.0.0.1:{peer}] }}"
+        )),
+        ..ServerOptions::default()
+    };
+    let a = NatsServer::start_with(node("a", route_a, route_b));
+    let b = NatsServer::start_with(node("b", route_b, route_a));
+    let reader = async_nats::connect(b.url()).await.expect("reader on b");
+    let mut sub = reader.subscribe("ld.>").await.expect("subscribe");
+    reader.flush().await.expect("flush");
+    let mut sink = NatsSink::connect(NatsSinkConfig {
+        connection: NatsConnection {
+            servers: vec![a.url(), b.url()],
+            ..NatsConnection::default()
+        },
+        subject: "ld.{server}".into(),
+        mode: NatsMode::Core,
+        ..NatsSinkConfig::default()
+    })
+    .await
+    .expect("connect to a");
+    // Routed from a to b's subscriber: the cluster carries it.
+    within("the route is up", async {
+        loop {
+            publish(&mut sink, 0, "probe").await;
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+            {
+                break;
+            }
+        }
+    })
+    .await;
+
+    let mut seq = 0;
+    for _ in 0..100 {
+        seq += 1;
+        publish(&mut sink, seq, "before").await;
+    }
+    a.lame_duck();
+    // Past a's grace period, when it starts closing its clients: each record must still be
+    // accepted and confirmed (`publish` fails the test otherwise).
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        seq += 1;
+        publish(&mut sink, seq, "during").await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    let mut count = std::collections::BTreeMap::<u64, usize>::new();
+    within("every record on b", async {
+        while count.len() < seq as usize {
+            let (_, s, _) = next(&mut sub).await;
+            let s: u64 = s.parse().expect("seq header");
+            if s > 0 {
+                *count.entry(s).or_default() += 1;
+            }
+        }
+    })
+    .await;
+    // Anything published twice would have arrived by now, right behind the original.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+        let s = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("seq"))
+            .map(|v| v.as_str().to_owned());
+        if let Some(s) = s.and_then(|s| s.parse::<u64>().ok()).filter(|&s| s > 0) {
+            *count.entry(s).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = count.iter().filter(|&(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "published twice: {twice:?}");
+    assert_eq!(
+        count.keys().copied().collect::<Vec<_>>(),
+        (1..=seq).collect::<Vec<_>>()
+    );
+}

@@ -44,11 +44,23 @@ pub enum WireError {
     Refused(String),
     #[error("connection closed by the server")]
     Closed,
+    /// The server entered lame duck mode (it is shutting down): the client leaves for another
+    /// server. `drained`: everything written on the connection was confirmed first.
+    #[error("the server entered lame duck mode")]
+    LameDuck { drained: bool },
 }
 
 impl WireError {
     /// Every [`WireError::kind`] a broken connection can have (not `config`).
-    pub const KINDS: [&'static str; 6] = ["closed", "io", "protocol", "refused", "timeout", "tls"];
+    pub const KINDS: [&'static str; 7] = [
+        "closed",
+        "io",
+        "lame_duck",
+        "protocol",
+        "refused",
+        "timeout",
+        "tls",
+    ];
 
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
@@ -60,6 +72,7 @@ impl WireError {
             WireError::Protocol(_) => "protocol",
             WireError::Refused(_) => "refused",
             WireError::Closed => "closed",
+            WireError::LameDuck { .. } => "lame_duck",
         }
     }
 }
@@ -168,6 +181,9 @@ pub struct ServerInfo {
     /// The cluster's other servers, as `host:port`.
     #[serde(default)]
     pub connect_urls: Vec<String>,
+    /// Lame duck mode: the server is shutting down and will close its clients' connections.
+    #[serde(default)]
+    pub ldm: bool,
 }
 
 impl ServerInfo {

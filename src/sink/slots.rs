@@ -52,6 +52,17 @@ impl<T> Slots<T> {
         self.pending
     }
 
+    /// Whether every number up to `n` has an outcome (or was let go).
+    pub fn settled_through(&self, n: u64) -> bool {
+        let end =
+            usize::try_from(n.saturating_add(1).saturating_sub(self.base)).unwrap_or(usize::MAX);
+        !self
+            .states
+            .iter()
+            .take(end)
+            .any(|s| matches!(s, Slot::Pending))
+    }
+
     /// Give `n` its outcome; false (and `outcome` dropped) when it already had one, was
     /// abandoned, or was never pushed.
     pub fn resolve(&mut self, n: u64, outcome: T) -> bool {
@@ -132,13 +143,16 @@ mod tests {
         let mut s = Slots::<&str>::default();
         let (a, b, c) = (s.push(), s.push(), s.push());
         assert_eq!((a, b, c, s.next(), s.pending()), (1, 2, 3, 4, 3));
+        assert!(s.settled_through(0));
         assert!(s.resolve(b, "b"));
+        assert!(!s.settled_through(b), "a is pending");
         assert!(!s.resolve(b, "again"), "a second outcome is refused");
         assert_eq!(s.take(a), None, "pending");
         assert_eq!(s.take(b), Some("b"));
         assert_eq!(s.take(b), None, "taken once");
         assert_eq!(s.held(), 3, "b waits behind a");
         assert!(s.resolve(a, "a"));
+        assert!(s.settled_through(b) && !s.settled_through(c));
         assert_eq!(s.take(a), Some("a"));
         assert_eq!(s.held(), 1, "a and b let go");
         assert!(s.abandon(c), "c was pending");

@@ -207,6 +207,18 @@ impl NatsServer {
         }
     }
 
+    /// Put the server in lame duck mode (SIGUSR2, what `nats-server --signal ldm` sends): it
+    /// tells its clients, stops taking new ones, and after its grace period closes them.
+    pub fn lame_duck(&self) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = Command::new(binary())
+            .arg("--signal")
+            .arg(format!("ldm={pid}"))
+            .status()
+            .expect("nats-server --signal");
+        assert!(status.success(), "nats-server --signal ldm={pid}: {status}");
+    }
+
     /// Start again on the same port with the same store.
     pub fn restart(&mut self) {
         self.stop();

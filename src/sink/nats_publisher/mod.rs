@@ -22,6 +22,12 @@
 //! failed (a JetStream record may have been stored all the same: its resend carries the same
 //! `Nats-Msg-Id`).
 //!
+//! A server that says it entered lame duck mode (an `INFO` with `ldm`: it is shutting down, a
+//! cluster's rolling upgrade) is left before it closes the connection: nothing more is written
+//! to it, and once everything written is confirmed (within 5 s) the connection moves to the
+//! next server with the queue kept open and its records queued for the new connection, so the
+//! move fails nothing and repeats nothing.
+//!
 //! Must never: confirm a record before the server's `PONG` to a `PING` written after it, or
 //! before its PubAck.
 

@@ -26,6 +26,8 @@ pub(super) async fn keep_connected(
     let _stopped = Stopped(&shared);
     let mut conn = Some(conn);
     let mut failures = 0u32;
+    // Left a server in lame duck mode with records still queued: they wait for the next one.
+    let mut handing_over = false;
     loop {
         let c = match conn.take() {
             Some(c) => c,
@@ -43,6 +45,9 @@ pub(super) async fn keep_connected(
                         c
                     }
                     Err(e) => {
+                        if std::mem::take(&mut handing_over) {
+                            shared.disconnected();
+                        }
                         failures += 1;
                         let known = dialer.count();
                         tracing::debug!(server = %dialer.url(index), error = %e, "nats connect failed");
@@ -66,9 +71,16 @@ pub(super) async fn keep_connected(
             e = serve(&shared, &dialer, c) => e,
             () = stop.cancelled() => return,
         };
-        shared.disconnected();
         metrics::counter!("amibus_nats_disconnects_total", "reason" => why.kind()).increment(1);
-        tracing::warn!(server = %url, error = %why, "nats disconnected; reconnecting");
+        if matches!(why, WireError::LameDuck { drained: true }) {
+            // Everything written was confirmed: nothing to fail. What is queued stays queued
+            // (and the queue open) for the next server, unless it cannot be reached.
+            handing_over = true;
+            tracing::info!(server = %url, "nats server in lame duck mode; moving to the next");
+        } else {
+            shared.disconnected();
+            tracing::warn!(server = %url, error = %why, "nats disconnected; reconnecting");
+        }
     }
 }
 
@@ -80,6 +92,8 @@ struct Session {
     pongs_owed: AtomicU32,
     /// Core: records were written while a `PING` was out; send another when it is answered.
     ping_wanted: AtomicBool,
+    /// The server said it entered lame duck mode.
+    lame_duck: AtomicBool,
 }
 
 /// Write the queue and read the server until the connection fails; the error says why.
@@ -142,6 +156,9 @@ async fn serve(shared: &Shared, dialer: &Dialer, conn: Conn) -> WireError {
         let mut written = 0u64;
         let mut last_write = Instant::now();
         loop {
+            if session.lame_duck.load(Ordering::Acquire) {
+                return leave_lame_duck(shared, &session, &mut wr, written).await;
+            }
             let woken = shared.wake.notified();
             let upto = shared.take(&mut out);
             let had_data = !out.is_empty();
@@ -182,6 +199,50 @@ async fn serve(shared: &Shared, dialer: &Dialer, conn: Conn) -> WireError {
     match tokio::try_join!(reading, writing) {
         Err(e) => e,
         Ok(((), ())) => WireError::Closed,
+    }
+}
+
+/// How long a server in lame duck mode is given to confirm what was written to it before the
+/// connection is left anyway (failing what it did not confirm). nats-server waits 10 s by
+/// default before it starts closing connections itself.
+const LAME_DUCK_DRAIN: Duration = Duration::from_secs(5);
+
+/// The server is shutting down: write nothing more to it, and leave once every record written
+/// on this connection is confirmed, so the move to the next server fails and repeats nothing.
+/// Server `PING`s are still answered meanwhile.
+async fn leave_lame_duck(
+    shared: &Shared,
+    session: &Session,
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    written: u64,
+) -> Result<(), WireError> {
+    let deadline = Instant::now() + LAME_DUCK_DRAIN;
+    let mut out = Vec::new();
+    loop {
+        let drained = match &shared.acks {
+            None => shared.confirmed.load(Ordering::Acquire) >= written,
+            Some(acks) => lock(&acks.slots).settled_through(written),
+        };
+        if drained || Instant::now() >= deadline {
+            return Err(WireError::LameDuck { drained });
+        }
+        for _ in 0..session.pongs_owed.swap(0, Ordering::AcqRel) {
+            out.extend_from_slice(b"PONG\r\n");
+        }
+        if shared.acks.is_none() {
+            let mut pings = lock(&session.pings);
+            if pings.is_empty() {
+                out.extend_from_slice(b"PING\r\n");
+                pings.push_back((written, Instant::now()));
+            }
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            out.clear();
+        }
+        // Confirmations wake the writer; the timeout is for PubAcks, which do not.
+        let _ = tokio::time::timeout(Duration::from_millis(20), shared.wake.notified()).await;
     }
 }
 
@@ -297,7 +358,9 @@ fn on_line(
             let Some((upto, _)) = answered else {
                 return Err(WireError::Protocol("a PONG nobody asked for".into()));
             };
-            if session.ping_wanted.load(Ordering::Acquire) {
+            if session.ping_wanted.load(Ordering::Acquire)
+                || session.lame_duck.load(Ordering::Acquire)
+            {
                 shared.wake.notify_one();
             }
             if shared.acks.is_none() {
@@ -309,6 +372,9 @@ fn on_line(
             let info = ServerInfo::parse(&l[5..])?;
             lock(&shared.queue).max_payload = info.max_payload();
             dialer.learn(&info);
+            if info.ldm && !session.lame_duck.swap(true, Ordering::AcqRel) {
+                shared.wake.notify_one();
+            }
         }
         l if l.starts_with(b"-ERR") => {
             // Permission errors leave the connection open (the message is dropped: core
