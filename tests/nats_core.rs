@@ -373,6 +373,69 @@ async fn tls_needs_the_ca_and_carries_the_messages() {
     );
 }
 
+/// A server configured with TLS `handshake_first` says nothing until the TLS handshake is done:
+/// without the setting the connection fails with a message naming it; with it, both modes
+/// connect (JetStream also opens async-nats's management connection) and publish.
+#[tokio::test]
+async fn a_handshake_first_server_needs_and_takes_tls_before_its_info() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(certs.path());
+    let server = NatsServer::start_with(ServerOptions {
+        config: Some(format!(
+            "tls {{ cert_file: {cert:?}, key_file: {key:?}, handshake_first: true, timeout: 1 }}"
+        )),
+        ..ServerOptions::default()
+    });
+    let url = format!("nats://127.0.0.1:{}", server.port());
+    let reader = async_nats::ConnectOptions::new()
+        .add_root_certificates(cert.clone())
+        .tls_first()
+        .connect(url.clone())
+        .await
+        .expect("reader connects TLS-first");
+    let mut sub = reader.subscribe("hf.>").await.expect("subscribe");
+    reader.flush().await.expect("flush");
+
+    let tls = |handshake_first| NatsTls {
+        ca_file: Some(cert.clone()),
+        handshake_first,
+        ..NatsTls::default()
+    };
+    let mut cfg = config(url.clone(), "hf.{server}", NatsAuth::None);
+    cfg.connection.tls = tls(false);
+    cfg.connection.connect_timeout = Duration::from_secs(5);
+    match NatsSink::connect(cfg.clone()).await {
+        Err(e @ NatsError::Connect { .. }) => {
+            let why = std::error::Error::source(&e).unwrap().to_string();
+            assert!(why.contains("handshake_first"), "{why}");
+        }
+        Err(e) => panic!("expected a connect failure naming handshake_first, got {e}"),
+        Ok(_) => panic!("connected without TLS first"),
+    }
+
+    cfg.connection.tls = tls(true);
+    let mut sink = NatsSink::connect(cfg.clone())
+        .await
+        .expect("connect TLS-first");
+    publish(&mut sink, 1, "core, tls first").await;
+    assert_eq!(
+        next(&mut sub).await,
+        ("hf.pbx1".into(), "1".into(), "core, tls first".into())
+    );
+
+    cfg.mode = NatsMode::JetStream;
+    cfg.stream = Some(amibus::broker::nats::StreamSpec {
+        subjects: vec!["hf.>".into()],
+        ..amibus::broker::nats::StreamSpec::new("HF")
+    });
+    let mut sink = NatsSink::connect(cfg).await.expect("jetstream, TLS-first");
+    publish(&mut sink, 2, "jetstream, tls first").await;
+    assert_eq!(
+        next(&mut sub).await,
+        ("hf.pbx1".into(), "2".into(), "jetstream, tls first".into())
+    );
+}
+
 #[tokio::test]
 async fn require_tls_refuses_a_server_without_it() {
     let server = NatsServer::start();

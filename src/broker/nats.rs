@@ -44,6 +44,9 @@ pub struct NatsTls {
     pub client_key: Option<PathBuf>,
     /// Refuse to talk to a server that does not offer TLS.
     pub require: bool,
+    /// Start TLS before the server says anything, for servers configured with
+    /// `handshake_first` (they send no plain-text `INFO`). Implies TLS on every server.
+    pub handshake_first: bool,
 }
 
 /// Where and how to connect; shared by [`NatsSink`] and [`NatsReader`].
@@ -196,6 +199,9 @@ pub async fn connect(cfg: &NatsConnection) -> Result<Client, NatsError> {
     }
     if cfg.tls.require {
         opts = opts.require_tls(true);
+    }
+    if cfg.tls.handshake_first {
+        opts = opts.tls_first();
     }
     if let Some(name) = &cfg.name {
         opts = opts.name(name);

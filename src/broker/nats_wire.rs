@@ -222,6 +222,8 @@ pub struct Dialer {
     tls: Option<Arc<rustls::ClientConfig>>,
     tls_error: Option<String>,
     require_tls: bool,
+    /// TLS before the server's `INFO` (its `handshake_first`).
+    tls_first: bool,
     auth: Auth,
     name: Option<String>,
     timeout: Duration,
@@ -286,6 +288,7 @@ impl Dialer {
             tls,
             tls_error,
             require_tls: cfg.tls.require,
+            tls_first: cfg.tls.handshake_first,
             auth,
             name: cfg.name.clone(),
             timeout: cfg.connect_timeout,
@@ -351,46 +354,42 @@ impl Dialer {
     }
 
     async fn handshake(&self, url: &ServerUrl) -> Result<Conn, WireError> {
-        let mut tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
         tcp.set_nodelay(true)?;
         let mut read = BytesMut::with_capacity(4096);
-        let line = read_line(&mut tcp, &mut read).await?;
-        let info = match line.strip_prefix(b"INFO ") {
-            Some(json) => ServerInfo::parse(json)?,
-            None => {
-                return Err(WireError::Protocol(format!(
-                    "expected INFO, got `{}`",
-                    String::from_utf8_lossy(&line[..line.len().min(80)])
-                )));
+        let (mut io, info, tls): (Box<dyn Io>, _, _) = if self.tls_first {
+            let mut io = self.start_tls(url, tcp).await?;
+            let info = read_info(&mut io, &mut read).await?;
+            (Box::new(io), info, true)
+        } else {
+            let mut tcp = tcp;
+            let info = read_info(&mut tcp, &mut read).await.map_err(|e| match e {
+                // A `handshake_first` server waits for a TLS hello and says nothing.
+                WireError::Timeout(_) | WireError::Closed => WireError::Protocol(format!(
+                    "no INFO from the server ({e}); if it is configured with TLS \
+                     handshake_first, set tls.handshake_first"
+                )),
+                e => e,
+            })?;
+            let tls = url.tls || self.require_tls || info.tls_required;
+            if tls && !info.tls_required && !info.tls_available {
+                return Err(WireError::Tls("the server does not offer TLS".into()));
             }
+            let io: Box<dyn Io> = if tls {
+                if !read.is_empty() {
+                    return Err(WireError::Protocol("data before the TLS handshake".into()));
+                }
+                Box::new(self.start_tls(url, tcp).await?)
+            } else {
+                Box::new(tcp)
+            };
+            (io, info, tls)
         };
-        let tls = url.tls || self.require_tls || info.tls_required;
-        if tls && !info.tls_required && !info.tls_available {
-            return Err(WireError::Tls("the server does not offer TLS".into()));
-        }
         if !info.headers {
             return Err(WireError::Protocol(
                 "the server does not support headers (nats-server 2.2 or later does)".into(),
             ));
         }
-        let mut io: Box<dyn Io> = if tls {
-            if !read.is_empty() {
-                return Err(WireError::Protocol("data before the TLS handshake".into()));
-            }
-            let config = self
-                .tls
-                .clone()
-                .ok_or_else(|| WireError::Tls(self.tls_error.clone().unwrap_or_default()))?;
-            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|e| WireError::Tls(format!("bad server name `{}`: {e}", url.host)))?;
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| WireError::Tls(e.to_string()))?;
-            Box::new(stream)
-        } else {
-            Box::new(tcp)
-        };
         let mut hello = b"CONNECT ".to_vec();
         hello.extend(self.connect_json(url, &info, tls)?.as_bytes());
         hello.extend(b"\r\nPING\r\n");
@@ -418,6 +417,23 @@ impl Dialer {
             read,
             url: url.clone(),
         })
+    }
+
+    async fn start_tls(
+        &self,
+        url: &ServerUrl,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, WireError> {
+        let config = self
+            .tls
+            .clone()
+            .ok_or_else(|| WireError::Tls(self.tls_error.clone().unwrap_or_default()))?;
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| WireError::Tls(format!("bad server name `{}`: {e}", url.host)))?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| WireError::Tls(e.to_string()))
     }
 
     fn connect_json(
@@ -502,6 +518,21 @@ fn parse_credentials(text: &str) -> Option<(String, String)> {
 }
 
 /// Read one CRLF-terminated line (without its CRLF), keeping what follows in `buf`.
+/// The server's first line, which must be its `INFO`.
+async fn read_info<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<ServerInfo, WireError> {
+    let line = read_line(r, buf).await?;
+    match line.strip_prefix(b"INFO ") {
+        Some(json) => ServerInfo::parse(json),
+        None => Err(WireError::Protocol(format!(
+            "expected INFO, got `{}`",
+            String::from_utf8_lossy(&line[..line.len().min(80)])
+        ))),
+    }
+}
+
 async fn read_line<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut BytesMut,

@@ -102,6 +102,8 @@ pub(super) struct RawNatsTls {
     client_key: Option<PathBuf>,
     #[serde(default)]
     require: bool,
+    #[serde(default)]
+    handshake_first: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -506,6 +508,7 @@ pub(super) fn validate_nats_connection(
             client_cert: tls.client_cert,
             client_key: tls.client_key,
             require: tls.require,
+            handshake_first: tls.handshake_first,
         };
     }
     conn
