@@ -31,6 +31,7 @@
 //! | `amibus_spool_records` | gauge | | records held (not yet acknowledged) |
 //! | `amibus_spool_bytes` | gauge | | bytes of segments on disk |
 //! | `amibus_spool_in_doubt_records` | gauge | | deleted by drop_oldest while in flight, not yet confirmed or failed |
+//! | `amibus_spool_in_doubt_resent_records_total` | counter | | in-doubt records sent again after the sink failed them |
 //! | `amibus_spool_oldest_record_age_seconds` | gauge | | age of the oldest unacknowledged record |
 //! | `amibus_spool_dropped_records_total` | counter | reason | `drop_oldest`, `drop_newest` |
 //! | `amibus_spool_gap_records_total` | counter | | gap records for spool drops |
@@ -185,6 +186,10 @@ fn describe() {
     describe_gauge!(
         "amibus_spool_in_doubt_records",
         "records deleted by drop_oldest while in flight to the sink, not yet confirmed or failed"
+    );
+    describe_counter!(
+        "amibus_spool_in_doubt_resent_records_total",
+        "records deleted by drop_oldest while in flight, sent again from memory after the sink failed them"
     );
     describe_gauge!(
         "amibus_spool_bytes",
@@ -392,6 +397,7 @@ impl Sources {
             gauge!("amibus_spool_records").set(s.records_held as f64);
             gauge!("amibus_spool_bytes").set(s.bytes_held as f64);
             gauge!("amibus_spool_in_doubt_records").set(s.in_doubt as f64);
+            counter!("amibus_spool_in_doubt_resent_records_total").absolute(s.in_doubt_resent);
             gauge!("amibus_spool_oldest_record_age_seconds").set(spool.oldest_age().as_secs_f64());
             counter!("amibus_spool_dropped_records_total", "reason" => "drop_oldest")
                 .absolute(s.dropped_oldest);

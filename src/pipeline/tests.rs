@@ -26,21 +26,26 @@ const VARSET: &[u8] =
 /// A spool under `dir` whose cap holds `records` and a half [`VARSET`] records, in segments of
 /// two.
 fn spool_of_varsets(dir: &std::path::Path, records: u64, when_full: WhenFull) -> Spool {
+    Spool::open(varsets_config(dir, records, when_full))
+        .expect("open")
+        .0
+}
+
+/// The configuration of [`spool_of_varsets`].
+fn varsets_config(dir: &std::path::Path, records: u64, when_full: WhenFull) -> SpoolConfig {
     let one = {
         let (spool, _) = Spool::open(SpoolConfig::new(dir.join("probe"))).expect("open");
         let mut p = Pipeline::new(spool, PayloadFormat::Proto);
         crate::spool::segment::encoded_len(&p.to_spool_record(&frame_record("pbx1", 3, 1, VARSET)))
             as u64
     };
-    Spool::open(SpoolConfig {
+    SpoolConfig {
         max_bytes: one * records + one / 2,
         segment_bytes: one * 2,
         when_full,
         fsync: Fsync::Never,
         ..SpoolConfig::new(dir.join("spool"))
-    })
-    .expect("open")
-    .0
+    }
 }
 
 #[test]
@@ -211,20 +216,26 @@ fn dropped_records_become_gap_records() {
     assert_eq!(gaps, vec![(3, 5, 7)]);
 }
 
-/// Records the cap deleted while the sink had them in flight, which the sink then failed, may
-/// have reached the broker all the same (its confirmation lost with the connection): their gap
-/// says so, where records the cap deleted before they were sent are plainly `spool full`.
-#[test]
-fn records_lost_in_flight_are_gapped_in_doubt() {
+/// Gap ranges by reason.
+type Gaps = BTreeMap<String, Vec<(u64, u64)>>;
+
+/// The cap deletes seqs 1..=3 while the sink has them in flight and seq 4 before it was sent;
+/// the sink then fails what it had and goes back. Returns the envelope seqs read after the
+/// rewind and the gap ranges by reason, once every gap record went out.
+fn lose_three_in_flight(in_doubt_bytes: u64) -> (Vec<u64>, Gaps) {
     let dir = tempfile::tempdir().expect("tempdir");
     let frame = VARSET;
-    let spool = spool_of_varsets(dir.path(), 6, WhenFull::DropOldest);
+    let spool = Spool::open(SpoolConfig {
+        in_doubt_bytes,
+        ..varsets_config(dir.path(), 6, WhenFull::DropOldest)
+    })
+    .expect("open")
+    .0;
     let mut p = Pipeline::new(spool.clone(), PayloadFormat::Proto);
     for seq in 1..=4 {
         p.accept(&frame_record("pbx1", 3, seq, frame));
     }
     p.flush();
-    // The sink takes seqs 1..=3 in flight; then the cap deletes the oldest segments.
     let mut reader = spool.reader();
     for _ in 0..3 {
         reader.try_next().expect("read").expect("record");
@@ -233,22 +244,25 @@ fn records_lost_in_flight_are_gapped_in_doubt() {
         p.accept(&frame_record("pbx1", 3, seq, frame));
     }
     p.flush();
-    assert!(spool.stats().in_doubt > 0, "{:?}", spool.stats());
-    // The sink fails what it had in flight and goes back.
+    assert_eq!(spool.stats().in_doubt, 3, "{:?}", spool.stats());
     reader.rewind();
-    assert!(p.collect_spool_losses());
     // The sink catches up, and the gap records go out as the spool has room for them.
+    let mut seqs = Vec::new();
     let mut gaps = BTreeMap::new();
     for _ in 0..10 {
         while let Some((id, r)) = reader.try_next().expect("read") {
             spool.ack(id);
             let env = decode_payload(&r.payload).expect("envelope");
-            if let Some(pb::envelope::Detail::Gap(g)) = env.detail {
-                gaps.entry(g.reason)
+            match env.detail {
+                Some(pb::envelope::Detail::Gap(g)) => gaps
+                    .entry(g.reason)
                     .or_insert_with(Vec::new)
-                    .push((g.first_seq, g.last_seq));
+                    .push((g.first_seq, g.last_seq)),
+                _ if env.kind() == pb::Kind::Event => seqs.push(env.seq),
+                _ => {}
             }
         }
+        p.collect_spool_losses();
         if !p.has_unreported_gaps() {
             break;
         }
@@ -256,7 +270,29 @@ fn records_lost_in_flight_are_gapped_in_doubt() {
         p.flush();
     }
     assert!(!p.has_unreported_gaps(), "{gaps:?}");
-    // Exactly the three in flight, each once.
+    (seqs, gaps)
+}
+
+/// Records the cap deleted while the sink had them in flight, which the sink then failed, are
+/// held whole and sent again, first: no gap names them. Seq 4, deleted before it was sent, is
+/// plainly `spool full`.
+#[test]
+fn records_lost_in_flight_are_sent_again() {
+    let (seqs, gaps) = lose_three_in_flight(SpoolConfig::new("x").in_doubt_bytes);
+    assert_eq!(&seqs[..3], &[1, 2, 3], "sent again first: {seqs:?}");
+    assert!(!gaps.contains_key("spool full (in doubt)"), "{gaps:?}");
+    assert!(
+        gaps["spool full"].iter().all(|&(a, _)| a > 3),
+        "never sent: plainly lost {gaps:?}"
+    );
+}
+
+/// Past `in_doubt_bytes`, such records are known by their metadata only: the sink's failure
+/// loses them, and their gap says they may have reached the broker all the same.
+#[test]
+fn records_lost_in_flight_past_the_bound_are_gapped_in_doubt() {
+    let (seqs, gaps) = lose_three_in_flight(0);
+    assert!(!seqs.iter().any(|&s| s <= 3), "{seqs:?}");
     let in_doubt = &gaps["spool full (in doubt)"];
     let named: u64 = in_doubt.iter().map(|(a, b)| b - a + 1).sum();
     assert_eq!(named, 3, "{gaps:?}");

@@ -68,8 +68,11 @@ impl Spool {
     /// Segments it frees are deleted after the lock is released.
     pub fn ack(&self, id: u64) {
         let mut st = self.lock();
-        if st.in_doubt.remove(&id).is_some() {
+        if let Some(doubt) = st.in_doubt.remove(&id) {
             // Deleted while in flight, and delivered after all.
+            if let Doubt::Held(r) = &doubt {
+                st.in_doubt_bytes -= Doubt::held_bytes(r);
+            }
             st.stats.acknowledged += 1;
             return;
         }

@@ -39,6 +39,11 @@ pub struct SpoolConfig {
     /// The newest records are also kept in memory, up to this many bytes, so a reader that
     /// keeps up takes them from there instead of reading back what was just written.
     pub memory_bytes: u64,
+    /// Records drop_oldest deletes while the sink has them in flight are held whole, up to
+    /// this many bytes of key and payload, to be sent again if the sink fails them; past it
+    /// only their metadata is kept, and such a record is lost if the sink fails it. With the
+    /// default `max_in_flight`, 16 MiB holds every in-flight record of up to ~800 bytes.
+    pub in_doubt_bytes: u64,
 }
 
 impl SpoolConfig {
@@ -51,6 +56,7 @@ impl SpoolConfig {
             when_full: WhenFull::DropOldest,
             max_in_flight: 20_000,
             memory_bytes: 16 << 20,
+            in_doubt_bytes: 16 << 20,
         }
     }
 }

@@ -40,7 +40,7 @@ impl Spool {
             let doubt = held_from.min(lost_from)..lost_from;
             for id in doubt.clone() {
                 if !st.acked_above.contains(&id) {
-                    st.in_doubt.insert(id, None);
+                    st.in_doubt.insert(id, Doubt::Unread);
                 }
             }
             let acked = st
@@ -68,25 +68,36 @@ impl Spool {
         out
     }
 
-    /// After [`Spool::detach_oldest`], without the lock: read the dropped segments' records
-    /// (metadata only), delete their files, and sort the records out: in doubt (kept for
-    /// [`Spool::ack`] or [`Reader::rewind`] to decide), lost now (returned, counted in
-    /// `dropped_oldest`), or acknowledged meanwhile (nothing). Records that cannot be read
-    /// (damaged) are counted, lost without a gap record.
+    /// After [`Spool::detach_oldest`], without the lock: read the dropped segments' records,
+    /// delete their files, and sort the records out: in doubt (held whole, within
+    /// `in_doubt_bytes`, for [`Spool::ack`] to settle or the reader to send again after a
+    /// rewind), lost now (returned, metadata only, counted in `dropped_oldest`), or
+    /// acknowledged meanwhile (nothing). Records that cannot be read (damaged) are counted,
+    /// lost without a gap record.
     pub(super) fn read_detached(&self, detached: Vec<Detached>) -> Vec<Record> {
         let mut lost = Vec::new();
+        let mut filled = false;
         for d in detached {
             let mut found: Vec<(u64, Record)> = Vec::new();
+            let whole = |id: u64| d.doubt.contains(&id);
             if d.first_id < d.in_file_end {
-                read_meta(&d.path, d.first_id..d.in_file_end, &mut found);
+                read_records(&d.path, d.first_id..d.in_file_end, whole, &mut found);
             }
             for chunk in d.memory {
                 segment::decode_all(Bytes::from(chunk.bytes), |id, rec| {
-                    found.push((id, meta_only(rec)));
+                    found.push((
+                        id,
+                        if whole(id) {
+                            whole_record(rec)
+                        } else {
+                            meta_only(rec)
+                        },
+                    ));
                 });
             }
             let _ = fs::remove_file(&d.path);
-            let mut st = self.lock();
+            let mut guard = self.lock();
+            let st = &mut *guard;
             let mut lost_now = 0u64;
             for (id, rec) in found {
                 if id >= d.end_id || id < d.doubt.start {
@@ -99,15 +110,16 @@ impl Spool {
                     }
                     continue;
                 }
-                match st.in_doubt.get_mut(&id) {
-                    Some(slot @ None) => *slot = Some(rec),
-                    Some(Some(_)) => {}
-                    // Acknowledged meanwhile (delivered), or the reader rewound past it.
-                    None => {
-                        if st.lost_unread.remove(&id) {
-                            st.lost_later.push(rec);
-                        }
-                    }
+                // Not there: acknowledged meanwhile (delivered).
+                if let Some(slot @ Doubt::Unread) = st.in_doubt.get_mut(&id) {
+                    let size = Doubt::held_bytes(&rec);
+                    *slot = if st.in_doubt_bytes + size <= self.shared.cfg.in_doubt_bytes {
+                        st.in_doubt_bytes += size;
+                        Doubt::Held(rec)
+                    } else {
+                        Doubt::Meta(meta_only(rec))
+                    };
+                    filled = true;
                 }
             }
             st.stats.dropped_oldest += lost_now;
@@ -118,16 +130,11 @@ impl Spool {
             let unread: Vec<u64> = st
                 .in_doubt
                 .range(d.doubt.clone())
-                .filter(|(_, r)| r.is_none())
+                .filter(|(_, r)| matches!(r, Doubt::Unread))
                 .map(|(id, _)| *id)
                 .collect();
             for id in unread {
                 st.in_doubt.remove(&id);
-                damaged += 1;
-            }
-            let rewound: Vec<u64> = st.lost_unread.range(d.doubt.clone()).copied().collect();
-            for id in rewound {
-                st.lost_unread.remove(&id);
                 damaged += 1;
             }
             if damaged > 0 {
@@ -140,6 +147,11 @@ impl Spool {
                 );
                 st.stats.damaged_records += damaged;
                 st.stats.damaged_unattributed += damaged;
+            }
+            // A reader waiting to send them again (after a rewind) goes on.
+            if filled && std::mem::take(&mut st.reader_waiting) {
+                drop(guard);
+                self.shared.changed.notify_waiters();
             }
         }
         lost

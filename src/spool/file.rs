@@ -89,9 +89,24 @@ pub(super) fn meta_only(record: Record) -> Record {
     }
 }
 
-/// The records with `ids` in the segment file at `path`, metadata only, skipping damage. A
-/// file that cannot be read gives what was read of it.
-pub(super) fn read_meta(path: &Path, ids: Range<u64>, out: &mut Vec<(u64, Record)>) {
+/// `record` whole, copied out of the buffer it was read into (an in-doubt record held to be
+/// sent again).
+pub(super) fn whole_record(record: Record) -> Record {
+    Record {
+        key: Bytes::copy_from_slice(&record.key),
+        meta: record.meta.detached(),
+        payload: Bytes::copy_from_slice(&record.payload),
+    }
+}
+
+/// The records with `ids` in the segment file at `path`, whole where `whole(id)`, else metadata
+/// only, skipping damage. A file that cannot be read gives what was read of it.
+pub(super) fn read_records(
+    path: &Path,
+    ids: Range<u64>,
+    whole: impl Fn(u64) -> bool,
+    out: &mut Vec<(u64, Record)>,
+) {
     let Ok(mut reader) = SegmentReader::open(path) else {
         return;
     };
@@ -104,7 +119,14 @@ pub(super) fn read_meta(path: &Path, ids: Range<u64>, out: &mut Vec<(u64, Record
                     break;
                 }
                 if id >= next {
-                    out.push((id, meta_only(rec)));
+                    out.push((
+                        id,
+                        if whole(id) {
+                            whole_record(rec)
+                        } else {
+                            meta_only(rec)
+                        },
+                    ));
                     next = id + 1;
                 }
             }

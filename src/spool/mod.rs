@@ -34,8 +34,10 @@
 //! - Deleting files happens after `state` is released: `ack` deletes the segments it frees
 //!   (a segment acknowledged before it was all written is deleted by the next flush, after
 //!   its writes); drop_oldest takes the oldest segments out under `state` (holding `file` too,
-//!   so no flush is writing them), and the appending thread then reads their metadata and
-//!   deletes them. The checkpoint (in `spawn_blocking`) fsyncs holding no lock, and reclaims
+//!   so no flush is writing them), and the appending thread then reads them and deletes them:
+//!   records the sink was sent and has not confirmed are held whole in memory (up to
+//!   `in_doubt_bytes`; see `Doubt`) and sent again first after a rewind; the reader waits
+//!   for one that is still being read rather than send newer records before it. The checkpoint (in `spawn_blocking`) fsyncs holding no lock, and reclaims
 //!   an all-acknowledged active segment past `min(segment_bytes / 8, 1 MiB)`.
 //!
 //! When writes fail (disk full), what was not written stays queued and a later flush writes it
@@ -76,7 +78,7 @@ mod reader;
 mod record;
 pub mod segment;
 
-use file::{file_path, meta_only, read_meta};
+use file::{file_path, meta_only, read_records, whole_record};
 pub use reader::Reader;
 pub use record::{GapRange, HEADER_NAMES, Kind, Meta, Record};
 
@@ -167,6 +169,8 @@ pub struct SpoolStats {
     /// Records deleted by drop_oldest while the sink had them in flight: lost only if the
     /// sink does not confirm them (see [`Spool::take_lost`]).
     pub in_doubt: u64,
+    /// In-doubt records sent again after the sink failed them (each time).
+    pub in_doubt_resent: u64,
     /// Appends and flushes that failed (disk full, I/O error).
     pub write_errors: u64,
     /// The last write failed and none has succeeded since. Appends go on into memory until
@@ -233,15 +237,14 @@ struct State {
     /// that writes something wakes it (and only then: a wake per record would cost more than
     /// the record).
     reader_waiting: bool,
-    /// One past the highest id a reader has handed to the sink.
+    /// One past the highest id a reader has ever handed to the sink (a rewind does not lower
+    /// it: what was sent once may have reached the broker).
     handed_out: u64,
-    /// Deleted by drop_oldest while in flight: delivered if acknowledged, lost if the reader
-    /// rewinds past them instead. The metadata (payload left out) is `None` until the thread
-    /// that dropped the segment has read them, outside the lock.
-    in_doubt: BTreeMap<u64, Option<Record>>,
-    /// In-doubt ids the reader rewound past before their metadata was read: lost, reported
-    /// (through `lost_later`) once they are.
-    lost_unread: BTreeSet<u64>,
+    /// Deleted by drop_oldest while in flight: delivered if acknowledged; after a rewind, sent
+    /// again first while their bytes are held, lost if only their metadata is (see [`Doubt`]).
+    in_doubt: BTreeMap<u64, Doubt>,
+    /// Bytes of the [`Doubt::Held`] records, at most `in_doubt_bytes`.
+    in_doubt_bytes: u64,
     /// In-doubt records that turned out lost, for [`Spool::take_lost`].
     lost_later: Vec<Record>,
     /// What damaged records held, for [`Spool::take_damaged`].
@@ -282,6 +285,25 @@ const WRITE_CHUNK: u64 = 256 << 10;
 
 /// Chunk buffers larger than this (grown while the disk refused writes) are not kept.
 const SPARE_MAX: usize = 2 * WRITE_CHUNK as usize;
+
+/// A record drop_oldest deleted while the sink had it in flight: the broker may have it or not.
+#[derive(Debug)]
+pub(super) enum Doubt {
+    /// Its segment is being read, outside the lock, by the append that dropped it.
+    Unread,
+    /// Read whole: if the sink fails it, the reader sends it again (before anything newer).
+    Held(Record),
+    /// Only its metadata was kept (the held records reached `in_doubt_bytes`): if the sink fails
+    /// it, it is lost, reported as `spool full (in doubt)`.
+    Meta(Record),
+}
+
+impl Doubt {
+    /// What a [`Doubt::Held`] record counts against the bound.
+    pub(super) fn held_bytes(record: &Record) -> u64 {
+        (record.key.len() + record.payload.len()) as u64
+    }
+}
 
 struct Shared {
     cfg: SpoolConfig,

@@ -220,7 +220,7 @@ impl Spool {
             reader_waiting: false,
             handed_out: acked_floor,
             in_doubt: BTreeMap::new(),
-            lost_unread: BTreeSet::new(),
+            in_doubt_bytes: 0,
             lost_later: Vec::new(),
             damaged: inferred.ranges,
             damage_seen,

@@ -11,6 +11,7 @@ impl Spool {
             spool: self.clone(),
             next_id,
             segment: None,
+            resend_from: None,
         }
     }
 }
@@ -20,6 +21,8 @@ pub struct Reader {
     spool: Spool,
     next_id: u64,
     segment: Option<OpenSegment>,
+    /// After a rewind: the in-doubt records from this id on go first.
+    resend_from: Option<u64>,
 }
 
 /// The segment a [`Reader`] reads from the file.
@@ -73,6 +76,12 @@ impl Reader {
     /// # Errors
     /// A segment cannot be read.
     pub fn try_next(&mut self) -> Result<Option<(u64, Arc<Record>)>, SpoolError> {
+        match self.next_resend() {
+            Some(Some(r)) => return Ok(Some(r)),
+            // One is still being read by the append that dropped it: wait for it.
+            Some(None) => return Ok(None),
+            None => {}
+        }
         loop {
             let (segment_first, view) = {
                 let mut st = self.spool.lock();
@@ -234,25 +243,47 @@ impl Reader {
     /// Go back to the oldest unacknowledged record (after the sink lost deliveries), skipping
     /// records acknowledged since.
     ///
-    /// Records deleted by drop_oldest while they were in flight and not confirmed since cannot
-    /// be sent again: they become lost (see [`Spool::take_lost`]).
+    /// Records deleted by drop_oldest while they were in flight and not confirmed since are
+    /// sent again first, in id order, while their bytes are held; those held by their
+    /// metadata only are lost then (see [`Spool::take_lost`]).
     pub fn rewind(&mut self) {
-        let mut st = self.spool.lock();
+        let st = self.spool.lock();
+        // `handed_out` stays: a record sent once may be at the broker whatever happens next,
+        // so if drop_oldest deletes it before it is confirmed, it is in doubt, not lost.
         self.next_id = st.acked_floor;
-        st.handed_out = st.acked_floor;
-        let lost = std::mem::take(&mut st.in_doubt);
-        st.stats.dropped_oldest += lost.len() as u64;
-        for (id, record) in lost {
-            match record {
-                Some(record) => st.lost_later.push(record),
-                // Its metadata is being read: reported once it is.
-                None => {
-                    st.lost_unread.insert(id);
+        self.resend_from = (!st.in_doubt.is_empty()).then_some(0);
+        drop(st);
+        self.segment = None;
+    }
+
+    /// The next in-doubt record to send again after a rewind: `None` when there is none left
+    /// (the log goes on), `Some(None)` while the next one is still being read.
+    fn next_resend(&mut self) -> Option<Option<(u64, Arc<Record>)>> {
+        let mut from = self.resend_from?;
+        let mut guard = self.spool.lock();
+        let st = &mut *guard;
+        loop {
+            let Some((&id, doubt)) = st.in_doubt.range(from..).next() else {
+                self.resend_from = None;
+                return None;
+            };
+            match doubt {
+                Doubt::Unread => return Some(None),
+                Doubt::Held(record) => {
+                    let out = (id, Arc::new(record.clone()));
+                    self.resend_from = Some(id + 1);
+                    st.stats.in_doubt_resent += 1;
+                    return Some(Some(out));
+                }
+                Doubt::Meta(_) => {
+                    if let Some(Doubt::Meta(record)) = st.in_doubt.remove(&id) {
+                        st.stats.dropped_oldest += 1;
+                        st.lost_later.push(record);
+                    }
+                    from = id + 1;
                 }
             }
         }
-        drop(st);
-        self.segment = None;
     }
 
     /// Acknowledge through the spool.

@@ -184,6 +184,8 @@ pub struct Report {
     pub delivered: u64,
     pub failed_permanent: u64,
     pub left_in_spool: u64,
+    /// In-doubt records sent again (see [`crate::spool::SpoolStats::in_doubt_resent`]).
+    pub in_doubt_resent: u64,
     pub events_by_server: HashMap<String, u64>,
     /// Each configured server's connection counters at exit (reconnects, dropped records, the
     /// last epoch), by server id.
@@ -534,7 +536,8 @@ pub async fn run_with(
         )
     })?;
     let deadline = Instant::now() + cfg.pipeline.drain_timeout;
-    while spool.stats().records_held > 0 && Instant::now() < deadline {
+    // In-doubt records are below the floor, not in `records_held`: sent again, they wait too.
+    while spool.stats().records_held + spool.stats().in_doubt > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     driver_stop.cancel();
@@ -565,6 +568,7 @@ pub async fn run_with(
         delivered: stats.acknowledged.load(Ordering::Relaxed),
         failed_permanent: stats.failed_permanent.load(Ordering::Relaxed),
         left_in_spool: spool.stats().records_held,
+        in_doubt_resent: spool.stats().in_doubt_resent,
         events_by_server,
         connections: connection_stats,
         sim_events,

@@ -377,9 +377,10 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
 }
 
 /// drop_oldest deleting records the sink has in flight: those the sink then confirms were
-/// delivered, not lost; those it fails (the reader rewinds) are lost, reported once.
+/// delivered, not lost; those it fails (the reader rewinds) are sent again, first and in order,
+/// until the sink confirms them.
 #[test]
-fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
+fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = three_segments_drop_oldest(dir.path());
     for n in 0..6 {
@@ -414,14 +415,75 @@ fn records_deleted_while_in_flight_are_lost_only_if_the_sink_fails_them() {
         "nothing known lost before the rewind"
     );
     reader.rewind();
-    let lost_later: Vec<u64> = spool.take_lost().iter().map(seq).collect();
-    assert_eq!(lost_later, vec![1, 3]);
-    assert!(spool.take_lost().is_empty(), "reported once");
+    spool.flush().expect("flush");
+    assert!(spool.take_lost().is_empty(), "held whole: nothing lost");
+    // 1 and 3 first, whole, then the rest from the oldest record still held.
+    let first = reader.try_next().expect("read").expect("record");
+    assert_eq!(
+        (first.0, &first.1.payload),
+        (in_flight[1].0, &rec("k", 1).payload)
+    );
+    // Failed again (the broker is still away): sent again again.
+    reader.rewind();
+    let again = drain(&mut reader);
+    let seqs: Vec<u64> = again.iter().map(|g| g.1).collect();
+    assert_eq!(seqs, [1, 3].into_iter().chain(6..15).collect::<Vec<_>>());
+    assert_eq!(
+        (again[0].0, again[1].0),
+        (in_flight[1].0, in_flight[3].0),
+        "their own ids"
+    );
+    for (id, _) in &again {
+        spool.ack(*id);
+    }
     let st = spool.stats();
-    assert_eq!((st.in_doubt, st.dropped_oldest, st.acknowledged), (0, 4, 2));
-    // The rest is read again from the oldest record still held.
-    let again: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
-    assert_eq!(again, (6..15).collect::<Vec<_>>());
+    assert_eq!(
+        (st.in_doubt, st.dropped_oldest, st.acknowledged),
+        (0, 2, 13)
+    );
+    assert_eq!(spool.lock().in_doubt_bytes, 0);
+    assert!(spool.take_lost().is_empty());
+}
+
+/// In-doubt records are held whole only up to `memory_bytes`; past it, only their metadata,
+/// and one the sink then fails is lost, reported once as in doubt.
+#[test]
+fn in_doubt_records_past_the_memory_bound_are_lost_if_the_sink_fails_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = segment::encoded_len(&rec("k", 0)) as u64;
+    let (spool, _) = Spool::open(SpoolConfig {
+        segment_bytes: one * 3,
+        max_bytes: one * 9,
+        when_full: WhenFull::DropOldest,
+        // Room for two records' key and payload.
+        in_doubt_bytes: 2 * Doubt::held_bytes(&rec("k", 0)),
+        ..cfg(dir.path())
+    })
+    .expect("open");
+    for n in 0..6 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    spool.flush().expect("flush");
+    let mut reader = spool.reader();
+    for _ in 0..4 {
+        reader.try_next().expect("read").expect("record");
+    }
+    for n in 6..15 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    assert_eq!(spool.stats().in_doubt, 4);
+    reader.rewind();
+    // 0 and 1 held whole and sent again; 2 and 3 known by their metadata only: lost.
+    let got: Vec<u64> = drain(&mut reader).iter().map(|g| g.1).collect();
+    assert_eq!(got, [0, 1].into_iter().chain(6..15).collect::<Vec<_>>());
+    let lost: Vec<u64> = spool.take_lost().iter().map(seq).collect();
+    assert_eq!(lost, vec![2, 3]);
+    assert!(spool.take_lost().is_empty(), "reported once");
+    assert_eq!(
+        spool.stats().dropped_oldest,
+        4,
+        "4 and 5 never sent, 2 and 3"
+    );
 }
 
 #[test]
