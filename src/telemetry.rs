@@ -462,7 +462,11 @@ impl Sources {
             + d.failed_permanent.load(Ordering::Relaxed)
             + d.failed_retriable.load(Ordering::Relaxed)
             + d.rewinds.load(Ordering::Relaxed);
-        let waiting = spool.stats().records_held;
+        // In-doubt records wait below the spool's floor: sent again, they count too.
+        let waiting = {
+            let s = spool.stats();
+            s.records_held + s.in_doubt
+        };
         let mut p = self
             .progress
             .lock()
