@@ -652,6 +652,79 @@ async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
 /// The spool is full to the stop (broker down, drop_newest): the loss cannot be reported
 /// then, so it is written to the spool directory and the next start reports it first. The
 /// first run's epoch ends whole: every seq delivered or named by a gap, once.
+/// amibus stops while the broker is still away and records it sent are in doubt (deleted by
+/// drop_oldest, held in memory only): the next start reports them as `spool full (in doubt)`,
+/// so every seq is delivered or named by a gap. Before, they went without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_doubt_at_shutdown_are_reported_by_the_next_start() {
+    let mut nats = NatsServer::start();
+    let sim = Sim::start(sim_config("E2E7B", 2, 500, None))
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = "max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"drop_oldest\"";
+    let toml = config_toml(&sim, dir.path(), &nats, "E2E7B", spool)
+        .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
+    let (stop, run) = spawn_run(config(&toml));
+    let mut reader = StreamReader::new(&nats, "E2E7B").await;
+    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats, false).await;
+    let first = finish(stop, run).await;
+    let carried = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
+    assert!(
+        carried.contains("spool-full-in-doubt"),
+        "the records in doubt wait in the spool directory: {first}\n{carried:?}"
+    );
+    for i in 0..2 {
+        sim.set_unresponsive(i, true);
+    }
+    broker(|| nats.restart());
+    let (stop, run) = spawn_run(config(&toml));
+    let first_epochs: BTreeMap<String, u64> = {
+        reader
+            .wait_for("the first epochs, whole", |got| {
+                let v = View::of(got);
+                (0..2).all(|i| {
+                    let id = server_id(i);
+                    v.epochs(&id).first().is_some_and(|e| {
+                        let key = (id.clone(), *e);
+                        v.gaps.get(&key).is_some_and(|g| !g.is_empty()) && v.cover(&key).is_ok()
+                    })
+                })
+            })
+            .await;
+        // The driver kept trying the oldest record: whichever server's it was is in doubt.
+        let v = View::of(&reader.got);
+        assert!(
+            v.in_doubt_gaps.values().any(|g| !g.is_empty()),
+            "an in-doubt gap: {}",
+            v.summary()
+        );
+        let v = View::of(&reader.got);
+        (0..2)
+            .map(|i| (server_id(i), v.epochs(&server_id(i))[0]))
+            .collect()
+    };
+    resume(&sim, 2);
+    let second = finish(stop, run).await;
+    sim.shutdown().await;
+    assert!(reader.catch_up().await);
+    let view = View::of(&reader.got);
+    let ctx = format!(
+        "{}\nfirst run: {first}\nsecond run: {second}\ncarried: {carried:?}",
+        view.summary()
+    );
+    for (id, epoch) in first_epochs {
+        let key = (id.clone(), epoch);
+        let n = view.cover(&key).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
+        assert!(n > 2000 / 2, "{id}: {ctx}");
+    }
+    assert_eq!(view.duplicates, 0, "{ctx}");
+    assert!(
+        !dir.path().join("unreported-gaps").exists(),
+        "reported, so no longer carried: {ctx}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
     let mut nats = NatsServer::start();

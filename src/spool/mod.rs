@@ -412,6 +412,29 @@ impl Spool {
         }
     }
 
+    /// Give up on the records still in doubt (at shutdown, once the sink has stopped: they are
+    /// held in memory only): they become lost, for [`Spool::take_lost`] to report as in doubt.
+    /// Returns how many.
+    pub fn abandon_in_doubt(&self) -> u64 {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let doubts = std::mem::take(&mut st.in_doubt);
+        st.in_doubt_bytes = 0;
+        let mut n = 0;
+        for (_, doubt) in doubts {
+            let record = match doubt {
+                Doubt::Held(r) => meta_only(r),
+                Doubt::Meta(r) => r,
+                // Still being read: the append that dropped it reports it as damaged.
+                Doubt::Unread => continue,
+            };
+            st.stats.dropped_oldest += 1;
+            st.lost_later.push(record);
+            n += 1;
+        }
+        n
+    }
+
     /// Records deleted by drop_oldest while in flight that the sink then did not confirm (the
     /// reader rewound past them): lost after all, metadata only, counted in `dropped_oldest`
     /// now. The pipeline reports them as gaps.

@@ -544,12 +544,24 @@ pub async fn run_with(
     // A failed driver is the supervisor's to report: the run ends with that error after its
     // orderly stop.
     let _ = driver.await.context("the sink driver's task")?;
-    let in_doubt = spool.stats().in_doubt;
-    if in_doubt > 0 {
+    // In-doubt records live in memory only: what the sink did not confirm by now goes to the
+    // next run as `spool full (in doubt)` gaps (the broker may have them, or not).
+    if spool.abandon_in_doubt() > 0 {
+        let mut doubts = Pipeline::new(spool.clone(), crate::model::PayloadFormat::Proto);
+        doubts.collect_spool_losses();
+        let in_doubt = doubts.unreported();
         tracing::warn!(
-            records = in_doubt,
-            "records deleted by drop_oldest were still in flight at shutdown: delivered or lost, unknown"
+            ranges = in_doubt.len(),
+            "records deleted by drop_oldest were still unconfirmed at shutdown; the next start \
+             reports them as in doubt"
         );
+        unreported.extend(in_doubt);
+        save_unreported(&cfg.spool.dir, &unreported).with_context(|| {
+            format!(
+                "cannot write {UNREPORTED_FILE} in {}",
+                cfg.spool.dir.display()
+            )
+        })?;
     }
     maintain_stop.cancel();
     let _ = maintain.await;

@@ -445,6 +445,40 @@ fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     assert!(spool.take_lost().is_empty());
 }
 
+/// At shutdown, in-doubt records the sink has not confirmed are given up: lost, reported once,
+/// by their metadata.
+#[test]
+fn in_doubt_records_given_up_at_shutdown_are_reported_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = three_segments_drop_oldest(dir.path());
+    for n in 0..6 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    spool.flush().expect("flush");
+    let mut reader = spool.reader();
+    let first = reader.try_next().expect("read").expect("record").0;
+    for _ in 1..4 {
+        reader.try_next().expect("read").expect("record");
+    }
+    for n in 6..15 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    spool.ack(first);
+    assert_eq!(spool.stats().in_doubt, 3);
+    assert_eq!(spool.abandon_in_doubt(), 3);
+    let lost = spool.take_lost();
+    assert_eq!(lost.iter().map(seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(lost.iter().all(|r| r.payload.is_empty()), "metadata only");
+    assert!(spool.take_lost().is_empty(), "reported once");
+    let st = spool.stats();
+    assert_eq!(
+        (st.in_doubt, st.dropped_oldest),
+        (0, 5),
+        "4 and 5 never sent, 1..=3"
+    );
+    assert_eq!(spool.lock().in_doubt_bytes, 0);
+}
+
 /// In-doubt records are held whole only up to `memory_bytes`; past it, only their metadata,
 /// and one the sink then fails is lost, reported once as in doubt.
 #[test]
