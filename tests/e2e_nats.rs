@@ -649,101 +649,40 @@ async fn nothing_is_lost_across_a_graceful_restart_with_the_broker_down() {
     assert_eq!(second.left_in_spool, 0, "{ctx}");
 }
 
-/// The spool is full to the stop (broker down, drop_newest): the loss cannot be reported
-/// then, so it is written to the spool directory and the next start reports it first. The
-/// first run's epoch ends whole: every seq delivered or named by a gap, once.
-/// amibus stops while the broker is still away and records it sent are in doubt (deleted by
-/// drop_oldest, held in memory only): the next start reports them as `spool full (in doubt)`,
-/// so every seq is delivered or named by a gap. Before, they went without a trace.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_in_doubt_at_shutdown_are_reported_by_the_next_start() {
-    let mut nats = NatsServer::start();
-    let sim = Sim::start(sim_config("E2E7B", 2, 500, None))
-        .await
-        .expect("sim");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spool = "max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"drop_oldest\"";
-    let toml = config_toml(&sim, dir.path(), &nats, "E2E7B", spool)
-        .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
-    let (stop, run) = spawn_run(config(&toml));
-    let mut reader = StreamReader::new(&nats, "E2E7B").await;
-    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats, false).await;
-    let first = finish(stop, run).await;
-    let carried = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
-    assert!(
-        carried.contains("spool-full-in-doubt"),
-        "the records in doubt wait in the spool directory: {first}\n{carried:?}"
-    );
-    for i in 0..2 {
-        sim.set_unresponsive(i, true);
-    }
-    broker(|| nats.restart());
-    let (stop, run) = spawn_run(config(&toml));
-    let first_epochs: BTreeMap<String, u64> = {
-        reader
-            .wait_for("the first epochs, whole", |got| {
-                let v = View::of(got);
-                (0..2).all(|i| {
-                    let id = server_id(i);
-                    v.epochs(&id).first().is_some_and(|e| {
-                        let key = (id.clone(), *e);
-                        v.gaps.get(&key).is_some_and(|g| !g.is_empty()) && v.cover(&key).is_ok()
-                    })
-                })
-            })
-            .await;
-        // The driver kept trying the oldest record: whichever server's it was is in doubt.
-        let v = View::of(&reader.got);
-        assert!(
-            v.in_doubt_gaps.values().any(|g| !g.is_empty()),
-            "an in-doubt gap: {}",
-            v.summary()
-        );
-        let v = View::of(&reader.got);
-        (0..2)
-            .map(|i| (server_id(i), v.epochs(&server_id(i))[0]))
-            .collect()
-    };
-    resume(&sim, 2);
-    let second = finish(stop, run).await;
-    sim.shutdown().await;
-    assert!(reader.catch_up().await);
-    let view = View::of(&reader.got);
-    let ctx = format!(
-        "{}\nfirst run: {first}\nsecond run: {second}\ncarried: {carried:?}",
-        view.summary()
-    );
-    for (id, epoch) in first_epochs {
-        let key = (id.clone(), epoch);
-        let n = view.cover(&key).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
-        assert!(n > 2000 / 2, "{id}: {ctx}");
-    }
-    assert_eq!(view.duplicates, 0, "{ctx}");
-    assert!(
-        !dir.path().join("unreported-gaps").exists(),
-        "reported, so no longer carried: {ctx}"
-    );
+/// What a run that stopped with the spool full and the broker away left for the next start,
+/// and what the next start then published.
+struct Carried {
+    /// `unreported-gaps` after the first run.
+    text: String,
+    first: amibus::app::run::Report,
+    view: View,
+    ctx: String,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
+/// Fill a small spool (`when_full`) with the broker down (`quiet`: see
+/// [`fill_the_spool_with_the_broker_down`]), stop amibus while the broker is still away, then
+/// start it again with the broker back. Checks what must hold in every case: over both runs,
+/// each seq of the first epochs is delivered or named by a gap, once; nothing is duplicated;
+/// the carried loss is published and no longer carried.
+async fn stop_with_the_broker_away_then_start_again(
+    name: &str,
+    when_full: &str,
+    quiet: bool,
+) -> Carried {
     let mut nats = NatsServer::start();
-    let sim = Sim::start(sim_config("E2E7", 2, 500, None))
+    let sim = Sim::start(sim_config(name, 2, 500, None))
         .await
         .expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool = "max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"drop_newest\"";
-    let toml = config_toml(&sim, dir.path(), &nats, "E2E7", spool)
+    let spool =
+        format!("max_bytes = \"64KiB\"\nsegment_bytes = \"8KiB\"\nwhen_full = \"{when_full}\"");
+    let toml = config_toml(&sim, dir.path(), &nats, name, &spool)
         .replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"");
     let (stop, run) = spawn_run(config(&toml));
-    let mut reader = StreamReader::new(&nats, "E2E7").await;
-    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats, true).await;
+    let mut reader = StreamReader::new(&nats, name).await;
+    fill_the_spool_with_the_broker_down(&sim, &mut reader, &mut nats, quiet).await;
     let first = finish(stop, run).await;
-    let carried = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
-    assert!(
-        first.pipeline.dropped_newest > 0 && !carried.is_empty(),
-        "the loss waits in the spool directory: {first}\n{carried:?}"
-    );
+    let text = std::fs::read_to_string(dir.path().join("unreported-gaps")).unwrap_or_default();
     for i in 0..2 {
         sim.set_unresponsive(i, true);
     }
@@ -775,7 +714,7 @@ async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
     assert!(reader.catch_up().await);
     let view = View::of(&reader.got);
     let ctx = format!(
-        "{}\nfirst run: {first}\nsecond run: {second}\ncarried: {carried:?}",
+        "{}\nfirst run: {first}\nsecond run: {second}\ncarried: {text:?}",
         view.summary()
     );
     for (id, epoch) in first_epochs {
@@ -792,5 +731,43 @@ async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
     assert!(
         !dir.path().join("unreported-gaps").exists(),
         "reported, so no longer carried: {ctx}"
+    );
+    Carried {
+        text,
+        first,
+        view,
+        ctx,
+    }
+}
+
+/// amibus stops while the broker is still away and records it sent are in doubt (deleted by
+/// drop_oldest, held in memory only): the next start reports them as `spool full (in doubt)`,
+/// so every seq is delivered or named by a gap. Before, they went without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_doubt_at_shutdown_are_reported_by_the_next_start() {
+    let c = stop_with_the_broker_away_then_start_again("E2E7B", "drop_oldest", false).await;
+    assert!(
+        c.text.contains("spool-full-in-doubt"),
+        "the records in doubt waited in the spool directory: {}",
+        c.ctx
+    );
+    // The driver kept trying the oldest record: whichever server's it was is in doubt.
+    assert!(
+        c.view.in_doubt_gaps.values().any(|g| !g.is_empty()),
+        "{}",
+        c.ctx
+    );
+}
+
+/// The spool is full to the stop (broker down, drop_newest): the loss cannot be reported
+/// then, so it is written to the spool directory and the next start reports it first. The
+/// first run's epoch ends whole: every seq delivered or named by a gap, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_the_full_spool_could_not_report_is_reported_by_the_next_start() {
+    let c = stop_with_the_broker_away_then_start_again("E2E7", "drop_newest", true).await;
+    assert!(
+        c.first.pipeline.dropped_newest > 0 && !c.text.is_empty(),
+        "the loss waited in the spool directory: {}",
+        c.ctx
     );
 }
