@@ -198,18 +198,24 @@ async fn records_arrive_intact_and_in_order_per_key() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivery_resolves_only_once_the_broker_has_the_record() {
-    let mut broker = Broker::start().await;
-    let topic = "acked";
+/// A broker with `topic` (one partition) and a sink that delivered seq 1 to it: metadata and
+/// producer id are in place before a test takes the broker away.
+async fn warmed_up(topic: &str) -> (Broker, KafkaSink) {
+    let broker = Broker::start().await;
     broker.create_topic(topic, 1).await;
     let mut sink = KafkaSink::new(sink_config(&broker, topic)).expect("sink");
-    // Warm up: metadata and producer id are in place before the broker goes away.
     sink.send(&record("pbx-1", 1, 1, 0))
         .await
         .expect("queued")
         .await
         .expect("acknowledged");
+    (broker, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resolves_only_once_the_broker_has_the_record() {
+    let topic = "acked";
+    let (mut broker, mut sink) = warmed_up(topic).await;
 
     broker.stop();
     let mut delivery = sink.send(&record("pbx-1", 1, 2, 0)).await.expect("queued");
@@ -231,15 +237,8 @@ async fn delivery_resolves_only_once_the_broker_has_the_record() {
 /// outcome (none waits forever), and what failed is sent again and arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_that_failed_fatally_is_replaced_and_no_delivery_hangs() {
-    let mut broker = Broker::start().await;
     let topic = "fatal";
-    broker.create_topic(topic, 1).await;
-    let mut sink = KafkaSink::new(sink_config(&broker, topic)).expect("sink");
-    sink.send(&record("pbx-1", 1, 1, 0))
-        .await
-        .expect("queued")
-        .await
-        .expect("acknowledged");
+    let (mut broker, mut sink) = warmed_up(topic).await;
 
     // Records in the old producer's hands when it fails: the broker is down, so none of them
     // can have been acknowledged yet.

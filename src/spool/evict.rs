@@ -85,14 +85,7 @@ impl Spool {
             }
             for chunk in d.memory {
                 segment::decode_all(Bytes::from(chunk.bytes), |id, rec| {
-                    found.push((
-                        id,
-                        if whole(id) {
-                            whole_record(rec)
-                        } else {
-                            meta_only(rec)
-                        },
-                    ));
+                    found.push((id, copied_out(rec, whole(id))));
                 });
             }
             let _ = fs::remove_file(&d.path);

@@ -82,20 +82,20 @@ impl FileState {
 /// `record` as drop_oldest reports it: its metadata and key copied out of the buffer they were
 /// read into (which they would otherwise keep whole while they wait), payload left out.
 pub(super) fn meta_only(record: Record) -> Record {
-    Record {
-        key: Bytes::copy_from_slice(&record.key),
-        meta: record.meta.detached(),
-        payload: Bytes::new(),
-    }
+    copied_out(record, false)
 }
 
-/// `record` whole, copied out of the buffer it was read into (an in-doubt record held to be
-/// sent again).
-pub(super) fn whole_record(record: Record) -> Record {
+/// `record` copied out of the buffer it was read into: with its payload (an in-doubt record,
+/// held to be sent again) or without (see [`meta_only`]).
+pub(super) fn copied_out(record: Record, with_payload: bool) -> Record {
     Record {
         key: Bytes::copy_from_slice(&record.key),
         meta: record.meta.detached(),
-        payload: Bytes::copy_from_slice(&record.payload),
+        payload: if with_payload {
+            Bytes::copy_from_slice(&record.payload)
+        } else {
+            Bytes::new()
+        },
     }
 }
 
@@ -119,14 +119,7 @@ pub(super) fn read_records(
                     break;
                 }
                 if id >= next {
-                    out.push((
-                        id,
-                        if whole(id) {
-                            whole_record(rec)
-                        } else {
-                            meta_only(rec)
-                        },
-                    ));
+                    out.push((id, copied_out(rec, whole(id))));
                     next = id + 1;
                 }
             }

@@ -78,7 +78,7 @@ mod reader;
 mod record;
 pub mod segment;
 
-use file::{file_path, meta_only, read_records, whole_record};
+use file::{copied_out, file_path, meta_only, read_records};
 pub use reader::Reader;
 pub use record::{GapRange, HEADER_NAMES, Kind, Meta, Record};
 

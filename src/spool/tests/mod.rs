@@ -376,6 +376,21 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
     assert!(spool.lock().tail.is_empty(), "{:?}", spool.lock().tail);
 }
 
+/// Records 0..6 appended and written; the sink takes 0..4 in flight (their ids returned), 4..
+/// are not handed out yet. The caller's next appends make drop_oldest delete the first two
+/// segments (0..6): 0..4 in doubt, 4 and 5 lost at once.
+fn four_in_flight(spool: &Spool) -> (Reader, Vec<u64>) {
+    for n in 0..6 {
+        spool.append(&rec("k", n)).expect("append");
+    }
+    spool.flush().expect("flush");
+    let mut reader = spool.reader();
+    let ids = (0..4)
+        .map(|_| reader.try_next().expect("read").expect("record").0)
+        .collect();
+    (reader, ids)
+}
+
 /// drop_oldest deleting records the sink has in flight: those the sink then confirms were
 /// delivered, not lost; those it fails (the reader rewinds) are sent again, first and in order,
 /// until the sink confirms them.
@@ -383,19 +398,7 @@ fn a_reader_that_keeps_up_reads_from_memory_and_a_late_one_from_disk() {
 fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = three_segments_drop_oldest(dir.path());
-    for n in 0..6 {
-        spool.append(&rec("k", n)).expect("append");
-    }
-    spool.flush().expect("flush");
-    // The sink takes 0..4 in flight; 4.. are not handed out yet.
-    let mut reader = spool.reader();
-    let in_flight: Vec<(u64, u64)> = (0..4)
-        .map(|_| {
-            let (id, r) = reader.try_next().expect("read").expect("record");
-            (id, seq(&r))
-        })
-        .collect();
-    // The cap deletes the first two segments (0..6): 0..4 are in doubt, 4 and 5 lost now.
+    let (mut reader, in_flight) = four_in_flight(&spool);
     let mut lost_now = Vec::new();
     for n in 6..15 {
         if let Appended::StoredDroppingOldest { dropped, .. } =
@@ -408,8 +411,8 @@ fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     assert_eq!(spool.stats().in_doubt, 4);
     assert_eq!(spool.stats().dropped_oldest, 2);
     // The sink confirms 0 and 2, fails 1 and 3, and rewinds.
-    spool.ack(in_flight[0].0);
-    spool.ack(in_flight[2].0);
+    spool.ack(in_flight[0]);
+    spool.ack(in_flight[2]);
     assert!(
         spool.take_lost().is_empty(),
         "nothing known lost before the rewind"
@@ -421,7 +424,7 @@ fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     let first = reader.try_next().expect("read").expect("record");
     assert_eq!(
         (first.0, &first.1.payload),
-        (in_flight[1].0, &rec("k", 1).payload)
+        (in_flight[1], &rec("k", 1).payload)
     );
     // Failed again (the broker is still away): sent again again.
     reader.rewind();
@@ -430,7 +433,7 @@ fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
     assert_eq!(seqs, [1, 3].into_iter().chain(6..15).collect::<Vec<_>>());
     assert_eq!(
         (again[0].0, again[1].0),
-        (in_flight[1].0, in_flight[3].0),
+        (in_flight[1], in_flight[3]),
         "their own ids"
     );
     for (id, _) in &again {
@@ -451,19 +454,11 @@ fn records_deleted_while_in_flight_are_sent_again_if_the_sink_fails_them() {
 fn in_doubt_records_given_up_at_shutdown_are_reported_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = three_segments_drop_oldest(dir.path());
-    for n in 0..6 {
-        spool.append(&rec("k", n)).expect("append");
-    }
-    spool.flush().expect("flush");
-    let mut reader = spool.reader();
-    let first = reader.try_next().expect("read").expect("record").0;
-    for _ in 1..4 {
-        reader.try_next().expect("read").expect("record");
-    }
+    let (_reader, in_flight) = four_in_flight(&spool);
     for n in 6..15 {
         spool.append(&rec("k", n)).expect("append");
     }
-    spool.ack(first);
+    spool.ack(in_flight[0]);
     assert_eq!(spool.stats().in_doubt, 3);
     assert_eq!(spool.abandon_in_doubt(), 3);
     let lost = spool.take_lost();
@@ -479,7 +474,7 @@ fn in_doubt_records_given_up_at_shutdown_are_reported_lost() {
     assert_eq!(spool.lock().in_doubt_bytes, 0);
 }
 
-/// In-doubt records are held whole only up to `memory_bytes`; past it, only their metadata,
+/// In-doubt records are held whole only up to `in_doubt_bytes`; past it, only their metadata,
 /// and one the sink then fails is lost, reported once as in doubt.
 #[test]
 fn in_doubt_records_past_the_memory_bound_are_lost_if_the_sink_fails_them() {
@@ -494,14 +489,7 @@ fn in_doubt_records_past_the_memory_bound_are_lost_if_the_sink_fails_them() {
         ..cfg(dir.path())
     })
     .expect("open");
-    for n in 0..6 {
-        spool.append(&rec("k", n)).expect("append");
-    }
-    spool.flush().expect("flush");
-    let mut reader = spool.reader();
-    for _ in 0..4 {
-        reader.try_next().expect("read").expect("record");
-    }
+    let (mut reader, _) = four_in_flight(&spool);
     for n in 6..15 {
         spool.append(&rec("k", n)).expect("append");
     }
