@@ -34,6 +34,9 @@ fn unpack(range: u64) -> std::ops::Range<usize> {
 }
 
 impl Span {
+    /// A placeholder for slots not yet written.
+    pub(crate) const EMPTY: Span = Span { key: 0, value: 0 };
+
     #[inline]
     pub(crate) fn header(
         key_start: usize,
@@ -65,12 +68,16 @@ impl Span {
                 .is_some_and(|v| v.eq_ignore_ascii_case(b"Follows"))
     }
 
-    /// `key: value` as one slice, when the value starts two bytes after the key ends.
+    /// `key: value` as one line, when the value starts two bytes after the key ends.
     #[inline]
-    fn joined<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
+    fn joined<'a>(&self, buf: &'a [u8]) -> Option<Joined<'a>> {
         let (key, value) = (unpack(self.key), unpack(self.value));
         (self.value != NO_VALUE_SPAN && value.start == key.end + 2)
-            .then(|| buf.get(key.start..value.end))
+            .then(|| {
+                let from_line = buf.get(key.start..)?;
+                let len = value.end.checked_sub(key.start)?;
+                (len <= from_line.len()).then_some(Joined { from_line, len })
+            })
             .flatten()
     }
 
@@ -93,6 +100,21 @@ impl Span {
             Some(buf.get(unpack(self.value)).unwrap_or_default())
         };
         Header { key, value }
+    }
+}
+
+/// A `key: value` header line as one slice: its first `len` bytes of `from_line`, which runs on
+/// to the end of the frame (so that a copy may take a fixed-size chunk and cut it to `len`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Joined<'a> {
+    pub from_line: &'a [u8],
+    pub len: usize,
+}
+
+impl<'a> Joined<'a> {
+    /// The line itself.
+    pub fn line(&self) -> &'a [u8] {
+        &self.from_line[..self.len]
     }
 }
 
@@ -137,8 +159,8 @@ pub enum Known {
 impl Known {
     const COUNT: usize = 8;
 
-    /// Which known header `key` is, if any (the parser calls this once per header line).
-    #[inline]
+    /// Which known header `key` is, if any: the reference [`Known::slot`] is tested against.
+    #[cfg(test)]
     pub(crate) fn of(key: &[u8]) -> Option<Known> {
         // Every name is ASCII letters only, so `| 0x20` lowercases exactly: a byte matches a
         // lowercase letter that way only if it is that letter in either case.
@@ -186,23 +208,113 @@ impl Known {
     }
 }
 
+/// The known headers of fixed length, found by a perfect hash of a key's first eight bytes
+/// lowercased (`| 0x20`, which keeps `:`): `(first eight bytes, length, last eight bytes and
+/// which of them to compare, slot)`. A 7-byte key's eighth byte is its colon; a 9-byte key's
+/// last eight bytes hold its ninth.
+type Fixed = (u64, usize, u64, u64, u8);
+const FIXED: [Fixed; 8] = {
+    const fn word(name: &[u8; 8]) -> u64 {
+        u64::from_le_bytes(*name)
+    }
+    const NONE: u64 = 0;
+    const ALL: u64 = u64::MAX;
+    [
+        (word(b"linkedid"), 8, 0, NONE, Known::Linkedid as u8),
+        (
+            word(b"privileg"),
+            9,
+            word(b"rivilege"),
+            ALL,
+            Known::Privilege as u8,
+        ),
+        (
+            word(b"timestam"),
+            9,
+            word(b"imestamp"),
+            ALL,
+            Known::Timestamp as u8,
+        ),
+        (0, usize::MAX, 0, NONE, Known::COUNT as u8),
+        (word(b"uniqueid"), 8, 0, NONE, Known::Uniqueid as u8),
+        (word(b"channel:"), 7, 0, NONE, Known::Channel as u8),
+        (word(b"actionid"), 8, 0, NONE, Known::ActionId as u8),
+        (
+            word(b"extensio"),
+            9,
+            word(b"xtension"),
+            ALL,
+            Known::Extension as u8,
+        ),
+    ]
+};
+/// Spreads the seven heads of [`FIXED`] over its eight entries (`>> 61`), each to its own.
+const FIXED_HASH: u64 = 0x6513_270e_269e_0d37;
+
+impl Known {
+    /// The slot in [`Noted`] of the key `buf[start..end]`, whose colon is `buf[end]`: its
+    /// [`Known`] as a number, or [`Known::COUNT`] for any other key. The same answer as
+    /// [`Known::of`] without a branch on the key's length, which the parser's hot path would
+    /// mispredict from line to line.
+    #[inline]
+    pub(crate) fn slot(buf: &[u8], start: usize, end: usize) -> usize {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
+        let word = |at: usize| match buf.get(at..).and_then(<[u8]>::first_chunk::<8>) {
+            Some(w) => u64::from_le_bytes(*w),
+            None => {
+                let mut w = [0u8; 8];
+                let rest = buf.get(at..).unwrap_or_default();
+                let n = rest.len().min(8);
+                w[..n].copy_from_slice(&rest[..n]);
+                u64::from_le_bytes(w)
+            }
+        };
+        let len = end - start;
+        let head = word(start) | LOWER;
+        let tail = buf
+            .get(end.wrapping_sub(8)..end)
+            .and_then(<[u8]>::first_chunk::<8>)
+            .map_or(0, |w| u64::from_le_bytes(*w) | LOWER);
+        let (name, name_len, name_tail, tail_mask, slot) =
+            FIXED[(head.wrapping_mul(FIXED_HASH) >> 61) as usize];
+        let fixed = (name == head) & (name_len == len) & (tail & tail_mask == name_tail);
+        let prefixed = (len > 8) & (tail == u64::from_le_bytes(*b"linkedid"));
+        let other = if prefixed {
+            Known::PrefixedLinkedid as usize
+        } else {
+            Known::COUNT
+        };
+        if fixed { slot as usize } else { other }
+    }
+}
+
 /// Where the known headers of one frame are: the index of each in the span list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Noted([u32; Known::COUNT]);
+/// One slot more than there are known headers: [`Noted::note_slot`] writes other keys there,
+/// and equality ignores it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Noted([u32; Known::COUNT + 1]);
+
+impl PartialEq for Noted {
+    fn eq(&self, other: &Self) -> bool {
+        self.0[..Known::COUNT] == other.0[..Known::COUNT]
+    }
+}
+
+impl Eq for Noted {}
 
 impl Default for Noted {
     fn default() -> Self {
-        Noted([NO_VALUE; Known::COUNT])
+        Noted([NO_VALUE; Known::COUNT + 1])
     }
 }
 
 impl Noted {
-    /// Note header `index` as `known` unless an earlier one was.
+    /// Note header `index` in `slot` (from [`Known::slot`]) unless an earlier one was: indexes
+    /// grow, so the first is the least.
     #[inline]
-    pub(crate) fn note(&mut self, known: Known, index: usize) {
-        let slot = &mut self.0[known as usize];
-        if *slot == NO_VALUE {
-            *slot = index as u32;
+    pub(crate) fn note_slot(&mut self, slot: usize, index: usize) {
+        if let Some(at) = self.0.get_mut(slot) {
+            *at = (*at).min(index as u32);
         }
     }
 
@@ -290,12 +402,12 @@ impl<'a> Frame<'a> {
         self.spans.iter().map(move |s| s.resolve(buf))
     }
 
-    /// Every header line in wire order, each with `key: value` as one slice when the value
+    /// Every header line in wire order, each with `key: value` as one line when the value
     /// begins exactly two bytes after the key (the usual `": "` separator): an encoder copies
-    /// that slice once and rewrites the two separator bytes, instead of copying key and value.
+    /// that line once and rewrites the two separator bytes, instead of copying key and value.
     pub(crate) fn headers_joined(
         &self,
-    ) -> impl ExactSizeIterator<Item = (Header<'a>, Option<&'a [u8]>)> + use<'a> {
+    ) -> impl ExactSizeIterator<Item = (Header<'a>, Option<Joined<'a>>)> + use<'a> {
         let buf = self.buf;
         self.spans
             .iter()
@@ -417,5 +529,90 @@ impl OwnedFrame {
     /// The bytes the frame was parsed from.
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Known::slot` (hashed, branch-free) answers as `Known::of` (the plain match) for every
+    /// key of the real recordings, the known names in any case, near misses, and keys at either
+    /// end of the buffer.
+    #[test]
+    fn the_hashed_slot_agrees_with_the_plain_match() {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for name in [
+            "tests/fixtures/asterisk22-events.ami",
+            "tests/fixtures/asterisk22-actions.ami",
+            "tests/fixtures/asterisk13-actions-head.ami",
+        ] {
+            let path = format!("{}/{name}", env!("CARGO_MANIFEST_DIR"));
+            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            for line in data.split(|&b| b == b'\n') {
+                if let Some(colon) = line.iter().position(|&b| b == b':') {
+                    keys.push(line[..colon].to_vec());
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        assert!(keys.len() > 300, "{} distinct keys", keys.len());
+        let names = [
+            "Channel",
+            "Uniqueid",
+            "Linkedid",
+            "ActionID",
+            "Privilege",
+            "Timestamp",
+            "Extension",
+            "DestLinkedid",
+            "TransfererLinkedid",
+            "SecondTransfererLinkedid",
+            "xLinkedid",
+        ];
+        for name in names {
+            for variant in [name.to_owned(), name.to_lowercase(), name.to_uppercase()] {
+                let v = variant.into_bytes();
+                keys.push(v.clone());
+                // Near misses: one byte more, one less, one changed (a letter's case bit, a
+                // digit), at either end.
+                keys.push([&v[..], b"s"].concat());
+                keys.push([b"X", &v[..]].concat());
+                keys.push(v[1..].to_vec());
+                keys.push(v[..v.len() - 1].to_vec());
+                for i in 0..v.len() {
+                    for flip in [0x01, 0x40, 0x80] {
+                        let mut w = v.clone();
+                        w[i] ^= flip;
+                        keys.push(w);
+                    }
+                }
+            }
+        }
+        keys.extend([
+            b"".to_vec(),
+            b"C".to_vec(),
+            b"Event".to_vec(),
+            b"channel\0".to_vec(),
+        ]);
+        for key in &keys {
+            let want = Known::of(key).map_or(Known::COUNT, |k| k as usize);
+            for (before, after) in [
+                (&b"Event: X\r\n"[..], &b": value\r\n"[..]),
+                (b"", b": v"),
+                (b"\n", b":"),
+            ] {
+                let buf = [before, key, after].concat();
+                let (start, end) = (before.len(), before.len() + key.len());
+                assert_eq!(
+                    Known::slot(&buf, start, end),
+                    want,
+                    "{:?} in {:?}",
+                    key.escape_ascii().to_string(),
+                    buf.escape_ascii().to_string()
+                );
+            }
+        }
     }
 }

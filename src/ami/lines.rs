@@ -3,12 +3,35 @@
 //! Owns: [`Lines`], which classifies the unconsumed bytes 64 at a time and answers "where does
 //! the current line end, and where is its first colon" by walking the masks' bits. A block's
 //! masks stay valid while the caller keeps the parser's contract (it drops consumed bytes from
-//! the front and appends new ones at the back), so they follow the buffer across calls.
+//! the front and appends new ones at the back), so they follow the buffer across calls. Blocks
+//! start at 64-byte address boundaries where the buffer allows (one cache line per block), so a
+//! block may begin with bytes of lines already read; their bits are ignored. The hot path
+//! ([`Lines::crlf_lines`]) walks on from block to block, carrying a line's first colon across.
 //!
-//! Must never: classify a byte twice for the same line (a line arriving in pieces resumes where
+//! Must never: search a byte twice for the same line (a line arriving in pieces resumes where
 //! the search stopped), index outside the buffer, or report a colon past the line's end.
 
 use super::scan::{BLOCK, Classifier, Masks};
+
+/// What the caller of [`Lines::crlf_lines`] does with a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Take it and go on.
+    Take,
+    /// Take it and stop after it.
+    TakeLast,
+    /// Leave it to the general path.
+    Leave,
+}
+
+/// Where [`Lines::crlf_lines`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Walk {
+    /// At the line starting here, not taken.
+    Stopped(usize),
+    /// At a blank `\r\n` line starting at `at` and ending in the `\n` at `lf`.
+    Blank { at: usize, lf: usize },
+}
 
 /// A resumable line finder. Offsets are relative to the buffer the parser is given.
 #[derive(Clone, Debug)]
@@ -120,56 +143,120 @@ impl Lines {
         }
     }
 
-    /// The hot path: walk the lines of the classified block from the current line, which starts
-    /// at `line_start` and has not been searched yet, while each has content, ends in `\r\n`
-    /// before `end`, and `each(line_start, first_colon, lf)` takes it. The first other line is
-    /// left to [`Lines::find`]; the current line is then the one after the last taken, and its
-    /// start is returned.
+    /// The hot path: walk plain lines (content, then `\r\n`, ending before `end`) from the
+    /// current line, which starts at `line_start` and has not been searched yet, handing each to
+    /// `each(line_start, first_colon, lf)`; `first_colon >= lf` means the line has none. Lines
+    /// that run past a block go on in the next one, classified here while 64 bytes of the buffer
+    /// remain. The walk stops at a blank `\r\n` line (reported, not handed over), at the first
+    /// line that is not plain or that `each` leaves, after one that `each` takes as the last, or
+    /// where the classified bytes run out; [`Lines::find`] then resumes without classifying a
+    /// byte twice.
     #[inline]
     pub(crate) fn crlf_lines(
         &mut self,
         buf: &[u8],
         line_start: usize,
         end: usize,
-        mut each: impl FnMut(usize, Option<usize>, usize) -> bool,
-    ) -> usize {
+        mut each: impl FnMut(usize, usize, usize) -> Step,
+    ) -> Walk {
         let mut at = line_start;
         if self.searched != at || at < self.start || at >= self.start + self.len {
-            return line_start;
+            return Walk::Stopped(at);
         }
-        let base = self.start;
+        let mut base = self.start;
+        let len = self.len;
+        let mut masks = self.masks;
         // Bits below `at` belong to lines already taken.
-        let mut lf = self.masks.lf & (!0u64 << (at - base));
-        while lf != 0 {
+        let mut lf = masks.lf & (!0u64 << (at - base));
+        let mut colons = masks.colon & (!0u64 << (at - base));
+        // The first colon of the current line in the blocks before `base`, or `usize::MAX`.
+        let mut carried = usize::MAX;
+        let walk = loop {
+            if lf == 0 {
+                // The current line goes on past this block: carry its first colon, if the block
+                // held one, into the next block.
+                if colons != 0 {
+                    carried = carried.min(base + colons.trailing_zeros() as usize);
+                }
+                let next = base + len;
+                match buf.get(next..).and_then(<[u8]>::first_chunk::<BLOCK>) {
+                    Some(block) if len == BLOCK && next < end => {
+                        masks = self.classifier.classify(block);
+                        (base, lf, colons) = (next, masks.lf, masks.colon);
+                        continue;
+                    }
+                    _ => break Walk::Stopped(at),
+                }
+            }
             let i = lf.trailing_zeros() as usize;
             let nl = base + i;
-            // `nl > at + 1`: the line has content before its `\r`.
-            if nl >= end || nl <= at + 1 || buf.get(nl - 1) != Some(&b'\r') {
-                break;
+            if nl >= end || buf.get(nl.wrapping_sub(1)) != Some(&b'\r') || nl == at {
+                break Walk::Stopped(at);
             }
-            // `at - base <= i < 64`: the colons of `at..nl`.
-            let between = self.masks.colon & ((1u64 << i) - 1) & (!0u64 << (at - base));
-            let colon = (between != 0).then(|| base + between.trailing_zeros() as usize);
-            if !each(at, colon, nl) {
-                break;
+            if nl == at + 1 {
+                break Walk::Blank { at, lf: nl };
+            }
+            // No colon in this block's part of the line gives `base + 64`, past `nl`; one carried
+            // from an earlier block lies before `base`.
+            let colon = carried.min(base + colons.trailing_zeros() as usize);
+            let step = each(at, colon, nl);
+            if step == Step::Leave {
+                break Walk::Stopped(at);
             }
             at = nl + 1;
+            carried = usize::MAX;
             lf &= lf - 1;
+            // Clear the colons up to and including `nl` (`i = 63` clears them all).
+            colons &= !(2u64 << i).wrapping_sub(1);
+            if step == Step::TakeLast {
+                break Walk::Stopped(at);
+            }
+        };
+        self.start = base;
+        self.len = len;
+        self.masks = masks;
+        // `[at, searched)` holds no `\n` and `colon` is its first colon: a line that began in an
+        // earlier block was searched up to this block (and, when its end is not classified yet,
+        // through it).
+        let stopped_at = match walk {
+            Walk::Stopped(at) | Walk::Blank { at, .. } => at,
+        };
+        if stopped_at < base || lf == 0 {
+            if lf == 0 && colons != 0 {
+                carried = carried.min(base + colons.trailing_zeros() as usize);
+            }
+            self.searched = if lf == 0 { base + len } else { base };
+            self.colon = (carried != usize::MAX).then_some(carried);
+        } else {
+            self.searched = stopped_at;
+            self.colon = None;
         }
-        self.searched = at;
-        at
+        walk
     }
 
-    /// Classify the block starting at `at`: 64 bytes at once, or the buffer's last bytes.
+    /// Classify the block that holds `at`: the 64 bytes from the last 64-byte address boundary
+    /// at or before it (one cache line; vector loads that straddle two lines are slower, most
+    /// of all from memory), or from `at` itself near the ends of the buffer.
     #[inline]
     fn fill(&mut self, buf: &[u8], at: usize) -> Option<()> {
-        let rest = buf.get(at..).filter(|r| !r.is_empty())?;
-        let (masks, len) = match rest.first_chunk::<BLOCK>() {
-            Some(block) => (self.classifier.classify(block), BLOCK),
-            None => (self.classifier.classify_tail(rest), rest.len()),
+        buf.get(at..).filter(|r| !r.is_empty())?;
+        let back = (buf.as_ptr() as usize).wrapping_add(at) % BLOCK;
+        let aligned = at
+            .checked_sub(back)
+            .and_then(|start| Some((start, buf.get(start..)?.first_chunk::<BLOCK>()?)));
+        let (start, masks, len) = match aligned {
+            Some((start, block)) => (start, self.classifier.classify(block), BLOCK),
+            None => match buf[at..].first_chunk::<BLOCK>() {
+                Some(block) => (at, self.classifier.classify(block), BLOCK),
+                None => (
+                    at,
+                    self.classifier.classify_tail(&buf[at..]),
+                    buf.len() - at,
+                ),
+            },
         };
         self.masks = masks;
-        self.start = at;
+        self.start = start;
         self.len = len;
         Some(())
     }

@@ -60,7 +60,7 @@ use memchr::memchr;
 use memchr::memmem::Finder;
 
 use super::frame::{Frame, FrameKind, Known, Noted, Span};
-use super::lines::Lines;
+use super::lines::{Lines, Step, Walk};
 use super::scan::Classifier;
 
 /// The first bytes of the line Asterisk sends on connect, before any frame.
@@ -221,7 +221,11 @@ impl LineSoFar {
 /// A resumable AMI parser. Keep one per stream; it holds only offsets and a reusable span list.
 pub struct Parser {
     limits: Limits,
+    /// The current frame's spans are `spans[..count]`. Every slot is initialized (the list only
+    /// grows), so the hot path writes by index with the count in a register, instead of pushing
+    /// through the vector's length in memory.
     spans: Vec<Span>,
+    count: usize,
     noted: Noted,
     lines: Lines,
     mode: Mode,
@@ -268,7 +272,8 @@ impl Parser {
         };
         Parser {
             limits,
-            spans: Vec::with_capacity(64),
+            spans: vec![Span::EMPTY; 64],
+            count: 0,
             noted: Noted::default(),
             lines: Lines::new(classifier),
             mode: Mode::Start,
@@ -296,7 +301,7 @@ impl Parser {
 
     /// Start the next frame at the start of the buffer.
     fn begin_frame(&mut self) {
-        self.spans.clear();
+        self.count = 0;
         self.noted = Noted::default();
         self.mode = Mode::Start;
         self.frame_start = 0;
@@ -324,8 +329,19 @@ impl Parser {
             }
             // The frame may not reach past this point; bytes beyond it only decide a lookahead.
             let window_end = (self.frame_start + self.limits.max_frame_bytes).min(buf.len());
-            if self.mode == (Mode::Headers { follows: false }) {
-                self.crlf_headers(buf, window_end);
+            let plain = match self.mode {
+                Mode::Headers { follows } => !follows,
+                Mode::Start => self.frame_start == 0,
+                _ => false,
+            };
+            if plain {
+                match self.crlf_headers(buf, window_end) {
+                    Walk::Blank { lf, .. } if self.count > 0 => {
+                        self.pos = lf + 1;
+                        return self.complete(buf, FrameKind::Message, None);
+                    }
+                    Walk::Blank { at, .. } | Walk::Stopped(at) => self.pos = at,
+                }
             }
             let Some(nl) = self.lines.find(buf, window_end) else {
                 return self.incomplete(buf, false);
@@ -386,14 +402,14 @@ impl Parser {
                             .get(line_start..content_end)
                             .is_some_and(|l| l.starts_with(BANNER_PREFIX)) =>
                 {
-                    self.spans.push(Span::no_colon(line_start, content_end));
+                    self.push(Span::no_colon(line_start, content_end));
                     return self.complete(buf, FrameKind::Banner, None);
                 }
                 Mode::Headers { .. } if empty => {
                     return self.complete(buf, FrameKind::Message, None);
                 }
                 Mode::Start | Mode::Headers { .. } => {
-                    let index = self.spans.len();
+                    let index = self.count;
                     if index == self.limits.max_headers {
                         return self.start_discard(
                             next,
@@ -410,17 +426,15 @@ impl Parser {
                             if buf.get(value_start) == Some(&b' ') && value_start < content_end {
                                 value_start += 1;
                             }
-                            if index > 0
-                                && let Some(known) =
-                                    buf.get(line_start..key_end).and_then(Known::of)
-                            {
-                                self.noted.note(known, index);
+                            if index > 0 {
+                                self.noted
+                                    .note_slot(Known::slot(buf, line_start, key_end), index);
                             }
                             Span::header(line_start, key_end, value_start, content_end)
                         }
                         None => Span::no_colon(line_start, content_end),
                     };
-                    self.spans.push(span);
+                    self.push(span);
                     let follows = if index == 0 {
                         span.is_follows(buf)
                     } else {
@@ -435,36 +449,61 @@ impl Parser {
         }
     }
 
-    /// Take the header lines of a frame that is not `Response: Follows` straight from the masks
-    /// of the current block while they are plain (content, then `\r\n`, inside the window):
-    /// the same spans as the general loop, with none of its cases.
+    /// Take plain header lines (content, then `\r\n`, inside the window) straight from the
+    /// block masks, with none of the general loop's cases: the first line of a frame when no
+    /// blank line precedes it (unless it has no colon: it may be the banner), then every header
+    /// line until one is not plain, the first line is `Response: Follows`, or the frame ends.
+    /// Returns where it stopped; the general loop goes on from there.
     #[inline]
-    fn crlf_headers(&mut self, buf: &[u8], window_end: usize) {
+    fn crlf_headers(&mut self, buf: &[u8], window_end: usize) -> Walk {
         let max_headers = self.limits.max_headers;
-        let (spans, noted) = (&mut self.spans, &mut self.noted);
-        self.pos = self
+        // Locals, so that the walk's stores cannot alias what it reads from `self`.
+        let (spans, noted, count) = (&mut self.spans[..], &mut self.noted, &mut self.count);
+        let mut follows = false;
+        let walk = self
             .lines
             .crlf_lines(buf, self.pos, window_end, |line_start, colon, nl| {
-                let index = spans.len();
-                if index == max_headers {
-                    return false;
+                let index = *count;
+                if index == max_headers || index == spans.len() {
+                    // The limit, or room to grow: the general path's business.
+                    return Step::Leave;
                 }
                 let content_end = nl - 1;
-                spans.push(match colon {
-                    Some(key_end) => {
-                        let mut value_start = key_end + 1;
-                        if value_start < content_end && buf.get(value_start) == Some(&b' ') {
-                            value_start += 1;
-                        }
-                        if let Some(known) = buf.get(line_start..key_end).and_then(Known::of) {
-                            noted.note(known, index);
-                        }
-                        Span::header(line_start, key_end, value_start, content_end)
+                if colon < nl {
+                    let value_start = colon
+                        + 1
+                        + usize::from(colon + 1 < content_end && buf.get(colon + 1) == Some(&b' '));
+                    let span = Span::header(line_start, colon, value_start, content_end);
+                    spans[index] = span;
+                    *count = index + 1;
+                    if index > 0 {
+                        noted.note_slot(Known::slot(buf, line_start, colon), index);
+                    } else if span.is_follows(buf) {
+                        follows = true;
+                        return Step::TakeLast;
                     }
-                    None => Span::no_colon(line_start, content_end),
-                });
-                true
+                } else if index > 0 {
+                    spans[index] = Span::no_colon(line_start, content_end);
+                    *count = index + 1;
+                } else {
+                    // A first line without a colon may be the banner.
+                    return Step::Leave;
+                }
+                Step::Take
             });
+        if self.count > 0 {
+            self.mode = Mode::Headers { follows };
+        }
+        walk
+    }
+
+    /// Append a span to the current frame's list, growing it when full.
+    fn push(&mut self, span: Span) {
+        if self.count == self.spans.len() {
+            self.spans.resize(2 * self.count.max(32), Span::EMPTY);
+        }
+        self.spans[self.count] = span;
+        self.count += 1;
     }
 
     /// No complete line is available yet. `lookahead` says the line is complete but its end
@@ -567,7 +606,13 @@ impl Parser {
         let consumed = self.pos;
         self.mode = Mode::Done { consumed };
         Parsed::Frame {
-            frame: Frame::new(&buf[..consumed], &self.spans, &self.noted, kind, body),
+            frame: Frame::new(
+                &buf[..consumed],
+                &self.spans[..self.count],
+                &self.noted,
+                kind,
+                body,
+            ),
             consumed,
         }
     }

@@ -5,6 +5,10 @@
 //! parser walks the two bit masks a block gives to find line ends and the first colon of each
 //! line, instead of calling a search per line.
 //!
+//! The x86 kernels also prefetch the bytes 1 KiB ahead: on the machines measured, the hardware
+//! prefetcher alone left a 33 MB stream waiting on memory at every block (parse 1.65 GB/s without,
+//! 2.4 with, where the bare memchr split ran at 2.0).
+//!
 //! Must never: read outside the 64 bytes it is given, or be constructed for a CPU feature the
 //! machine lacks. This is the only module of the crate allowed `unsafe`: the vector loads take a
 //! raw pointer, and a `#[target_feature]` kernel is called only from a [`Classifier`] made after
@@ -178,6 +182,8 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "sse2")]
     pub unsafe fn sse2(block: &[u8; BLOCK]) -> Masks {
+        // A hint: it reads nothing and never faults, wherever the address points.
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(1024).cast());
         let lf = _mm_set1_epi8(b'\n' as i8);
         let colon = _mm_set1_epi8(b':' as i8);
         let mut masks = Masks::default();
@@ -198,6 +204,8 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2")]
     pub unsafe fn avx2(block: &[u8; BLOCK]) -> Masks {
+        // A hint: it reads nothing and never faults, wherever the address points.
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(1024).cast());
         let (lo, hi) = block.split_at(32);
         // SAFETY: `lo` and `hi` are 32 readable bytes each (a 64-byte array split in half);
         // `loadu` has no alignment requirement.

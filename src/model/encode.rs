@@ -126,11 +126,22 @@ impl Writer<'_, '_> {
                         klen as u8,
                     ]);
                     let value_tag = [(HEADER_VALUE << 3 | LEN) as u8, vlen as u8];
-                    if let Some(line) = joined {
+                    if let Some(joined) = joined {
                         // `key: value` is key, two bytes, value: one copy of the line, its
-                        // separator rewritten as the value's tag and length.
+                        // separator rewritten as the value's tag and length. A short line is
+                        // copied as a fixed-size chunk of the frame (a few vector moves, where a
+                        // copy of a length known only at run time is a call) and cut back.
                         let at = out.len() + klen;
-                        out.extend_from_slice(line);
+                        let end = out.len() + joined.len;
+                        match (
+                            joined.from_line.first_chunk::<32>(),
+                            joined.from_line.first_chunk::<64>(),
+                        ) {
+                            (Some(chunk), _) if joined.len <= 32 => out.extend_from_slice(chunk),
+                            (_, Some(chunk)) if joined.len <= 64 => out.extend_from_slice(chunk),
+                            _ => out.extend_from_slice(joined.line()),
+                        }
+                        out.truncate(end);
                         out[at..at + 2].copy_from_slice(&value_tag);
                     } else {
                         out.extend_from_slice(h.key);
