@@ -147,7 +147,7 @@ pub(crate) enum Unknown {
 #[derive(Debug)]
 #[allow(
     clippy::large_enum_variant,
-    reason = "a reply holds frames, which carry the parser's noted header slots (32 bytes) so \
+    reason = "a reply holds frames, which carry the parser's noted header slots (36 bytes) so \
               normalization needs no second pass; one answer per action is not worth a box"
 )]
 pub(crate) enum Answer {

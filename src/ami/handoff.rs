@@ -73,7 +73,7 @@ impl Sender {
     #[allow(
         clippy::result_large_err,
         reason = "the record is given back unboxed: a frame carries the parser's noted header \
-                  slots (32 bytes) so normalization needs no second pass, and boxing every \
+                  slots (36 bytes) so normalization needs no second pass, and boxing every \
                   record on the hot path to shrink the error would cost more"
     )]
     pub fn try_send(&self, rec: Stamped) -> Result<(), mpsc::error::TrySendError<Stamped>> {

@@ -298,7 +298,8 @@ struct Shape {
 /// kind, class and epoch recur. Expanding the subject allocated a string per record, building
 /// an async-nats header map hashed every name: together the largest cost of publishing.
 struct WireHeaders {
-    templates: std::collections::HashMap<Vec<u8>, Shape>,
+    /// Looked up per record: hashed with foldhash, not SipHash (the keys are our own).
+    templates: foldhash::HashMap<Vec<u8>, Shape>,
     key: Vec<u8>,
     subject: String,
     /// The subject template names `seq`: expanded per record.
@@ -315,7 +316,7 @@ impl WireHeaders {
 
     fn new(subject: String) -> Self {
         WireHeaders {
-            templates: std::collections::HashMap::new(),
+            templates: foldhash::HashMap::default(),
             key: Vec::with_capacity(128),
             subject_per_record: subject.contains("{seq}"),
             subject,

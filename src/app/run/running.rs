@@ -133,13 +133,30 @@ pub(super) async fn run_pipeline(
             }
             continue;
         }
-        for stamped in batch.drain(..) {
-            pipeline.accept(&stamped);
+        // Counted per run of one server's records (a batch is mostly such runs), not with a
+        // hash and a reference count per record.
+        let mut run: Option<(&Arc<str>, u64)> = None;
+        let mut counted = 0;
+        for stamped in &batch {
+            pipeline.accept(stamped);
             if pipeline.last_was_broadcast_event() {
-                *events.entry(stamped.stamp.server.clone()).or_default() += 1;
-                seen.fetch_add(1, Ordering::Relaxed);
+                let server = &stamped.stamp.server;
+                match &mut run {
+                    Some((s, n)) if Arc::ptr_eq(s, server) => *n += 1,
+                    _ => {
+                        if let Some((s, n)) = run.replace((server, 1)) {
+                            *events.entry(s.clone()).or_default() += n;
+                        }
+                    }
+                }
+                counted += 1;
             }
         }
+        if let Some((s, n)) = run {
+            *events.entry(s.clone()).or_default() += n;
+        }
+        seen.fetch_add(counted, Ordering::Relaxed);
+        batch.clear();
         let now = pipeline.stats();
         published.publish(&before, &now);
         before = now;
