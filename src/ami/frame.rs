@@ -252,6 +252,31 @@ const FIXED: [Fixed; 8] = {
 const FIXED_HASH: u64 = 0x6513_270e_269e_0d37;
 
 impl Known {
+    /// Whether the key `buf[start..end]` may be a known one, from its length and the low five
+    /// bits of its last byte (so either case): a table lookup that rules out most keys before
+    /// [`Known::slot`] hashes them. Never false for a known key.
+    #[inline]
+    pub(crate) fn maybe(buf: &[u8], start: usize, end: usize) -> bool {
+        const fn bit(b: u8) -> u32 {
+            1 << (b & 31)
+        }
+        /// By length (the last entry for every longer key): the last bytes a known key of that
+        /// length ends in; `<prefix>Linkedid`, longer than 8, ends in `d`.
+        const MAYBE: [u32; 32] = {
+            let mut t = [bit(b'd'); 32];
+            let mut len = 0;
+            while len < 8 {
+                t[len] = 0;
+                len += 1;
+            }
+            t[7] = bit(b'l');
+            t[9] = bit(b'e') | bit(b'p') | bit(b'n') | bit(b'd');
+            t
+        };
+        let last = buf.get(end.wrapping_sub(1)).map_or(0, |&b| b);
+        MAYBE[(end - start).min(31)] & bit(last) != 0
+    }
+
     /// The slot in [`Noted`] of the key `buf[start..end]`, whose colon is `buf[end]`: its
     /// [`Known`] as a number, or [`Known::COUNT`] for any other key. The same answer as
     /// [`Known::of`] without a branch on the key's length, which the parser's hot path would
@@ -598,6 +623,15 @@ mod tests {
         ]);
         for key in &keys {
             let want = Known::of(key).map_or(Known::COUNT, |k| k as usize);
+            let maybe_in = |buf: &[u8], start, end| {
+                if want != Known::COUNT {
+                    assert!(
+                        Known::maybe(buf, start, end),
+                        "{:?}",
+                        key.escape_ascii().to_string()
+                    );
+                }
+            };
             for (before, after) in [
                 (&b"Event: X\r\n"[..], &b": value\r\n"[..]),
                 (b"", b": v"),
@@ -605,6 +639,7 @@ mod tests {
             ] {
                 let buf = [before, key, after].concat();
                 let (start, end) = (before.len(), before.len() + key.len());
+                maybe_in(&buf, start, end);
                 assert_eq!(
                     Known::slot(&buf, start, end),
                     want,

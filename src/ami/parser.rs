@@ -477,7 +477,9 @@ impl Parser {
                     spans[index] = span;
                     *count = index + 1;
                     if index > 0 {
-                        noted.note_slot(Known::slot(buf, line_start, colon), index);
+                        if Known::maybe(buf, line_start, colon) {
+                            noted.note_slot(Known::slot(buf, line_start, colon), index);
+                        }
                     } else if span.is_follows(buf) {
                         follows = true;
                         return Step::TakeLast;
