@@ -457,7 +457,7 @@ impl Parser {
     #[inline]
     fn crlf_headers(&mut self, buf: &[u8], window_end: usize) -> Walk {
         let max_headers = self.limits.max_headers;
-        // Locals, so that the walk's stores cannot alias what it reads from `self`.
+        // The fields the walk's closure writes, borrowed apart from `self.lines`, which walks.
         let (spans, noted, count) = (&mut self.spans[..], &mut self.noted, &mut self.count);
         let mut follows = false;
         let walk = self
