@@ -149,8 +149,8 @@ impl Lines {
     /// that run past a block go on in the next one, classified here while 64 bytes of the buffer
     /// remain. The walk stops at a blank `\r\n` line (reported, not handed over), at the first
     /// line that is not plain or that `each` leaves, after one that `each` takes as the last, or
-    /// where the classified bytes run out; [`Lines::find`] then resumes without classifying a
-    /// byte twice.
+    /// where the classified bytes run out; [`Lines::find`] then resumes without searching a
+    /// byte of the current line twice.
     #[inline]
     pub(crate) fn crlf_lines(
         &mut self,
