@@ -68,17 +68,18 @@ impl Span {
                 .is_some_and(|v| v.eq_ignore_ascii_case(b"Follows"))
     }
 
-    /// `key: value` as one line, when the value starts two bytes after the key ends.
+    /// `key: value` as one line of at most `max` bytes, the common shape, read from the span
+    /// alone: `(start, key length, line length)` when the key is not empty and the value begins
+    /// two bytes after it (the usual `": "`). A line without a colon has no value span, whose
+    /// start is never two bytes after a key's end.
     #[inline]
-    fn joined<'a>(&self, buf: &'a [u8]) -> Option<Joined<'a>> {
-        let (key, value) = (unpack(self.key), unpack(self.value));
-        (self.value != NO_VALUE_SPAN && value.start == key.end + 2)
-            .then(|| {
-                let from_line = buf.get(key.start..)?;
-                let len = value.end.checked_sub(key.start)?;
-                (len <= from_line.len()).then_some(Joined { from_line, len })
-            })
-            .flatten()
+    pub(crate) fn short_line(&self, max: usize) -> Option<(usize, usize, usize)> {
+        let (key_start, key_end) = (self.key as u32, (self.key >> 32) as u32);
+        let (value_start, value_end) = (self.value as u32, (self.value >> 32) as u32);
+        let key_len = key_end.wrapping_sub(key_start) as usize;
+        let len = value_end.wrapping_sub(key_start) as usize;
+        (u64::from(value_start) == u64::from(key_end) + 2 && key_len != 0 && len <= max)
+            .then_some((key_start as usize, key_len, len))
     }
 
     /// The value alone, without resolving the key.
@@ -92,7 +93,7 @@ impl Span {
     }
 
     #[inline]
-    fn resolve<'a>(&self, buf: &'a [u8]) -> Header<'a> {
+    pub(crate) fn resolve<'a>(&self, buf: &'a [u8]) -> Header<'a> {
         let key = buf.get(unpack(self.key)).unwrap_or_default();
         let value = if self.value == NO_VALUE_SPAN {
             None
@@ -100,21 +101,6 @@ impl Span {
             Some(buf.get(unpack(self.value)).unwrap_or_default())
         };
         Header { key, value }
-    }
-}
-
-/// A `key: value` header line as one slice: its first `len` bytes of `from_line`, which runs on
-/// to the end of the frame (so that a copy may take a fixed-size chunk and cut it to `len`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Joined<'a> {
-    pub from_line: &'a [u8],
-    pub len: usize,
-}
-
-impl<'a> Joined<'a> {
-    /// The line itself.
-    pub fn line(&self) -> &'a [u8] {
-        &self.from_line[..self.len]
     }
 }
 
@@ -427,16 +413,10 @@ impl<'a> Frame<'a> {
         self.spans.iter().map(move |s| s.resolve(buf))
     }
 
-    /// Every header line in wire order, each with `key: value` as one line when the value
-    /// begins exactly two bytes after the key (the usual `": "` separator): an encoder copies
-    /// that line once and rewrites the two separator bytes, instead of copying key and value.
-    pub(crate) fn headers_joined(
-        &self,
-    ) -> impl ExactSizeIterator<Item = (Header<'a>, Option<Joined<'a>>)> + use<'a> {
-        let buf = self.buf;
-        self.spans
-            .iter()
-            .map(move |s| (s.resolve(buf), s.joined(buf)))
+    /// The frame's bytes and its header spans, for an encoder that reads lines by offset.
+    #[inline]
+    pub(crate) fn lines(&self) -> (&'a [u8], &'a [Span]) {
+        (self.buf, self.spans)
     }
 
     /// The first value of header `name` (ASCII case ignored, as Asterisk does).

@@ -13,9 +13,11 @@ use std::borrow::Cow;
 use prost::Message;
 use prost::encoding::encoded_len_varint;
 
+use crate::ami::frame::Span;
 use crate::ami::snapshot::Trigger;
-use crate::ami::{Frame, Record, Stamp, Stamped};
+use crate::ami::{Frame, Header, Record, Stamp, Stamped};
 
+use super::cursor::Cursor;
 use super::legacy;
 use super::normalize::{Normalized, normalize};
 use super::pb;
@@ -41,14 +43,20 @@ const HEADER_KEY: u32 = 1;
 const HEADER_VALUE: u32 = 2;
 const HEADER_NORMALIZED_KEY: u32 = 3;
 
-const VARINT: u32 = 0;
-const LEN: u32 = 2;
+pub(super) const VARINT: u32 = 0;
+pub(super) const LEN: u32 = 2;
+
+// One-byte tags of the header submessage and its fields.
+const HEADERS_TAG: u8 = (HEADERS << 3 | LEN) as u8;
+const HEADER_KEY_TAG: u8 = (HEADER_KEY << 3 | LEN) as u8;
+const HEADER_VALUE_TAG: u8 = (HEADER_VALUE << 3 | LEN) as u8;
+
+/// The longest `key: value` line the encoder copies as one fixed-size chunk.
+const SHORT_LINE: usize = 64;
 
 /// Encode `frame` as an `Envelope`, appending to `out`. `n` must be `normalize(frame)`.
 pub fn encode_frame(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>, out: &mut Vec<u8>) {
-    out.reserve(frame.raw().len() + frame.len() * 6 + 96);
-    let w = Writer { n, frame };
-    w.write(stamp, out);
+    Writer { n, frame }.write(stamp, out);
 }
 
 /// The encoded length of [`encode_frame`]'s output, for length-delimited streams.
@@ -104,68 +112,60 @@ impl Writer<'_, '_> {
             .and_then(|m| legacy::modern_key(m, key))
     }
 
+    /// Every header line as a `Header` submessage, in wire order.
+    fn write_headers(&self, c: &mut Cursor<'_>) {
+        let (buf, spans) = self.frame.lines();
+        // A legacy mapping gives the keys it renames a normalized name.
+        let renamed = self.n.legacy.map_or(legacy::NONE, |m| m.fields);
+        let mut rest = spans;
+        while !rest.is_empty() {
+            // Room for every remaining line in the common shape: its bytes plus four, and a
+            // chunk's overhang past the last.
+            c.room(buf.len() + 4 * rest.len() + SHORT_LINE);
+            let (written, end) = write_short_lines(buf, rest, renamed, c.out, c.at);
+            rest = rest.get(written..).unwrap_or_default();
+            c.at = end;
+            let Some((span, tail)) = rest.split_first() else {
+                break;
+            };
+            self.write_header(span.resolve(buf), c);
+            rest = tail;
+        }
+    }
+
+    /// One header in the general shape: any separator, no value, lengths of more than one
+    /// byte, a normalized key.
+    fn write_header(&self, h: Header<'_>, c: &mut Cursor<'_>) {
+        c.key(HEADERS, LEN);
+        c.varint(self.header_len(h.key, h.value) as u64);
+        c.string(HEADER_KEY, h.key);
+        if let Some(v) = h.value {
+            c.key(HEADER_VALUE, LEN);
+            c.varint(v.len() as u64);
+            c.bytes(v);
+        }
+        if let Some(k) = self.normalized_key(h.key) {
+            c.string(HEADER_NORMALIZED_KEY, k.as_bytes());
+        }
+    }
+
     fn write(&self, stamp: &Stamp, out: &mut Vec<u8>) {
         let n = self.n;
-        put_string(out, SERVER, stamp.server.as_bytes());
-        put_uint(out, EPOCH, stamp.epoch);
-        put_uint(out, SEQ, stamp.seq);
-        put_uint(out, KIND, n.kind as i32 as u64);
-        put_text(out, NAME, n.name);
-        for (h, joined) in self.frame.headers_joined() {
-            let nk = self.normalized_key(h.key);
-            let (klen, vlen) = (h.key.len(), h.value.map_or(0, <[u8]>::len));
-            if klen > 0 && klen < 0x80 && vlen < 0x80 && nk.is_none() {
-                // The common case: every length fits one byte, so the framing bytes of the
-                // header go out in small fixed-size writes around the key and value.
-                let inner = 2 + klen + h.value.map_or(0, |_| 2 + vlen);
-                if inner < 0x80 {
-                    out.extend_from_slice(&[
-                        (HEADERS << 3 | LEN) as u8,
-                        inner as u8,
-                        (HEADER_KEY << 3 | LEN) as u8,
-                        klen as u8,
-                    ]);
-                    let value_tag = [(HEADER_VALUE << 3 | LEN) as u8, vlen as u8];
-                    if let Some(joined) = joined {
-                        // `key: value` is key, two bytes, value: one copy of the line, its
-                        // separator rewritten as the value's tag and length. A short line is
-                        // copied as a fixed-size chunk of the frame (a few vector moves, where a
-                        // copy of a length known only at run time is a call) and cut back.
-                        let at = out.len() + klen;
-                        let end = out.len() + joined.len;
-                        match (
-                            joined.from_line.first_chunk::<32>(),
-                            joined.from_line.first_chunk::<64>(),
-                        ) {
-                            (Some(chunk), _) if joined.len <= 32 => out.extend_from_slice(chunk),
-                            (_, Some(chunk)) if joined.len <= 64 => out.extend_from_slice(chunk),
-                            _ => out.extend_from_slice(joined.line()),
-                        }
-                        out.truncate(end);
-                        out[at..at + 2].copy_from_slice(&value_tag);
-                    } else {
-                        out.extend_from_slice(h.key);
-                        if let Some(v) = h.value {
-                            out.extend_from_slice(&value_tag);
-                            out.extend_from_slice(v);
-                        }
-                    }
-                    continue;
-                }
-            }
-            put_key(out, HEADERS, LEN);
-            put_varint(out, self.header_len(h.key, h.value) as u64);
-            put_string(out, HEADER_KEY, h.key);
-            if let Some(v) = h.value {
-                put_key(out, HEADER_VALUE, LEN);
-                put_varint(out, v.len() as u64);
-                out.extend_from_slice(v);
-            }
-            if let Some(k) = nk {
-                put_string(out, HEADER_NORMALIZED_KEY, k.as_bytes());
-            }
-        }
-        put_uint(out, RECEIVED_AT_NS, stamp.received_at_ns as u64);
+        let (buf, spans) = self.frame.lines();
+        // Room for the usual envelope, zeroed once: the headers as `write_headers` asks (a line
+        // and four bytes each, where the line had at least one byte of line end), the typed
+        // fields (a few short values), the fixed ones.
+        let mut c = Cursor::new(
+            out,
+            buf.len() + 3 * spans.len() + stamp.server.len() + 3 * SHORT_LINE + 64,
+        );
+        c.string(SERVER, stamp.server.as_bytes());
+        c.uint(EPOCH, stamp.epoch);
+        c.uint(SEQ, stamp.seq);
+        c.uint(KIND, n.kind as i32 as u64);
+        c.string(NAME, &text_bytes(n.name));
+        self.write_headers(&mut c);
+        c.uint(RECEIVED_AT_NS, stamp.received_at_ns as u64);
         for (field, v) in [
             (UNIQUEID, n.uniqueid),
             (LINKEDID, n.linkedid),
@@ -175,17 +175,90 @@ impl Writer<'_, '_> {
             (ORIGINAL_NAME, n.original_name),
         ] {
             if let Some(v) = v {
-                put_text(out, field, v);
+                c.string(field, &text_bytes(v));
             }
         }
         if let Some(t) = n.asterisk_time_us {
-            put_key(out, ASTERISK_TIME_US, VARINT);
-            put_varint(out, t as u64);
+            c.key(ASTERISK_TIME_US, VARINT);
+            c.varint(t as u64);
         }
         if let Some(b) = self.frame.body() {
-            put_string(out, BODY, b);
+            c.string(BODY, b);
         }
+        c.finish();
     }
+}
+
+/// Write the leading `spans` that are `key: value` lines of at most [`SHORT_LINE`] bytes, as
+/// `Header` submessages into `dst` from `at`; return how many were written and where they end.
+/// Stops at the first other line (or one whose key is `renamed`: it carries a normalized key),
+/// or where `dst` has no room for a chunk's overhang.
+///
+/// Each becomes the submessage's tag and length, the key's tag and length, the key, the value's
+/// tag and length in place of `": "`, the value: every length fits one byte, so this is four
+/// bytes and one copy of the line with two bytes rewritten. The line goes as a fixed-size chunk
+/// (a few vector moves, where a copy of a length known only at run time is a call): from the
+/// frame, or for the lines in its last [`SHORT_LINE`] bytes from a padded copy of them. Writing
+/// by index into room made beforehand keeps the position in a register, where a `Vec` would
+/// store and reload its length around every write.
+#[inline]
+fn write_short_lines(
+    buf: &[u8],
+    spans: &[Span],
+    renamed: legacy::FieldRenames,
+    dst: &mut [u8],
+    mut at: usize,
+) -> (usize, usize) {
+    let tail_start = buf.len().saturating_sub(SHORT_LINE);
+    let mut tail = [0u8; 2 * SHORT_LINE];
+    match buf.last_chunk::<SHORT_LINE>() {
+        Some(last) => tail[..SHORT_LINE].copy_from_slice(last),
+        None => tail[..buf.len()].copy_from_slice(buf),
+    }
+    let mut written = 0;
+    for span in spans {
+        let Some((start, key_len, len)) = span.short_line(SHORT_LINE) else {
+            break;
+        };
+        let from_line = match buf.get(start..).and_then(<[u8]>::first_chunk::<SHORT_LINE>) {
+            Some(chunk) => chunk,
+            None => match start
+                .checked_sub(tail_start)
+                .and_then(|i| tail.get(i..))
+                .and_then(<[u8]>::first_chunk::<SHORT_LINE>)
+            {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        if renamed
+            .iter()
+            .any(|(key, _)| buf.get(start..start + key_len) == Some(key.as_bytes()))
+        {
+            break;
+        }
+        let Some((head, line)) = dst
+            .get_mut(at..)
+            .and_then(<[u8]>::split_first_chunk_mut::<4>)
+        else {
+            break;
+        };
+        let Some(line) = line.first_chunk_mut::<SHORT_LINE>() else {
+            break;
+        };
+        *head = [HEADERS_TAG, (len + 2) as u8, HEADER_KEY_TAG, key_len as u8];
+        // Most lines fit the first half: the second is written only when the line reaches it.
+        let (line_low, line_high) = line.split_at_mut(SHORT_LINE / 2);
+        let (from_low, from_high) = from_line.split_at(SHORT_LINE / 2);
+        line_low.copy_from_slice(from_low);
+        if len > SHORT_LINE / 2 {
+            line_high.copy_from_slice(from_high);
+        }
+        line[key_len..key_len + 2].copy_from_slice(&[HEADER_VALUE_TAG, (len - key_len - 2) as u8]);
+        at += 4 + len;
+        written += 1;
+    }
+    (written, at)
 }
 
 #[inline]
@@ -255,24 +328,11 @@ fn opt_text_len(field: u32, v: Option<&[u8]>) -> usize {
 }
 
 #[inline]
-fn put_text(out: &mut Vec<u8>, field: u32, v: &[u8]) {
-    put_string(out, field, &text_bytes(v));
-}
-
-#[inline]
 fn uint_len(field: u32, v: u64) -> usize {
     if v == 0 {
         0
     } else {
         key_len(field) + encoded_len_varint(v)
-    }
-}
-
-#[inline]
-fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
-    if v != 0 {
-        put_key(out, field, VARINT);
-        put_varint(out, v);
     }
 }
 

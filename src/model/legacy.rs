@@ -24,7 +24,8 @@ pub struct Mapping {
     pub uniqueid_key: Option<&'static str>,
 }
 
-const NONE: FieldRenames = &[];
+/// No renamed fields.
+pub const NONE: FieldRenames = &[];
 const DIAL: FieldRenames = &[
     ("Destination", "DestChannel"),
     ("UniqueID", "Uniqueid"),

@@ -4,6 +4,7 @@
 //! names), the partition key, the fast envelope encoder, and the JSON form.
 //! Knows nothing of sockets or brokers.
 
+mod cursor;
 pub mod encode;
 pub mod json;
 pub mod legacy;
