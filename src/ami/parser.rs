@@ -456,25 +456,27 @@ impl Parser {
     /// Returns where it stopped; the general loop goes on from there.
     #[inline]
     fn crlf_headers(&mut self, buf: &[u8], window_end: usize) -> Walk {
-        let max_headers = self.limits.max_headers;
-        // The fields the walk's closure writes, borrowed apart from `self.lines`, which walks.
-        let (spans, noted, count) = (&mut self.spans[..], &mut self.noted, &mut self.count);
+        // The fields the walk's closure writes, borrowed apart from `self.lines`, which walks;
+        // the walk takes no more lines than the header limit, or the slab's room.
+        let room = self.spans.len().min(self.limits.max_headers);
+        let spans = &mut self.spans[..room];
+        let (noted, count) = (&mut self.noted, &mut self.count);
         let mut follows = false;
         let walk = self
             .lines
             .crlf_lines(buf, self.pos, window_end, |line_start, colon, nl| {
                 let index = *count;
-                if index == max_headers || index == spans.len() {
+                let Some(slot) = spans.get_mut(index) else {
                     // The limit, or room to grow: the general path's business.
                     return Step::Leave;
-                }
+                };
                 let content_end = nl - 1;
                 if colon < nl {
                     let value_start = colon
                         + 1
                         + usize::from(colon + 1 < content_end && buf.get(colon + 1) == Some(&b' '));
                     let span = Span::header(line_start, colon, value_start, content_end);
-                    spans[index] = span;
+                    *slot = span;
                     *count = index + 1;
                     if index > 0 {
                         if Known::maybe(buf, line_start, colon) {
@@ -485,7 +487,7 @@ impl Parser {
                         return Step::TakeLast;
                     }
                 } else if index > 0 {
-                    spans[index] = Span::no_colon(line_start, content_end);
+                    *slot = Span::no_colon(line_start, content_end);
                     *count = index + 1;
                 } else {
                     // A first line without a colon may be the banner.
