@@ -119,9 +119,9 @@ impl Writer<'_, '_> {
         let renamed = self.n.legacy.map_or(legacy::NONE, |m| m.fields);
         let mut rest = spans;
         while !rest.is_empty() {
-            // Room for every remaining line in the common shape: its bytes plus four, and a
-            // chunk's overhang past the last.
-            c.room(buf.len() + 4 * rest.len() + SHORT_LINE);
+            // Room for every remaining line in the common shape: four bytes more than the line
+            // without its end (at least one byte), and a chunk's overhang past the last.
+            c.room(buf.len() + 3 * rest.len() + SHORT_LINE + 4);
             let (written, end) = write_short_lines(buf, rest, renamed, c.out, c.at);
             rest = rest.get(written..).unwrap_or_default();
             c.at = end;
@@ -152,12 +152,11 @@ impl Writer<'_, '_> {
     fn write(&self, stamp: &Stamp, out: &mut Vec<u8>) {
         let n = self.n;
         let (buf, spans) = self.frame.lines();
-        // Room for the usual envelope, zeroed once: the headers as `write_headers` asks (a line
-        // and four bytes each, where the line had at least one byte of line end), the typed
-        // fields (a few short values), the fixed ones.
+        // Room for the usual envelope, zeroed once: the headers as `write_headers` asks, and
+        // a few hundred bytes for the fixed fields and the typed ones (short values).
         let mut c = Cursor::new(
             out,
-            buf.len() + 3 * spans.len() + stamp.server.len() + 3 * SHORT_LINE + 64,
+            buf.len() + 3 * spans.len() + stamp.server.len() + 4 * SHORT_LINE,
         );
         c.string(SERVER, stamp.server.as_bytes());
         c.uint(EPOCH, stamp.epoch);
