@@ -117,12 +117,13 @@ impl Writer<'_, '_> {
         let (buf, spans) = self.frame.lines();
         // A legacy mapping gives the keys it renames a normalized name.
         let renamed = self.n.legacy.map_or(legacy::NONE, |m| m.fields);
+        let tail = Tail::of(buf);
         let mut rest = spans;
         while !rest.is_empty() {
             // Room for every remaining line in the common shape: four bytes more than the line
             // without its end (at least one byte), and a chunk's overhang past the last.
             c.room(buf.len() + 3 * rest.len() + SHORT_LINE + 4);
-            let (written, end) = write_short_lines(buf, rest, renamed, c.out, c.at);
+            let (written, end) = write_short_lines(buf, &tail, rest, renamed, c.out, c.at);
             rest = rest.get(written..).unwrap_or_default();
             c.at = end;
             let Some((span, tail)) = rest.split_first() else {
@@ -197,23 +198,18 @@ impl Writer<'_, '_> {
 /// tag and length in place of `": "`, the value: every length fits one byte, so this is four
 /// bytes and one copy of the line with two bytes rewritten. The line goes as a fixed-size chunk
 /// (a few vector moves, where a copy of a length known only at run time is a call): from the
-/// frame, or for the lines in its last [`SHORT_LINE`] bytes from a padded copy of them. Writing
+/// frame, or for the lines in its last [`SHORT_LINE`] bytes from `tail`, a padded copy. Writing
 /// by index into room made beforehand keeps the position in a register, where a `Vec` would
 /// store and reload its length around every write.
 #[inline]
 fn write_short_lines(
     buf: &[u8],
+    tail: &Tail,
     spans: &[Span],
     renamed: legacy::FieldRenames,
     dst: &mut [u8],
     mut at: usize,
 ) -> (usize, usize) {
-    let tail_start = buf.len().saturating_sub(SHORT_LINE);
-    let mut tail = [0u8; 2 * SHORT_LINE];
-    match buf.last_chunk::<SHORT_LINE>() {
-        Some(last) => tail[..SHORT_LINE].copy_from_slice(last),
-        None => tail[..buf.len()].copy_from_slice(buf),
-    }
     let mut written = 0;
     for span in spans {
         let Some((start, key_len, len)) = span.short_line(SHORT_LINE) else {
@@ -221,11 +217,7 @@ fn write_short_lines(
         };
         let from_line = match buf.get(start..).and_then(<[u8]>::first_chunk::<SHORT_LINE>) {
             Some(chunk) => chunk,
-            None => match start
-                .checked_sub(tail_start)
-                .and_then(|i| tail.get(i..))
-                .and_then(<[u8]>::first_chunk::<SHORT_LINE>)
-            {
+            None => match tail.chunk_at(start) {
                 Some(chunk) => chunk,
                 None => break,
             },
@@ -260,25 +252,39 @@ fn write_short_lines(
     (written, at)
 }
 
+/// A frame's last [`SHORT_LINE`] bytes followed by as many zeros, so that a line among them
+/// can be copied as a fixed-size chunk too. Made once per frame.
+struct Tail {
+    /// Where the copied bytes start in the frame.
+    start: usize,
+    bytes: [u8; 2 * SHORT_LINE],
+}
+
+impl Tail {
+    fn of(buf: &[u8]) -> Self {
+        let mut bytes = [0u8; 2 * SHORT_LINE];
+        match buf.last_chunk::<SHORT_LINE>() {
+            Some(last) => bytes[..SHORT_LINE].copy_from_slice(last),
+            None => bytes[..buf.len()].copy_from_slice(buf),
+        }
+        Tail {
+            start: buf.len().saturating_sub(SHORT_LINE),
+            bytes,
+        }
+    }
+
+    /// The chunk from frame offset `at`, if `at` lies among the copied bytes.
+    #[inline]
+    fn chunk_at(&self, at: usize) -> Option<&[u8; SHORT_LINE]> {
+        at.checked_sub(self.start)
+            .and_then(|i| self.bytes.get(i..))
+            .and_then(<[u8]>::first_chunk::<SHORT_LINE>)
+    }
+}
+
 #[inline]
 fn key_len(field: u32) -> usize {
     encoded_len_varint(u64::from(field << 3))
-}
-
-#[inline]
-fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
-    put_varint(out, u64::from(field << 3 | wire));
-}
-
-/// A varint, a byte at a time into reserved room (prost's `encode_varint` goes through
-/// `BufMut`, a chunk check per byte).
-#[inline]
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 /// proto3 `bytes`/`string` with implicit presence: nothing when empty.
@@ -288,15 +294,6 @@ fn string_len(field: u32, v: &[u8]) -> usize {
         0
     } else {
         key_len(field) + encoded_len_varint(v.len() as u64) + v.len()
-    }
-}
-
-#[inline]
-fn put_string(out: &mut Vec<u8>, field: u32, v: &[u8]) {
-    if !v.is_empty() {
-        put_key(out, field, LEN);
-        put_varint(out, v.len() as u64);
-        out.extend_from_slice(v);
     }
 }
 
@@ -495,7 +492,9 @@ fn trigger(t: Trigger) -> pb::SnapshotTrigger {
 /// Append a snapshot item's `snapshot_id` to its frame's envelope (fields may come in any
 /// order; prost and every protobuf reader accept it).
 pub fn encode_snapshot_id(snapshot_id: &str, out: &mut Vec<u8>) {
-    put_string(out, SNAPSHOT_ID, snapshot_id.as_bytes());
+    let mut c = Cursor::new(out, snapshot_id.len() + 8);
+    c.string(SNAPSHOT_ID, snapshot_id.as_bytes());
+    c.finish();
 }
 
 /// Encode any record as an `Envelope`, appending to `out`; frames take the fast path.
