@@ -65,14 +65,30 @@ impl<'v> Cursor<'v> {
         self.at += v.len();
     }
 
-    /// A `bytes`/`string` field with implicit presence: nothing when empty.
+    /// A `bytes`/`string` field with implicit presence: nothing when empty. A field below 16
+    /// with a value shorter than 128 bytes (every typed field of an event) is two bytes of
+    /// framing and the value, written at once.
     #[inline]
     pub fn string(&mut self, field: u32, v: &[u8]) {
-        if !v.is_empty() {
-            self.key(field, super::encode::LEN);
-            self.varint(v.len() as u64);
-            self.bytes(v);
+        let len = v.len();
+        if len == 0 {
+            return;
         }
+        if field < 16 && len < 128 {
+            let dst = self.room(2 + len);
+            dst[0] = (field << 3 | super::encode::LEN) as u8;
+            dst[1] = len as u8;
+            copy_short(&mut dst[2..2 + len], v);
+            self.at += 2 + len;
+        } else {
+            self.long_string(field, v);
+        }
+    }
+
+    fn long_string(&mut self, field: u32, v: &[u8]) {
+        self.key(field, super::encode::LEN);
+        self.varint(v.len() as u64);
+        self.bytes(v);
     }
 
     /// A `uint64`/`int64`/enum field with implicit presence: nothing when zero.

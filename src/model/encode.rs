@@ -163,21 +163,21 @@ impl Writer<'_, '_> {
         c.uint(EPOCH, stamp.epoch);
         c.uint(SEQ, stamp.seq);
         c.uint(KIND, n.kind as i32 as u64);
-        c.string(NAME, &text_bytes(n.name));
+        put_text(&mut c, NAME, n.name);
         self.write_headers(&mut c);
         c.uint(RECEIVED_AT_NS, stamp.received_at_ns as u64);
-        for (field, v) in [
-            (UNIQUEID, n.uniqueid),
-            (LINKEDID, n.linkedid),
-            (CHANNEL, n.channel),
-            (ACTION_ID, n.action_id),
-            (PRIVILEGE, n.privilege),
-            (ORIGINAL_NAME, n.original_name),
-        ] {
+        // One call each, not a loop over an array: the field numbers stay constants.
+        let mut typed = |field, v: Option<&[u8]>| {
             if let Some(v) = v {
-                c.string(field, &text_bytes(v));
+                put_text(&mut c, field, v);
             }
-        }
+        };
+        typed(UNIQUEID, n.uniqueid);
+        typed(LINKEDID, n.linkedid);
+        typed(CHANNEL, n.channel);
+        typed(ACTION_ID, n.action_id);
+        typed(PRIVILEGE, n.privilege);
+        typed(ORIGINAL_NAME, n.original_name);
         if let Some(t) = n.asterisk_time_us {
             c.key(ASTERISK_TIME_US, VARINT);
             c.varint(t as u64);
@@ -310,6 +310,23 @@ fn text_bytes(v: &[u8]) -> Cow<'_, [u8]> {
         Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
         Cow::Owned(s) => Cow::Owned(s.into_bytes()),
     }
+}
+
+/// A `string` field from bytes that may not be UTF-8 (see [`text_bytes`]); the lossy
+/// conversion stays out of line.
+#[inline]
+fn put_text(c: &mut Cursor<'_>, field: u32, v: &[u8]) {
+    if v.is_ascii() {
+        c.string(field, v);
+    } else {
+        lossy_text(c, field, v);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn lossy_text(c: &mut Cursor<'_>, field: u32, v: &[u8]) {
+    c.string(field, &text_bytes(v));
 }
 
 /// A `string` field from bytes that may not be UTF-8.
