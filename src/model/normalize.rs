@@ -104,21 +104,32 @@ pub fn normalize<'a>(frame: &Frame<'a>) -> Normalized<'a> {
 /// `1795671272.021146` → 1795671272021146. Fractions are read to microseconds. At most 12
 /// digits of seconds and 9 of fraction; anything else is no timestamp. One pass, no search:
 /// every event carries one.
+#[inline]
 pub fn parse_timestamp_us(v: &[u8]) -> Option<i64> {
-    // What Asterisk writes: ten digits of seconds, six of microseconds.
-    if let Some((secs, [b'.', frac @ ..])) = v.split_first_chunk::<10>()
-        && let Ok(frac) = <[u8; 6]>::try_from(frac)
+    // What Asterisk writes: ten digits of seconds, six of microseconds, read as words: the
+    // seconds' first two digits, their last eight, and the last eight bytes (the seconds' last
+    // digit and the `.` in the low two, replaced by zeros, then the six of the fraction).
+    if let Ok(&[a, b, ref low @ .., b'.', _, _, _, _, _, _]) = <&[u8; 17]>::try_from(v)
+        && let Some(&tail) = v.last_chunk::<8>()
     {
-        let [a, b, low @ ..] = *secs;
-        let [c, d, e, f, g, h] = frac;
-        if let (Some(high), Some(low), Some(micros)) = (
-            eight_digits([b'0', b'0', b'0', b'0', b'0', b'0', a, b]),
-            eight_digits(low),
-            eight_digits([b'0', b'0', c, d, e, f, g, h]),
+        let (a, b) = (a.wrapping_sub(b'0'), b.wrapping_sub(b'0'));
+        let tail = u64::from_le_bytes(tail) & !0xffff | 0x3030;
+        if let (true, Some(low), Some(micros)) = (
+            a < 10 && b < 10,
+            eight_digits(*low),
+            eight_digits(tail.to_le_bytes()),
         ) {
+            let high = u64::from(a) * 10 + u64::from(b);
             return Some((high * 100_000_000 + low) as i64 * 1_000_000 + micros as i64);
         }
     }
+    timestamp_us_by_digits(v)
+}
+
+/// [`parse_timestamp_us`] for any other shape, a digit at a time.
+#[cold]
+#[inline(never)]
+fn timestamp_us_by_digits(v: &[u8]) -> Option<i64> {
     const SCALE: [i64; 7] = [1_000_000, 100_000, 10_000, 1_000, 100, 10, 1];
     let mut secs: i64 = 0;
     let mut i = 0;
