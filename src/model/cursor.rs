@@ -66,8 +66,8 @@ impl<'v> Cursor<'v> {
     }
 
     /// A `bytes`/`string` field with implicit presence: nothing when empty. A field below 16
-    /// with a value shorter than 128 bytes (every typed field of an event) is two bytes of
-    /// framing and the value, written at once.
+    /// with a value shorter than 128 bytes (the typed fields of events, as a rule) is two bytes
+    /// of framing and the value, written at once.
     #[inline]
     pub fn string(&mut self, field: u32, v: &[u8]) {
         let len = v.len();
