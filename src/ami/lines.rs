@@ -164,7 +164,7 @@ impl Lines {
             return Walk::Stopped(at);
         }
         let mut base = self.start;
-        let len = self.len;
+        let mut len = self.len;
         let mut masks = self.masks;
         // Bits below `at` belong to lines already taken.
         let mut lf = masks.lf & (!0u64 << (at - base));
@@ -178,11 +178,14 @@ impl Lines {
                 if colons != 0 {
                     carried = carried.min(base + colons.trailing_zeros() as usize);
                 }
+                // The next block starts where this one ends, also when this one is shorter
+                // than 64 bytes: its front went with the frame before (every frame's first
+                // block), or the buffer ended there when it was classified.
                 let next = base + len;
                 match buf.get(next..).and_then(<[u8]>::first_chunk::<BLOCK>) {
-                    Some(block) if len == BLOCK && next < end => {
+                    Some(block) if next < end => {
                         masks = self.classifier.classify(block);
-                        (base, lf, colons) = (next, masks.lf, masks.colon);
+                        (base, len, lf, colons) = (next, BLOCK, masks.lf, masks.colon);
                         continue;
                     }
                     _ => break Walk::Stopped(at),
