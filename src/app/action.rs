@@ -194,10 +194,10 @@ async fn via_nats(
         .context("JetStream did not store the request (no stream for the subject?)")?;
     tokio::time::timeout(wait, async {
         while let Some(m) = replies.next().await {
-            if let Ok(r) = ActionResult::decode(m.payload) {
-                if r.request_id == req.request_id {
-                    return Ok(r);
-                }
+            if let Ok(r) = ActionResult::decode(m.payload)
+                && r.request_id == req.request_id
+            {
+                return Ok(r);
             }
         }
         bail!("the NATS connection closed")

@@ -507,7 +507,7 @@ pub async fn tail(
         let msg = next?;
         if let Outcome::Undecodable(why) = printer.handle(&msg, &mut buf) {
             let n = printer.stats.undecodable;
-            if n <= LOG_FIRST || n % 1000 == 0 {
+            if n <= LOG_FIRST || n.is_multiple_of(1000) {
                 tracing::warn!(subject = %msg.subject, bytes = msg.payload.len(), count = n, "undecodable payload skipped: {why}");
             }
         }

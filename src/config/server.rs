@@ -196,10 +196,10 @@ pub(super) fn validate_server(
                     "required when TLS is enabled (or set insecure_skip_verify = true explicitly)",
                 );
             }
-            if let Some(f) = &t.ca_file {
-                if let Err(e) = std::fs::metadata(f) {
-                    c.bad("tls.ca_file", format!("cannot read {}: {e}", f.display()));
-                }
+            if let Some(f) = &t.ca_file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                c.bad("tls.ca_file", format!("cannot read {}: {e}", f.display()));
             }
             Some(TlsConfig {
                 ca_file: t.ca_file,

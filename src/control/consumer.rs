@@ -483,13 +483,12 @@ impl<P: Publisher> Controller<P> {
         permit: OwnedSemaphorePermit,
     ) {
         self.stats.count(&result);
-        if result.status == ActionStatus::Rejected as i32 {
-            if let Some(code) = RejectCode::ALL
+        if result.status == ActionStatus::Rejected as i32
+            && let Some(code) = RejectCode::ALL
                 .iter()
                 .find(|c| c.as_str() == result.reject_code)
-            {
-                self.stats.reject(*code);
-            }
+        {
+            self.stats.reject(*code);
         }
         let publisher = self.publisher.clone();
         let stats = self.stats.clone();

@@ -293,11 +293,11 @@ impl ConsumerContext for ControlContext {
                     .into_iter()
                     .filter(|(t, n, _)| revoked.contains(&(t.clone(), *n)))
                     .collect();
-                if !list.is_empty() {
-                    if let Err(e) = consumer.commit(&tpl(&list), CommitMode::Sync) {
-                        self.stats.ack_failure();
-                        tracing::warn!(error = %e, "control: committing revoked partitions failed; their requests may be read again");
-                    }
+                if !list.is_empty()
+                    && let Err(e) = consumer.commit(&tpl(&list), CommitMode::Sync)
+                {
+                    self.stats.ack_failure();
+                    tracing::warn!(error = %e, "control: committing revoked partitions failed; their requests may be read again");
                 }
                 let mut offsets = lock(&self.offsets);
                 for (t, n) in revoked {

@@ -436,7 +436,7 @@ impl Generator {
         }
         if let Some(n) = self.cfg.oversized_every
             && n > 0
-            && self.emitted % n == 0
+            && self.emitted.is_multiple_of(n)
         {
             let end = out.buf.len() - 2;
             out.buf.truncate(end);

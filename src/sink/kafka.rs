@@ -223,14 +223,14 @@ impl KafkaSinkConfig {
                     .to_string(),
             );
         }
-        if let Some(t) = &self.create_topics {
-            if t.partitions < 1 || t.replication == 0 || t.replication < -1 {
-                problems.push(format!(
-                    "kafka.create_topics: partitions must be at least 1 (got {}) and \
+        if let Some(t) = &self.create_topics
+            && (t.partitions < 1 || t.replication == 0 || t.replication < -1)
+        {
+            problems.push(format!(
+                "kafka.create_topics: partitions must be at least 1 (got {}) and \
                      replication -1 (broker default) or at least 1 (got {})",
-                    t.partitions, t.replication
-                ));
-            }
+                t.partitions, t.replication
+            ));
         }
         for (key, value) in &self.properties {
             if let Some((_, allowed)) = ENFORCED.iter().find(|(k, _)| k == key) {

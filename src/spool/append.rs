@@ -196,7 +196,7 @@ impl Spool {
             st.tail.clear();
             st.tail_bytes = 0;
         }
-        if id % AGE_SAMPLE_EVERY == 0 || st.age_samples.is_empty() {
+        if id.is_multiple_of(AGE_SAMPLE_EVERY) || st.age_samples.is_empty() {
             st.age_samples.push_back((id, Instant::now()));
         }
         id

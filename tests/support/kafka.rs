@@ -169,15 +169,15 @@ impl Broker {
     async fn wait_ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "tansu exited with {status} on start {}; its log:\n{}",
-                        self.starts,
-                        self.log()
-                    ));
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!(
+                    "tansu exited with {status} on start {}; its log:\n{}",
+                    self.starts,
+                    self.log()
+                ));
             }
             if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return Ok(());

@@ -196,17 +196,17 @@ impl Task {
         } else {
             return Some(f);
         }
-        if p.is_complete() {
-            if let Some(p) = s.pending.remove(&id) {
-                s.reply_bytes -= p.bytes;
-                if let Some(response) = p.response {
-                    p.reply.reply(ActionReply {
-                        response,
-                        events: p.events,
-                        awaited: p.awaited,
-                        truncated: p.truncated,
-                    });
-                }
+        if p.is_complete()
+            && let Some(p) = s.pending.remove(&id)
+        {
+            s.reply_bytes -= p.bytes;
+            if let Some(response) = p.response {
+                p.reply.reply(ActionReply {
+                    response,
+                    events: p.events,
+                    awaited: p.awaited,
+                    truncated: p.truncated,
+                });
             }
         }
         forward

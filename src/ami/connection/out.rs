@@ -60,11 +60,12 @@ impl Out {
 
     pub(super) fn dropped(&mut self, seq: u64) {
         inc(&self.stats.dropped_records);
-        if let Some(g) = self.gaps.back_mut() {
-            if g.epoch == self.epoch && g.last + 1 == seq {
-                g.last = seq;
-                return;
-            }
+        if let Some(g) = self.gaps.back_mut()
+            && g.epoch == self.epoch
+            && g.last + 1 == seq
+        {
+            g.last = seq;
+            return;
         }
         if self.gaps.len() >= MAX_PENDING_GAPS {
             self.gaps.pop_front();

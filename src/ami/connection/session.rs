@@ -84,10 +84,10 @@ impl Task {
             return End::DownstreamClosed;
         };
         let reason = ended.reason().to_owned();
-        if let Some(end) = s.snapshot.abort(&reason) {
-            if self.out.emit(end, now_ns()).is_err() {
-                return End::DownstreamClosed;
-            }
+        if let Some(end) = s.snapshot.abort(&reason)
+            && self.out.emit(end, now_ns()).is_err()
+        {
+            return End::DownstreamClosed;
         }
         if self
             .out
@@ -316,11 +316,10 @@ impl Task {
                     }
                     let at = now_ns();
                     while let Ok(Some(item)) = codec.decode(buf) {
-                        if let Decoded::Frame(f) = &item {
-                            if f.frame().get("ActionID") == Some(id.as_bytes()) {
+                        if let Decoded::Frame(f) = &item
+                            && f.frame().get("ActionID") == Some(id.as_bytes()) {
                                 return true;
                             }
-                        }
                         if self.dispatch(s, item, at).is_err() {
                             return false;
                         }

@@ -291,10 +291,10 @@ async fn close_for_shutdown<W: AsyncWrite + Unpin>(
     w: &mut Writer<W>,
 ) -> DisconnectReason {
     let _ = srv.gen_stopped.subscribe().wait_for(|s| *s).await;
-    if let Some(b) = st.held.take() {
-        if write_batch(st.mask, &st.filters, w, &b).await.is_err() {
-            return DisconnectReason::Shutdown;
-        }
+    if let Some(b) = st.held.take()
+        && write_batch(st.mask, &st.filters, w, &b).await.is_err()
+    {
+        return DisconnectReason::Shutdown;
     }
     if let Some(rx) = st.events.as_mut() {
         while let Ok(b) = rx.try_recv() {

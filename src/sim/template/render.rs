@@ -256,7 +256,7 @@ pub fn render(kind: CallKind, caller: &Caller<'_>) -> Template {
         Effect::None,
     );
     if kind == CallKind::Unanswered {
-        let (status, cause, txt) = if caller.num % 2 == 0 {
+        let (status, cause, txt) = if caller.num.is_multiple_of(2) {
             (
                 b"NOANSWER".as_slice(),
                 b"19".as_slice(),

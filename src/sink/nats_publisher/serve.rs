@@ -51,7 +51,7 @@ pub(super) async fn keep_connected(
                         failures += 1;
                         let known = dialer.count();
                         tracing::debug!(server = %dialer.url(index), error = %e, "nats connect failed");
-                        if failures as usize % known == 0 {
+                        if (failures as usize).is_multiple_of(known) {
                             let rounds = failures / known as u32;
                             let pause = Duration::from_millis(100 << rounds.min(5))
                                 .min(Duration::from_secs(4));
