@@ -159,6 +159,7 @@ impl Lines {
         end: usize,
         mut each: impl FnMut(usize, usize, usize) -> Step,
     ) -> Walk {
+        let window = buf.get(..end).unwrap_or(buf);
         let mut at = line_start;
         if self.searched != at || at < self.start || at >= self.start + self.len {
             return Walk::Stopped(at);
@@ -193,7 +194,8 @@ impl Lines {
             }
             let i = lf.trailing_zeros() as usize;
             let nl = base + i;
-            if nl >= end || buf.get(nl.wrapping_sub(1)) != Some(&b'\r') || nl == at {
+            // In this order, the checks prove `nl - 1` lies inside `window`.
+            if nl <= at || nl >= window.len() || window[nl - 1] != b'\r' {
                 break Walk::Stopped(at);
             }
             if nl == at + 1 {

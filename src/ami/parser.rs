@@ -460,11 +460,19 @@ impl Parser {
         // the walk takes no more lines than the header limit, or the slab's room.
         let room = self.spans.len().min(self.limits.max_headers);
         let spans = &mut self.spans[..room];
-        let (noted, count) = (&mut self.noted, &mut self.count);
+        // The count in a local, not through `&mut self.count`: it stays in a register across
+        // the walk instead of being stored at every line.
+        let noted = &mut self.noted;
+        let mut taken = self.count;
+        let count = &mut taken;
         let mut follows = false;
+        // Every line handed over ends before `window_end`: reading it from a slice that ends
+        // there lets the compiler drop the bounds checks of the bytes read around the colon.
+        let lines = buf.get(..window_end).unwrap_or(buf);
         let walk = self
             .lines
             .crlf_lines(buf, self.pos, window_end, |line_start, colon, nl| {
+                let buf = lines;
                 let index = *count;
                 let Some(slot) = spans.get_mut(index) else {
                     // The limit, or room to grow: the general path's business.
@@ -495,6 +503,7 @@ impl Parser {
                 }
                 Step::Take
             });
+        self.count = taken;
         if self.count > 0 {
             self.mode = Mode::Headers { follows };
         }
