@@ -125,7 +125,13 @@ impl Writer<'_, '_> {
             // Room for every remaining line in the common shape: four bytes more than the line
             // without its end (at least one byte), and a chunk's overhang past the last.
             c.room(buf.len() + 3 * rest.len() + SHORT_LINE + 4);
-            let (written, end) = write_short_lines(buf, &tail, rest, renamed, c.out, c.at);
+            // Most frames rename nothing: their loop is compiled without the key comparison.
+            let (written, end) = if renamed.is_empty() {
+                write_short_lines(buf, &tail, rest, |_| false, c.out, c.at)
+            } else {
+                let is_renamed = |key: &[u8]| renamed.iter().any(|(k, _)| key == k.as_bytes());
+                write_short_lines(buf, &tail, rest, is_renamed, c.out, c.at)
+            };
             rest = rest.get(written..).unwrap_or_default();
             c.at = end;
             let Some((span, tail)) = rest.split_first() else {
@@ -193,7 +199,7 @@ impl Writer<'_, '_> {
 
 /// Write the leading `spans` that are `key: value` lines of at most [`SHORT_LINE`] bytes, as
 /// `Header` submessages into `dst` from `at`; return how many were written and where they end.
-/// Stops at the first other line (or one whose key is `renamed`: it carries a normalized key),
+/// Stops at the first other line (or one whose key `renamed` picks: it carries a normalized key),
 /// or where `dst` has no room for a chunk's overhang.
 ///
 /// Each becomes the submessage's tag and length, the key's tag and length, the key, the value's
@@ -208,7 +214,7 @@ fn write_short_lines(
     buf: &[u8],
     tail: &Tail,
     spans: &[Span],
-    renamed: legacy::FieldRenames,
+    renamed: impl Fn(&[u8]) -> bool,
     dst: &mut [u8],
     mut at: usize,
 ) -> (usize, usize) {
@@ -224,10 +230,7 @@ fn write_short_lines(
                 None => break,
             },
         };
-        if renamed
-            .iter()
-            .any(|(key, _)| buf.get(start..start + key_len) == Some(key.as_bytes()))
-        {
+        if renamed(buf.get(start..start + key_len).unwrap_or_default()) {
             break;
         }
         let Some((head, line)) = dst
