@@ -317,9 +317,10 @@ impl Task {
                     let at = now_ns();
                     while let Ok(Some(item)) = codec.decode(buf) {
                         if let Decoded::Frame(f) = &item
-                            && f.frame().get("ActionID") == Some(id.as_bytes()) {
-                                return true;
-                            }
+                            && f.frame().get("ActionID") == Some(id.as_bytes())
+                        {
+                            return true;
+                        }
                         if self.dispatch(s, item, at).is_err() {
                             return false;
                         }
