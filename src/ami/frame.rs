@@ -62,8 +62,7 @@ impl Span {
     /// the span, rules out nearly every first line (`Event`) without a call.
     #[inline]
     pub(crate) fn is_follows(&self, buf: &[u8]) -> bool {
-        let key_len = ((self.key >> 32) as u32).wrapping_sub(self.key as u32);
-        key_len == "Response".len() as u32 && self.is_follows_header(buf)
+        unpack(self.key).len() == "Response".len() && self.is_follows_header(buf)
     }
 
     fn is_follows_header(&self, buf: &[u8]) -> bool {
