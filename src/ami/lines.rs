@@ -210,9 +210,12 @@ impl Lines {
             }
             at = nl + 1;
             carried = usize::MAX;
-            lf &= lf - 1;
-            // Clear the colons up to and including `nl` (`i = 63` clears them all).
-            colons &= !(2u64 << i).wrapping_sub(1);
+            // Clear the colons before `nl`: `lf - 1` holds bits `0..i` and the later line ends,
+            // and no colon lies at a line end (`nl`'s bit `i` included). One `neg` and one `and`
+            // where a mask from `i` took a shift by a register.
+            let below = lf - 1;
+            colons &= !below;
+            lf &= below;
             if step == Step::TakeLast {
                 break Walk::Stopped(at);
             }
