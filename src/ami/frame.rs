@@ -251,21 +251,17 @@ impl Known {
         const fn bit(b: u8) -> u32 {
             1 << (b & 31)
         }
-        /// By length (the last entry for every longer key): the last bytes a known key of that
-        /// length ends in; `<prefix>Linkedid`, longer than 8, ends in `d`.
+        /// By length modulo 32: the last bytes a known key of that length ends in. A
+        /// `<prefix>Linkedid` of any length ends in `d`, so every entry takes `d` (a short key
+        /// ending in `d` is rare: `Paused`, `Kind`), and the length needs no clamp.
         const MAYBE: [u32; 32] = {
             let mut t = [bit(b'd'); 32];
-            let mut len = 0;
-            while len < 8 {
-                t[len] = 0;
-                len += 1;
-            }
-            t[7] = bit(b'l');
-            t[9] = bit(b'e') | bit(b'p') | bit(b'n') | bit(b'd');
+            t[7] |= bit(b'l');
+            t[9] |= bit(b'e') | bit(b'p') | bit(b'n');
             t
         };
         let last = buf.get(end.wrapping_sub(1)).map_or(0, |&b| b);
-        MAYBE[(end - start).min(31)] & bit(last) != 0
+        MAYBE[(end - start) % 32] & bit(last) != 0
     }
 
     /// The slot in [`Noted`] of the key `buf[start..end]`, whose colon is `buf[end]`: its
@@ -580,6 +576,9 @@ mod tests {
             "TransfererLinkedid",
             "SecondTransfererLinkedid",
             "xLinkedid",
+            // 32 bytes and more: the filter's table is indexed by the length modulo 32.
+            "SecondTransfererLocalOneLinkedid",
+            "OrigTransfererChannelLocalTwoLinkedid",
         ];
         for name in names {
             for variant in [name.to_owned(), name.to_lowercase(), name.to_uppercase()] {
