@@ -480,9 +480,9 @@ impl Parser {
                 };
                 let content_end = nl - 1;
                 if colon < nl {
-                    let value_start = colon
-                        + 1
-                        + usize::from(colon + 1 < content_end && buf.get(colon + 1) == Some(&b' '));
+                    // The line ends in `\r\n`, so the byte after the colon is a space only
+                    // when the value is not empty.
+                    let value_start = colon + 1 + usize::from(buf.get(colon + 1) == Some(&b' '));
                     let span = Span::header(line_start, colon, value_start, content_end);
                     *slot = span;
                     *count = index + 1;
