@@ -211,8 +211,7 @@ impl Lines {
             at = nl + 1;
             carried = usize::MAX;
             // Clear the colons before `nl`: `lf - 1` holds bits `0..i` and the later line ends,
-            // and no colon lies at a line end (`nl`'s bit `i` included). One `neg` and one `and`
-            // where a mask from `i` took a shift by a register.
+            // and no colon lies at a line end (`nl`'s bit `i` included).
             let below = lf - 1;
             colons &= !below;
             lf &= below;
